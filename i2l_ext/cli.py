@@ -1,0 +1,183 @@
+"""``python -m i2l_ext``: make a LoRA, manage models and the worker environment, serve the app."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from . import __version__
+from .errors import I2LError
+
+# Modules that add their own sub-commands with ``register(subparsers)``.
+SUBCOMMAND_MODULES = ("i2l_ext.hub.cli", "i2l_ext.envsetup.cli", "i2l_ext.ui.cli")
+
+
+class ProgressBar:
+    """One line, redrawn in place on a terminal; one line per step elsewhere (logs, CI)."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width = stream, width
+        self.tty = stream.isatty()
+        self.last = None
+
+    def update(self, fraction: float, phase: str, message: str) -> None:
+        if self.tty:
+            done = int(self.width * fraction)
+            cols = shutil.get_terminal_size((100, 20)).columns
+            line = f"\r[{'#' * done}{'.' * (self.width - done)}] {fraction * 100:3.0f}% {phase:<6} {message}"
+            self.stream.write(line[:cols - 1].ljust(cols - 1))
+        elif (phase, message) != self.last:
+            self.stream.write(f"[{fraction * 100:3.0f}%] {phase}: {message}\n")
+        self.last = (phase, message)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.last is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-dir", help="folder with the model files (default: the WebUI's models/i2L, else ~/.i2l/models)")
+    p.add_argument("--python", dest="worker_python", help="Python interpreter of the worker environment")
+    p.add_argument("--offline", action="store_true", default=None, help="never contact a model hub")
+
+
+def _config(args):
+    from .config import default_config
+    return default_config(models_dir=getattr(args, "models_dir", None), lora_dir=getattr(args, "lora_dir", None),
+                          worker_python=getattr(args, "worker_python", None), offline=getattr(args, "offline", None),
+                          host="cli", keep_warm=False)
+
+
+def cmd_make(args) -> int:
+    from .service import JobRequest, Service
+    cfg = _config(args)
+    name = args.name or os.path.splitext(os.path.basename(args.images[0].rstrip("/\\")))[0]
+    req = JobRequest(images=args.images, name=name, variant=args.variant, bias=args.bias, subfolder=args.subfolder,
+                     overwrite=args.overwrite, key_format=args.key_format, vram_profile=args.vram_profile,
+                     preferred_weight=args.weight, activation_text=args.activation_text, description=args.description)
+    service = Service(cfg)
+    bar = ProgressBar()
+    try:
+        job = service.start(req)
+    except I2LError as e:
+        return _fail(e)
+    previous = signal.signal(signal.SIGINT, lambda *_: job.cancel())
+    try:
+        for ev in job.events():
+            if ev["type"] == "progress":
+                bar.update(ev["fraction"], ev["phase"], ev["message"])
+            elif ev["type"] == "log" and ev["level"] in ("warning", "error") and args.verbose < 1:
+                bar.close()
+                print(f"{ev['level']}: {ev['message']}", file=sys.stderr)
+            elif ev["type"] == "log" and args.verbose >= 1:
+                bar.close()
+                print(ev["message"], file=sys.stderr)
+        job.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+        service.shutdown()
+    if job.state == "cancelled":
+        print("Cancelled; nothing was written.", file=sys.stderr)
+        return 130
+    if job.state != "done":
+        return _fail(job.error)
+    r = job.result
+    print(f"Wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB, {r['keys']} tensors, rank {r['rank']}) in {r['seconds']:.1f} s")
+    print(f"Use it in a prompt: {r['prompt']}")
+    return 0
+
+
+def _fail(e: I2LError | None) -> int:
+    if e is None:
+        print("error: the job failed", file=sys.stderr)
+        return 1
+    print(f"error: {e.message}", file=sys.stderr)
+    if e.fix:
+        print(f"fix: {e.fix}", file=sys.stderr)
+    if e.details and os.environ.get("I2L_DEBUG"):
+        print(e.details, file=sys.stderr)
+    return 2 if e.code in (I2LError.BAD_INPUT, I2LError.OUTPUT) else 1
+
+
+def cmd_tiny_models(args) -> int:
+    """Write the tiny random-weight model set with the worker's interpreter (it needs torch)."""
+    cfg = _config(args)
+    python = cfg.worker_python
+    if not python:
+        try:
+            from .envsetup import find_worker_python
+            python = find_worker_python()
+        except I2LError as e:
+            return _fail(e)
+    from .config import EXT_ROOT
+    env = dict(os.environ, PYTHONPATH=EXT_ROOT)
+    t0 = time.monotonic()
+    rc = subprocess.call([python, "-m", "i2l_ext.worker.tiny", os.path.abspath(args.dir)], env=env)
+    if rc == 0:
+        print(f"Tiny model set written to {os.path.abspath(args.dir)} in {time.monotonic() - t0:.1f} s "
+              f"(random weights: its LoRAs are meaningless, the code path is the real one).")
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m i2l_ext", description="Image to LoRA: images in, a Qwen-Image LoRA out.")
+    parser.add_argument("--version", action="version", version=f"i2l_ext {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("make", help="make a LoRA from images", description="Make a LoRA from one image or a few.")
+    p.add_argument("images", nargs="+", help="image files, or folders of images")
+    p.add_argument("--name", help="LoRA name (default: the first image's name)")
+    p.add_argument("--variant", default="style", help="style (default), coarse-fine, coarse or fine")
+    bias = p.add_mutually_exclusive_group()
+    bias.add_argument("--no-bias", dest="bias", action="store_false", default=None, help="leave the Bias LoRA out (coarse-fine)")
+    bias.add_argument("--bias", dest="bias", action="store_true", help="merge the Bias LoRA in")
+    p.add_argument("--lora-dir", help="where the LoRA goes (default: the WebUI's models/Lora, else ~/.i2l/Lora)")
+    p.add_argument("--subfolder", default="", help="a subfolder inside the Lora folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing LoRA of the same name")
+    p.add_argument("--key-format", default="diffusers", choices=["diffusers", "kohya"],
+                   help="diffusers: diffusion_model.*.lora_A/B (default); kohya: lora_unet_*.lora_down/up + alpha")
+    p.add_argument("--vram-profile", default="auto", choices=["auto", "gpu", "cpu_offload", "disk"])
+    p.add_argument("--weight", type=float, default=1.0, help="preferred weight written to the card (default 1)")
+    p.add_argument("--activation-text", default="", help="activation text for the card")
+    p.add_argument("--description", default="", help="description for the card")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    _add_common(p)
+    p.set_defaults(func=cmd_make)
+
+    p = sub.add_parser("tiny-models", help="write a tiny random-weight model set (for trying the whole path on a CPU)")
+    p.add_argument("dir")
+    p.add_argument("--python", dest="worker_python", help="Python interpreter of the worker environment")
+    p.set_defaults(func=cmd_tiny_models)
+
+    for mod in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except I2LError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130

@@ -1,0 +1,341 @@
+"""Running jobs, one at a time, on a worker that stays warm between them.
+
+The tab, the CLI and the standalone app all go through ``Service``. It checks the request in
+the calling process (names, folders, images, weights) so mistakes are reported at once, then
+hands the job to the worker and turns what comes back into ``Job`` state and events.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from . import catalog, images as images_mod, output
+from .config import Config
+from .errors import I2LError
+from .supervisor import WorkerProcess
+
+# Share of the progress bar given to each phase (the worker reports steps within a phase).
+PHASE_SPAN = {"start": (0.0, 0.05), "load": (0.05, 0.45), "encode": (0.45, 0.75), "decode": (0.75, 0.92),
+              "merge": (0.92, 0.95), "write": (0.95, 1.0)}
+
+
+@dataclass
+class JobRequest:
+    images: list[str]
+    name: str
+    variant: str = "style"
+    bias: bool | None = None
+    subfolder: str = ""
+    overwrite: bool = False
+    key_format: str = "diffusers"
+    vram_profile: str = "auto"
+    preferred_weight: float = 1.0
+    activation_text: str = ""
+    description: str = ""
+
+
+class HostHooks:
+    """What a host does around a job. The default (standalone, CLI) does nothing."""
+
+    def before_job(self) -> None:
+        pass
+
+    def after_job(self) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        return False
+
+    def sd_version(self) -> str:
+        return "Unknown"
+
+
+@dataclass
+class Job:
+    request: JobRequest
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    state: str = "starting"          # starting | running | done | error | cancelled
+    phase: str = "start"
+    fraction: float = 0.0
+    message: str = "Starting"
+    log: list[str] = field(default_factory=list)
+    result: dict | None = None
+    error: I2LError | None = None
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self._events: list[dict] = []
+        self._cond = threading.Condition()
+        self._cancel = threading.Event()
+
+    # -- producer side -----------------------------------------------------------------------
+    def _emit(self, event: dict) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+    def _progress(self, phase: str, step: int, total: int, message: str) -> None:
+        lo, hi = PHASE_SPAN.get(phase, (self.fraction, self.fraction))
+        frac = lo + (hi - lo) * (step / total if total else 0.0)
+        self.phase, self.fraction, self.message = phase, max(self.fraction, min(frac, 1.0)), message
+        self._emit({"type": "progress", "phase": phase, "step": step, "total": total,
+                    "fraction": self.fraction, "message": message})
+
+    def _log(self, level: str, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        self.log.append(line)
+        del self.log[:-500]
+        self._emit({"type": "log", "level": level, "message": message})
+
+    def _finish(self, state: str, result: dict | None = None, error: I2LError | None = None) -> None:
+        self.state, self.result, self.error = state, result, error
+        if state == "done":
+            self.fraction, self.message = 1.0, "Done"
+            self._emit({"type": "result", "result": result})
+        else:
+            self.message = error.message if error else state
+            self._emit({"type": "error", "error": error.to_dict() if error else None, "state": state})
+
+    # -- consumer side -----------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "error", "cancelled")
+
+    def events(self, timeout: float | None = None):
+        """Every event from the start, then live ones, until the job ends (or ``timeout`` passes idle)."""
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._events):
+                    if self.finished:
+                        return
+                    if not self._cond.wait(timeout):
+                        return
+                batch = self._events[i:]
+                i = len(self._events)
+            for ev in batch:
+                yield ev
+                if ev["type"] in ("result", "error"):
+                    return
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self.finished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+class Service:
+    def __init__(self, config: Config, hooks: HostHooks | None = None):
+        self.config = config
+        self.hooks = hooks or HostHooks()
+        self._lock = threading.Lock()
+        self._job: Job | None = None
+        self._worker: WorkerProcess | None = None
+        self._idle_timer: threading.Timer | None = None
+
+    # -- checks the tab runs as the user types -------------------------------------------------
+    def check_name(self, name: str, subfolder: str = "", overwrite: bool = False) -> str | None:
+        problem = output.name_problem(name)
+        if problem:
+            return problem
+        problem = output.subfolder_problem(subfolder)
+        if problem:
+            return problem
+        taken = output.existing_outputs(self.config.lora_dir, name, subfolder)
+        if taken and not overwrite:
+            return f"A LoRA named '{name}' already exists ({os.path.basename(taken[0])})."
+        return None
+
+    def resolve_files(self, variant: str, bias: bool | None) -> dict[str, list[str]]:
+        v = catalog.get_variant(variant)
+        resolver = getattr(catalog, "resolve_files", None)
+        if resolver is not None:
+            return resolver(v, self.config.models_dir, bias=bias, search_dirs=tuple(self.config.search_dirs))
+        files = {r: catalog.FILES[r].resolve(self.config.models_dir) for r in v.needed_roles(bias)}
+        missing = [r for r, p in files.items() if not p]
+        if missing:
+            lines = [f"{catalog.FILES[r].title}: {catalog.FILES[r].local_path(self.config.models_dir)}" for r in missing]
+            raise I2LError(I2LError.WEIGHTS_MISSING, "Model files are missing:\n" + "\n".join(lines),
+                           f"Download them: python -m i2l_ext models download {v.key}")
+        return files
+
+    # -- jobs ----------------------------------------------------------------------------------
+    @property
+    def current(self) -> Job | None:
+        return self._job
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None and not self._job.finished
+
+    def start(self, req: JobRequest) -> Job:
+        with self._lock:
+            if self.busy:
+                raise I2LError(I2LError.BUSY, "Another LoRA is being made right now.",
+                               "Wait for it to finish, or cancel it.")
+            job = Job(request=req)
+            spec, plan = self._prepare(job)       # raises before anything runs
+            self._job = job
+            self._cancel_idle_timer()
+        threading.Thread(target=self._run, args=(job, spec, plan), daemon=True, name=f"i2l-job-{job.id}").start()
+        return job
+
+    def run(self, req: JobRequest) -> Job:
+        job = self.start(req)
+        job.wait()
+        return job
+
+    def cancel(self) -> bool:
+        job = self._job
+        if job is None or job.finished:
+            return False
+        job.cancel()
+        return True
+
+    def _prepare(self, job: Job) -> tuple[dict, output.OutputPlan]:
+        req = job.request
+        variant = catalog.get_variant(req.variant)
+        if req.key_format not in ("diffusers", "kohya"):
+            raise I2LError(I2LError.BAD_INPUT, f"Unknown key format '{req.key_format}'.", "Use diffusers or kohya.")
+        if req.vram_profile not in ("auto", "gpu", "cpu_offload", "disk"):
+            raise I2LError(I2LError.BAD_INPUT, f"Unknown VRAM profile '{req.vram_profile}'.",
+                           "Use auto, gpu, cpu_offload or disk.")
+        plan = output.plan_output(self.config.lora_dir, req.name, req.subfolder, req.overwrite, job.id)
+        paths = images_mod.collect_images(list(req.images))
+        infos = images_mod.inspect_images(paths)
+        for info in infos:
+            for w in info.warnings:
+                job._log("warning", w)
+        bias = variant.bias_default if req.bias is None else bool(req.bias)
+        files = self.resolve_files(variant.key, bias)
+        card = output.card_data(req.description or f"Made from {len(paths)} image(s) with the i2L {variant.label} variant.",
+                                req.activation_text, req.preferred_weight, self.hooks.sd_version())
+        spec = {"variant": variant.key, "bias": bias, "images": paths, "image_sha256": [i.sha256 for i in infos],
+                "files": files, "models_dir": self.config.models_dir, "output": plan.to_dict(),
+                "key_format": req.key_format, "vram_profile": req.vram_profile,
+                "metadata": {"modelspec.title": req.name}, "card": card}
+        return spec, plan
+
+    def _worker_python(self) -> str:
+        if self.config.worker_python:
+            return self.config.worker_python
+        from .envsetup import find_worker_python
+        return find_worker_python()
+
+    def _ensure_worker(self, job: Job) -> WorkerProcess:
+        w = self._worker
+        if w is not None and w.alive:
+            job._log("info", "Using the warm worker (pid %s)." % w.pid)
+            return w
+        job._progress("start", 0, 1, "Starting the worker")
+        w = WorkerProcess(self._worker_python(), log=lambda level, msg: job._log(level, msg) if level != "debug" else None)
+        self._worker = w
+        hello = w.start(timeout=self.config.start_timeout)
+        job._log("info", f"Worker ready: pid {hello.get('pid')}, device {hello.get('device')}, "
+                          f"torch {hello.get('torch')}, diffsynth {hello.get('diffsynth')}.")
+        job._progress("start", 1, 1, "Worker ready")
+        return w
+
+    def _run(self, job: Job, spec: dict, plan: output.OutputPlan) -> None:
+        state, result, error = "error", None, None
+        deadline = time.monotonic() + self.config.job_timeout
+        try:
+            self.hooks.before_job()
+            job.state = "running"
+            worker = self._ensure_worker(job)
+            if job._cancel.is_set():
+                raise I2LError(I2LError.CANCELLED, "The job was cancelled.")
+            worker.send({"type": "job", "job": job.id, "spec": spec})
+            while True:
+                if job._cancel.is_set() or self.hooks.interrupted():
+                    worker.kill()
+                    raise I2LError(I2LError.CANCELLED, "The job was cancelled.")
+                if time.monotonic() > deadline:
+                    worker.kill()
+                    raise I2LError(I2LError.TIMEOUT, f"The job took longer than {self.config.job_timeout:.0f} s and was stopped.",
+                                   "Use fewer images or a faster VRAM profile, or raise the time limit.")
+                msg = worker.next_message(0.2)
+                if msg is None or msg.get("job") not in (job.id, None):
+                    continue
+                kind = msg["type"]
+                if kind == "progress":
+                    job._progress(msg.get("phase", job.phase), msg.get("step", 0), msg.get("total", 0),
+                                  msg.get("message", ""))
+                    job._log("info", msg.get("message", ""))
+                elif kind == "result":
+                    result = dict(msg["result"])
+                    weight = job.request.preferred_weight
+                    result["prompt"] = f"<lora:{plan.name}:{weight:g}>"
+                    result["name"] = plan.name
+                    state = "done"
+                    break
+                elif kind == "error":
+                    raise I2LError.from_dict(msg.get("error") or {})
+        except I2LError as e:
+            error = e
+            state = "cancelled" if e.code == I2LError.CANCELLED else "error"
+        except Exception as e:   # a bug of ours: still a clear message, never a hang
+            error = I2LError(I2LError.INTERNAL, f"Unexpected error: {e!r}", "Please report it with the log.")
+        finally:
+            if state != "done":
+                output.cleanup(plan, remove_final=True)
+                if self._worker is not None and state == "error" and error is not None and error.code in (
+                        I2LError.OUT_OF_MEMORY, I2LError.INTERNAL):
+                    self._stop_worker()        # start clean next time
+            try:
+                self.hooks.after_job()
+            except Exception as e:
+                job._log("warning", f"Could not give the WebUI its models back: {e}")
+            if state == "done":
+                job._log("info", f"Wrote {result.get('path')} ({catalog.human_size(result.get('bytes', 0))}).")
+            elif error is not None and error.code != I2LError.CANCELLED:
+                job._log("error", str(error))
+            job._finish(state, result, error)
+            self._after_job()
+
+    # -- warm worker -----------------------------------------------------------------------------
+    def _after_job(self) -> None:
+        if not self.config.keep_warm or self.config.idle_timeout <= 0:
+            self._stop_worker()
+            return
+        self._cancel_idle_timer()
+        t = threading.Timer(self.config.idle_timeout, self._idle)
+        t.daemon = True
+        self._idle_timer = t
+        t.start()
+
+    def _idle(self) -> None:
+        with self._lock:
+            if not self.busy:
+                self._stop_worker()
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _stop_worker(self) -> None:
+        w, self._worker = self._worker, None
+        if w is not None:
+            w.shutdown()
+
+    def worker_pid(self) -> int | None:
+        return self._worker.pid if self._worker is not None and self._worker.alive else None
+
+    def shutdown(self) -> None:
+        self.cancel()
+        if self._job is not None:
+            self._job.wait(10)
+        self._cancel_idle_timer()
+        self._stop_worker()

@@ -1,0 +1,221 @@
+"""Starting, talking to and stopping the worker process. Never imports torch.
+
+The worker runs in its own process group (its own session on POSIX), so ending it ends
+everything it started, and all of its GPU memory comes back to the system.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from . import protocol
+from .config import EXT_ROOT
+from .errors import I2LError
+
+IS_WINDOWS = os.name == "nt"
+REPAIR_HINT = "Run `python -m i2l_ext env repair` (or 'Repair worker environment' in the tab)."
+
+
+class WorkerProcess:
+    def __init__(self, python: str, log=None, extra_env: dict | None = None):
+        self.python = python
+        self.log = log or (lambda level, message: None)
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen | None = None
+        self.hello: dict | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
+        self._queue: queue.Queue = queue.Queue()
+        self._killed = False
+        self._lock = threading.Lock()
+
+    # -- life cycle -----------------------------------------------------------------------
+    def _env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+        env.update({
+            "PYTHONPATH": EXT_ROOT, "PYTHONUNBUFFERED": "1", "PYTHONNOUSERSITE": "1",
+            "PYTHONIOENCODING": "utf-8",
+            # The worker gets resolved file paths and never asks a hub for anything.
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFSYNTH_SKIP_DOWNLOAD": "true",
+            "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 600.0) -> dict:
+        if not self.python or not os.path.exists(self.python):
+            raise I2LError(I2LError.WORKER_START, f"The worker's Python was not found: {self.python or '(none set)'}",
+                           REPAIR_HINT)
+        kwargs = {}
+        if IS_WINDOWS:
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True
+        try:
+            self.proc = subprocess.Popen([self.python, "-u", "-m", "i2l_ext.worker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=EXT_ROOT,
+                                         env=self._env(), **kwargs)
+        except OSError as e:
+            raise I2LError(I2LError.WORKER_START, f"The worker could not be started with {self.python}: {e}",
+                           REPAIR_HINT) from None
+        threading.Thread(target=self._read_stdout, daemon=True, name="i2l-worker-out").start()
+        threading.Thread(target=self._read_stderr, daemon=True, name="i2l-worker-err").start()
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.next_message(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                self.kill()
+                raise I2LError(I2LError.TIMEOUT, f"The worker did not start within {timeout:.0f} s.",
+                               "The disk or the machine may be very busy; try again. " + REPAIR_HINT,
+                               self.tail())
+            if msg["type"] == "hello":
+                break
+        if msg.get("protocol") != protocol.PROTOCOL_VERSION:
+            self.kill()
+            raise I2LError(I2LError.WORKER_START,
+                           f"The worker speaks protocol {msg.get('protocol')}, this extension {protocol.PROTOCOL_VERSION}.",
+                           "Restart the WebUI so both sides come from the same version. " + REPAIR_HINT)
+        self.hello = msg
+        return msg
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def send(self, msg: dict) -> None:
+        try:
+            self.proc.stdin.write(protocol.encode(msg))
+            self.proc.stdin.flush()
+        except (OSError, ValueError, AttributeError):
+            raise self.death_error() from None
+
+    def next_message(self, timeout: float | None) -> dict | None:
+        """The next protocol message; None on timeout; raises I2LError if the worker died."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                kind, item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            if kind == "msg":
+                if item["type"] == "log":
+                    self.log(item.get("level", "info"), item.get("message", ""))
+                return item
+            if kind == "eof":
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.kill()
+                raise self.death_error()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask the worker to leave; end it if it doesn't."""
+        if not self.alive:
+            return
+        try:
+            self.send({"type": "shutdown"})
+            self.proc.wait(timeout=timeout)
+        except (I2LError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+    def kill(self) -> None:
+        """End the worker's whole process group, at once."""
+        with self._lock:
+            self._killed = True
+            proc = self.proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                try:
+                    if IS_WINDOWS:
+                        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
+                    else:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError, OSError):
+                    pass
+                try:
+                    proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    pass
+            if not IS_WINDOWS:
+                try:   # anything the worker left in its group, even after it exited
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError, OSError):
+                    pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+
+    # -- diagnostics ----------------------------------------------------------------------
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(list(self.stderr_tail)[-n:])
+
+    def death_error(self) -> I2LError:
+        code = self.proc.poll() if self.proc else None
+        tail = self.tail()
+        if self._killed:
+            return I2LError(I2LError.CANCELLED, "The job was stopped.", "", tail)
+        if "out of memory" in tail.lower() and ("cuda" in tail.lower() or "torch" in tail.lower()):
+            return I2LError(I2LError.OUT_OF_MEMORY, "The GPU ran out of memory and the worker stopped.",
+                            "Pick the low-VRAM profile (Advanced), close other GPU programs, or use fewer images.", tail)
+        if "ModuleNotFoundError" in tail or "ImportError" in tail:
+            return I2LError(I2LError.ENVIRONMENT, "The worker's Python environment is incomplete: "
+                            + _last_line(tail, ("ModuleNotFoundError", "ImportError")), REPAIR_HINT, tail)
+        if code is not None and code < 0:
+            try:
+                sig = signal.Signals(-code).name
+            except ValueError:
+                sig = f"signal {-code}"
+            why = " The system may have run out of RAM." if sig == "SIGKILL" else ""
+            return I2LError(I2LError.WORKER_CRASHED, f"The worker process was ended by {sig}.{why}",
+                            "Try again; with little RAM, pick the disk-streaming VRAM profile or use fewer images.", tail)
+        return I2LError(I2LError.WORKER_CRASHED, f"The worker process stopped unexpectedly (exit code {code}).",
+                        "Try again; if it keeps happening, see the log below. " + REPAIR_HINT, tail)
+
+    # -- readers --------------------------------------------------------------------------
+    def _read_stdout(self) -> None:
+        proc = self.proc
+        for line in iter(proc.stdout.readline, b""):
+            msg = protocol.decode(line)
+            if msg is not None:
+                self._queue.put(("msg", msg))
+            else:
+                text = line.decode("utf-8", "replace").rstrip()
+                if text:
+                    self.stderr_tail.append(text)
+        self._queue.put(("eof", None))
+
+    def _read_stderr(self) -> None:
+        for raw in iter(self.proc.stderr.readline, b""):
+            text = raw.decode("utf-8", "replace").rstrip()
+            if text:
+                self.stderr_tail.append(text)
+                self.log("debug", text)
+
+
+def _last_line(text: str, needles: tuple[str, ...]) -> str:
+    for line in reversed(text.splitlines()):
+        if any(n in line for n in needles):
+            return line.strip()
+    return text.strip().splitlines()[-1] if text.strip() else ""
+
+
+def current_python() -> str:
+    return sys.executable

@@ -1,0 +1,149 @@
+"""The worker's loop: read jobs from stdin, answer on the protocol pipe.
+
+Started by ``i2l_ext.supervisor`` as ``python -m i2l_ext.worker`` in the worker's own Python
+environment. Everything libraries print goes to stderr; only protocol messages go to the pipe
+that was stdout.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+
+from .. import protocol
+from ..errors import I2LError
+
+_out = None
+_out_lock = threading.Lock()
+
+
+def send(msg: dict) -> None:
+    with _out_lock:
+        _out.write(protocol.encode(msg))
+        _out.flush()
+
+
+def _claim_stdout() -> None:
+    """Keep the real stdout for the protocol; point fd 1 (and sys.stdout) at stderr."""
+    global _out
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _out = os.fdopen(fd, "wb", buffering=0)
+
+
+def _hello() -> dict:
+    import torch
+    info = {"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(),
+            "python": sys.version.split()[0], "torch": torch.__version__, "device": "cpu",
+            "vram_total": None, "vram_free": None}
+    try:
+        from importlib.metadata import version
+        info["diffsynth"] = version("diffsynth")
+    except Exception:
+        info["diffsynth"] = None
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        info.update(device=f"cuda:{torch.cuda.current_device()}", gpu=torch.cuda.get_device_name(),
+                    vram_total=total, vram_free=free)
+    return info
+
+
+def _classify(exc: BaseException) -> I2LError:
+    if isinstance(exc, I2LError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
+        return I2LError(I2LError.OUT_OF_MEMORY, "The GPU ran out of memory.",
+                        "Pick the low-VRAM profile (Advanced), close other GPU programs, or use fewer images.",
+                        traceback.format_exc())
+    if isinstance(exc, MemoryError):
+        return I2LError(I2LError.OUT_OF_MEMORY, "The computer ran out of RAM.",
+                        "Close other programs, pick the disk-streaming profile, or use fewer images.",
+                        traceback.format_exc())
+    return I2LError(I2LError.INTERNAL, f"The worker failed: {text}", "Please report it with the log.",
+                    traceback.format_exc())
+
+
+def run_job(engine, job_id: str, spec: dict) -> dict:
+    from .. import images as images_mod, output
+    t0 = time.monotonic()
+    plan = output.OutputPlan.from_dict(spec["output"])
+
+    def progress(phase: str, step: int, total: int, message: str) -> None:
+        send({"type": "progress", "job": job_id, "phase": phase, "step": step, "total": total, "message": message})
+
+    def log(level: str, message: str) -> None:
+        send({"type": "log", "job": job_id, "level": level, "message": message})
+
+    engine.log = log
+    warnings: list[str] = []
+    pictures = []
+    try:
+        for i, path in enumerate(spec["images"]):
+            im, notes = images_mod.load_image(path)
+            pictures.append(im)
+            for n in notes:
+                log("warning", n)
+            warnings += notes
+        info = engine.run(spec, pictures, progress)
+        progress("write", 1, 3, "Writing the card and preview")
+        output.write_preview(plan, pictures)
+        output.write_card(plan, spec.get("card") or output.card_data())
+        progress("write", 2, 3, "Moving the files into place")
+        output.commit(plan)
+        progress("write", 3, 3, "Done")
+    except BaseException:
+        output.cleanup(plan)
+        raise
+    finally:
+        for im in pictures:
+            im.close()
+    result = dict(info)
+    result.update(path=plan.path, sidecar=plan.sidecar, preview=plan.preview, bytes=os.path.getsize(plan.path),
+                  variant=spec["variant"], images=len(spec["images"]), bias=spec.get("bias", False),
+                  seconds=round(time.monotonic() - t0, 3), warnings=warnings + list(info.get("warnings", [])))
+    return result
+
+
+def main() -> None:
+    _claim_stdout()
+    try:
+        send(_hello())
+    except Exception as e:
+        send({"type": "error", "job": None, "error": _classify(e).to_dict()})
+        sys.exit(3)
+    from .engine import Engine
+    engine = Engine(log=lambda level, message: send({"type": "log", "job": None, "level": level, "message": message}))
+    for raw in sys.stdin.buffer:
+        msg = protocol.decode(raw)
+        if msg is None:
+            continue
+        if msg["type"] == "shutdown":
+            break
+        if msg["type"] == "ping":
+            send({"type": "pong"})
+            continue
+        if msg["type"] != "job":
+            continue
+        job_id = msg.get("job")
+        try:
+            result = run_job(engine, job_id, msg["spec"])
+            send({"type": "result", "job": job_id, "result": result})
+        except BaseException as e:   # report, then keep serving
+            err = _classify(e)
+            send({"type": "error", "job": job_id, "error": err.to_dict()})
+            if err.code in (I2LError.OUT_OF_MEMORY, I2LError.INTERNAL):
+                try:
+                    engine.unload()
+                except Exception:
+                    pass
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                break
+    try:
+        engine.unload()
+    except Exception:
+        pass
+    send({"type": "bye"})
