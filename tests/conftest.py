@@ -1,0 +1,67 @@
+"""Shared fixtures: the worker interpreter, a tiny model set, sample images."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _worker_python() -> str | None:
+    for cand in (os.environ.get("I2L_WORKER_PYTHON"), os.path.join(ROOT, ".venv-worker", "bin", "python"),
+                 os.path.join(ROOT, ".venv-worker", "Scripts", "python.exe")):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def worker_python() -> str:
+    py = _worker_python()
+    if py is None:
+        pytest.fail("No worker interpreter: set I2L_WORKER_PYTHON or run `python install.py` (see README).")
+    return py
+
+
+@pytest.fixture(scope="session")
+def tiny_models(worker_python, tmp_path_factory) -> str:
+    """A tiny random-weight model set in the real layout, written once per test session."""
+    cached = os.environ.get("I2L_TINY_MODELS")
+    if cached and os.path.exists(os.path.join(cached, "i2l-tiny.json")):
+        return cached
+    d = str(tmp_path_factory.mktemp("tiny-models"))
+    subprocess.run([worker_python, "-m", "i2l_ext.worker.tiny", d], check=True, cwd=ROOT,
+                   env=dict(os.environ, PYTHONPATH=ROOT))
+    return d
+
+
+def make_image(path, size=(96, 64), mode="RGB", color=(200, 30, 60), fmt=None, **save):
+    from PIL import Image
+    im = Image.new(mode, size, color if mode in ("RGB", "RGBA", "CMYK") else 128)
+    if mode == "RGB":
+        # a little structure so encoders see more than a flat colour
+        for x in range(0, size[0], 8):
+            for y in range(0, size[1], 8):
+                if (x + y) // 8 % 2:
+                    im.putpixel((x, y), (x * 2 % 256, y * 3 % 256, 90))
+    im.save(str(path), format=fmt, **save)
+    return str(path)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Three small valid RGB images."""
+    d = tmp_path / "inputs"
+    d.mkdir()
+    return [make_image(d / f"img{i}.png", size=(80 + 16 * i, 64), color=(40 * i, 120, 200 - 30 * i)) for i in range(3)]
+
+
+@pytest.fixture
+def lora_dir(tmp_path):
+    d = tmp_path / "Lora"
+    d.mkdir()
+    return str(d)
