@@ -24,6 +24,7 @@ class Config:
     start_timeout: float = 600.0
     idle_timeout: float = 600.0           # a warm worker idle this long is shut down (0: at once)
     keep_warm: bool = True
+    worker_env: dict = field(default_factory=dict)   # extra environment for the worker process
 
 
 def webui_root_around(ext_root: str = EXT_ROOT) -> str | None:

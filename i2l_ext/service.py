@@ -239,7 +239,7 @@ class Service:
             job._log("info", "Using the warm worker (pid %s)." % w.pid)
             return w
         job._progress("start", 0, 1, "Starting the worker")
-        w = WorkerProcess(self._worker_python(), log=lambda level, msg: job._log(level, msg) if level != "debug" else None)
+        w = WorkerProcess(self._worker_python(), extra_env=self.config.worker_env, log=self._route_log)
         self._worker = w
         hello = w.start(timeout=self.config.start_timeout)
         job._log("info", f"Worker ready: pid {hello.get('pid')}, device {hello.get('device')}, "
@@ -303,6 +303,11 @@ class Service:
                 job._log("error", str(error))
             job._finish(state, result, error)
             self._after_job()
+
+    def _route_log(self, level: str, message: str) -> None:
+        job = self._job
+        if job is not None and level != "debug" and message:
+            job._log(level, message)
 
     # -- warm worker -----------------------------------------------------------------------------
     def _after_job(self) -> None:

@@ -89,6 +89,10 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
                 log("warning", n)
             warnings += notes
         info = engine.run(spec, pictures, progress)
+        pause = float(os.environ.get("I2L_PAUSE_BEFORE_WRITE", "0") or 0)   # lets tests stop a job here
+        if pause:
+            log("debug", f"pausing {pause} s before writing")
+            time.sleep(pause)
         progress("write", 1, 3, "Writing the card and preview")
         output.write_preview(plan, pictures)
         output.write_card(plan, spec.get("card") or output.card_data())

@@ -1,0 +1,268 @@
+"""End to end through a real worker subprocess with the tiny model set.
+
+The test process plays the host: it never imports torch. Each test checks what a user would
+see (the files in the Lora folder, the message) and that no process is left behind.
+"""
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from i2l_ext import catalog
+from i2l_ext.config import Config
+from i2l_ext.errors import I2LError
+from i2l_ext.service import JobRequest, Service
+from conftest import ROOT, make_image
+
+
+def gone(pid, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # a zombie still answers kill(0); look at its state
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def group_members(pgid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().split(")")[-1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    out.append(int(d))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return out
+
+
+@pytest.fixture
+def service(worker_python, tiny_models, lora_dir):
+    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, host="cli",
+                 idle_timeout=60)
+    s = Service(cfg)
+    yield s
+    s.shutdown()
+
+
+def read_header(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
+
+
+def test_style_end_to_end(service, images, lora_dir):
+    job = service.run(JobRequest(images=images, name="my_style", variant="style", preferred_weight=0.8))
+    assert job.state == "done", job.error
+    r = job.result
+    assert r["prompt"] == "<lora:my_style:0.8>"
+    assert sorted(os.listdir(lora_dir)) == ["my_style.json", "my_style.preview.png", "my_style.safetensors"]
+    header = read_header(r["path"])
+    meta = header.pop("__metadata__")
+    assert meta["modelspec.architecture"] == "Qwen-Image/lora"
+    assert meta["ss_base_model_version"] == "qwen_image"
+    assert meta["i2l.variant"] == "style" and meta["i2l.images"] == "3"
+    assert len(json.loads(meta["i2l.image_sha256"])) == 3
+    assert "ss_output_name" not in meta
+    assert all(k.startswith("diffusion_model.transformer_blocks.") for k in header)
+    a = [v["shape"] for k, v in header.items() if k.endswith("lora_A.weight")]
+    assert a and all(s[0] == 4 * len(images) for s in a)       # rank 4 per image
+    card = json.load(open(r["sidecar"]))
+    assert card["preferred weight"] == 0.8 and card["sd version"] == "Unknown"
+    phases = [e["phase"] for e in job._events if e["type"] == "progress"]
+    for p in ("load", "encode", "decode", "write"):
+        assert p in phases
+    fractions = [e["fraction"] for e in job._events if e["type"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    # the warm worker serves the next job without starting again
+    pid = service.worker_pid()
+    job2 = service.run(JobRequest(images=images[:1], name="second", variant="style", key_format="kohya"))
+    assert job2.state == "done", job2.error
+    assert service.worker_pid() == pid
+    h2 = read_header(job2.result["path"])
+    h2.pop("__metadata__")
+    assert any(k.endswith(".alpha") for k in h2) and any(k.startswith("lora_unet_") for k in h2)
+    assert "torch" not in sys.modules and "diffsynth" not in sys.modules
+
+
+def test_coarse_fine_bias_end_to_end(service, images, lora_dir):
+    job = service.run(JobRequest(images=images[:2], name="cfb", variant="coarse-fine"))
+    assert job.state == "done", job.error
+    meta = read_header(job.result["path"])["__metadata__"]
+    assert meta["i2l.variant"] == "coarse-fine" and meta["i2l.bias"] == "true"
+    header = read_header(job.result["path"])
+    a = [v["shape"][0] for k, v in header.items() if k.endswith("lora_A.weight")]
+    assert set(a) == {2 * 4 * 2 + 4}      # 2 decoders x 2 images x rank 4, plus Bias rank 4
+    job2 = service.run(JobRequest(images=images[:2], name="cf", variant="coarse-fine", bias=False))
+    assert job2.state == "done", job2.error
+    a2 = {v["shape"][0] for k, v in read_header(job2.result["path"]).items() if k.endswith("lora_A.weight")}
+    assert a2 == {16}
+
+
+def test_cancel_mid_run_leaves_nothing(worker_python, tiny_models, lora_dir, images):
+    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python,
+                 worker_env={"I2L_PAUSE_BEFORE_WRITE": "30"})
+    service = Service(cfg)
+    try:
+        job = service.start(JobRequest(images=images, name="cancelled", variant="style"))
+        for ev in job.events(timeout=120):
+            if ev["type"] == "log" and "pausing" in ev.get("message", ""):
+                break
+            if ev["type"] == "progress" and ev["phase"] == "merge":
+                break
+        pid = service.worker_pid()
+        assert pid
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        service.cancel()
+        assert job.wait(15)
+        assert time.monotonic() - t0 < 10
+        assert job.state == "cancelled"
+        assert os.listdir(lora_dir) == []
+        assert gone(pid) and group_members(pid) == []
+    finally:
+        service.shutdown()
+
+
+def test_worker_killed_mid_run(worker_python, tiny_models, lora_dir, images):
+    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python,
+                 worker_env={"I2L_PAUSE_BEFORE_WRITE": "30"})
+    service = Service(cfg)
+    try:
+        job = service.start(JobRequest(images=images, name="killed", variant="style"))
+        for ev in job.events(timeout=120):
+            if ev["type"] == "progress" and ev["phase"] in ("decode", "merge"):
+                break
+        pid = service.worker_pid()
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        assert job.wait(20)
+        assert job.state == "error"
+        assert job.error.code == I2LError.WORKER_CRASHED and "SIGKILL" in job.error.message
+        assert job.error.fix
+        assert os.listdir(lora_dir) == []
+        assert gone(pid)
+        # the service recovers: the next job starts a fresh worker
+        service.config.worker_env = {}
+        job2 = service.run(JobRequest(images=images[:1], name="after", variant="style"))
+        assert job2.state == "done", job2.error
+    finally:
+        service.shutdown()
+
+
+def test_missing_weights_named(worker_python, tmp_path, lora_dir, images):
+    cfg = Config(models_dir=str(tmp_path / "empty"), lora_dir=lora_dir, worker_python=worker_python)
+    with pytest.raises(I2LError) as e:
+        Service(cfg).start(JobRequest(images=images, name="x", variant="style"))
+    assert e.value.code == I2LError.WEIGHTS_MISSING
+    assert "SigLIP2-G384" in e.value.message and str(tmp_path / "empty") in e.value.message
+    assert "download" in e.value.fix
+    assert os.listdir(lora_dir) == []
+
+
+@pytest.fixture
+def broken_models(tiny_models, tmp_path):
+    d = tmp_path / "models"
+    shutil.copytree(tiny_models, d)
+    return d
+
+
+def test_wrong_weight_file_named(worker_python, broken_models, lora_dir, images):
+    style = catalog.FILES["style"].local_path(str(broken_models))
+    shutil.copy(catalog.FILES["siglip2"].local_path(str(broken_models)), style)
+    cfg = Config(models_dir=str(broken_models), lora_dir=lora_dir, worker_python=worker_python)
+    service = Service(cfg)
+    try:
+        job = service.run(JobRequest(images=images, name="x", variant="style"))
+        assert job.state == "error" and job.error.code == I2LError.WEIGHTS_INVALID
+        assert "Qwen-Image-i2L-Style.safetensors" in job.error.message
+        assert os.listdir(lora_dir) == []
+    finally:
+        service.shutdown()
+
+
+def test_pickle_weight_file_refused(worker_python, broken_models, lora_dir, images, tmp_path):
+    style = catalog.FILES["style"].local_path(str(broken_models))
+    marker = tmp_path / "unpickled"
+    # A pickle that would create a file if it were ever loaded.
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    with open(style, "wb") as f:
+        pickle.dump({"x": Boom()}, f)
+    cfg = Config(models_dir=str(broken_models), lora_dir=lora_dir, worker_python=worker_python)
+    service = Service(cfg)
+    try:
+        job = service.run(JobRequest(images=images, name="x", variant="style"))
+        assert job.state == "error" and job.error.code == I2LError.WEIGHTS_INVALID
+        assert "safetensors" in job.error.message and "Qwen-Image-i2L-Style" in job.error.message
+        assert not marker.exists()
+        assert os.listdir(lora_dir) == []
+    finally:
+        service.shutdown()
+
+
+def test_busy_second_job_refused(worker_python, tiny_models, lora_dir, images):
+    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python,
+                 worker_env={"I2L_PAUSE_BEFORE_WRITE": "30"})
+    service = Service(cfg)
+    try:
+        service.start(JobRequest(images=images, name="one", variant="style"))
+        with pytest.raises(I2LError) as e:
+            service.start(JobRequest(images=images, name="two", variant="style"))
+        assert e.value.code == I2LError.BUSY
+    finally:
+        service.shutdown()
+    assert os.listdir(lora_dir) == []
+
+
+def test_bad_worker_python(tiny_models, lora_dir, images, tmp_path):
+    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=str(tmp_path / "no-python"))
+    job = Service(cfg).run(JobRequest(images=images, name="x", variant="style"))
+    assert job.state == "error" and job.error.code == I2LError.WORKER_START
+    assert "repair" in job.error.fix
+
+
+def test_cli_make_and_bad_input(worker_python, tiny_models, tmp_path, images):
+    lora = tmp_path / "L"
+    lora.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    base = [sys.executable, "-m", "i2l_ext", "make", "--models-dir", tiny_models, "--lora-dir", str(lora),
+            "--python", worker_python]
+    p = subprocess.run(base + images + ["--name", "cli_style"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "<lora:cli_style:1>" in p.stdout
+    assert "encode" in p.stderr and "100%" in p.stderr
+    # same name again: refused, the first file untouched
+    before = os.path.getmtime(lora / "cli_style.safetensors")
+    p = subprocess.run(base + images + ["--name", "cli_style"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "already exists" in p.stderr and "fix:" in p.stderr
+    assert os.path.getmtime(lora / "cli_style.safetensors") == before
+    # a name with ../ is refused with a suggestion
+    p = subprocess.run(base + images + ["--name", "../escape"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "Bad LoRA name" in p.stderr
+    # not an image
+    txt = tmp_path / "notes.png"
+    txt.write_text("hello")
+    p = subprocess.run(base + [str(txt), "--name", "t"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "notes.png is not an image" in p.stderr
+    assert sorted(os.listdir(lora)) == ["cli_style.json", "cli_style.preview.png", "cli_style.safetensors"]
