@@ -1,0 +1,39 @@
+"""The host side stays light: no torch, no diffsynth, fast to import, pure protocol."""
+import json
+import os
+import subprocess
+import sys
+
+from i2l_ext import protocol
+from i2l_ext.errors import I2LError
+from conftest import ROOT
+
+HOST_MODULES = ["i2l_ext", "i2l_ext.cli", "i2l_ext.service", "i2l_ext.supervisor", "i2l_ext.output",
+                "i2l_ext.images", "i2l_ext.catalog", "i2l_ext.config", "i2l_ext.protocol"]
+
+
+def test_host_modules_import_no_torch():
+    code = ("import sys, time; t=time.perf_counter(); " + "; ".join(f"import {m}" for m in HOST_MODULES)
+            + "; dt=time.perf_counter()-t; heavy=[m for m in ('torch','transformers','diffsynth','numpy','gradio') "
+              "if m in sys.modules]; print(__import__('json').dumps({'s': dt, 'heavy': heavy}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+    r = json.loads(out.stdout)
+    assert r["heavy"] == []
+    assert r["s"] < 0.5
+
+
+def test_protocol_round_trip_and_noise():
+    msg = {"type": "progress", "job": "a", "phase": "encode", "step": 1, "total": 3, "message": "图像 1/3"}
+    line = protocol.encode(msg)
+    assert line.endswith(b"\n") and b"\n" not in line[:-1]
+    assert protocol.decode(line) == msg
+    for noise in (b"", b"Loading checkpoint shards: 100%\n", b"{not json}\n", b"[1, 2]\n", b'{"no_type": 1}\n'):
+        assert protocol.decode(noise) is None
+
+
+def test_error_round_trip():
+    e = I2LError(I2LError.OUT_OF_MEMORY, "The GPU ran out of memory.", "Pick the low-VRAM profile.", "tb")
+    back = I2LError.from_dict(json.loads(json.dumps(e.to_dict())))
+    assert (back.code, back.message, back.fix, back.details) == (e.code, e.message, e.fix, e.details)
+    assert "Fix: Pick" in str(back)
