@@ -1,0 +1,239 @@
+"""What differs between the WebUIs that load this extension: which one it is, where LoRAs go,
+how to free and give back VRAM, the Interrupt button, the queue lock, refreshing Lora cards.
+
+Every WebUI import happens inside a function, so importing this module costs nothing and works
+outside a WebUI (the standalone app and the CLI use ``detect_host() == "standalone"``).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+
+from .service import HostHooks
+
+HOSTS = ("a1111", "forge", "neo", "reforge", "standalone")
+
+
+def _has(module: str) -> bool:
+    if module in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def in_webui() -> bool:
+    """True inside a WebUI process (its ``modules.script_callbacks`` is loaded)."""
+    return "modules.script_callbacks" in sys.modules or (
+        "modules.shared" in sys.modules and hasattr(sys.modules["modules.shared"], "opts"))
+
+
+def detect_host() -> str:
+    if not in_webui():
+        return "standalone"
+    if _has("modules_forge"):
+        try:
+            version = str(getattr(importlib.import_module("modules_forge.forge_version"), "version", ""))
+        except Exception:
+            version = ""
+        if version.lower().startswith("neo") or _has("modules_forge.presets"):
+            return "neo"
+        if _has("backend"):
+            return "forge"
+        return "reforge" if _has("ldm_patched") else "forge"
+    if _has("ldm_patched"):
+        return "reforge"
+    return "a1111"
+
+
+def host_label(host: str) -> str:
+    return {"a1111": "AUTOMATIC1111 WebUI", "forge": "Forge", "neo": "Forge Neo", "reforge": "reForge",
+            "standalone": "standalone app", "cli": "command line"}.get(host, host)
+
+
+def can_use_qwen_lora(host: str) -> bool:
+    """Whether the host itself can generate with a Qwen-Image LoRA (Forge Neo can)."""
+    return host == "neo"
+
+
+# -- folders -------------------------------------------------------------------------------------
+def lora_dirs() -> list[str]:
+    """The host's Lora folders; the first is where new LoRAs go."""
+    dirs: list[str] = []
+    try:
+        from modules import shared
+        d = getattr(shared.cmd_opts, "lora_dir", None)
+        if d:
+            dirs.append(d)
+        extra = getattr(shared.cmd_opts, "lora_dirs", None)       # Neo: --lora-dirs
+        if isinstance(extra, str):
+            extra = [extra]
+        for e in extra or []:
+            if e and e not in dirs:
+                dirs.append(e)
+    except Exception:
+        pass
+    if not dirs:
+        try:
+            from modules import paths
+            dirs.append(os.path.join(paths.models_path, "Lora"))
+        except Exception:
+            pass
+    return [os.path.abspath(d) for d in dirs]
+
+
+def lora_dir() -> str | None:
+    dirs = lora_dirs()
+    return dirs[0] if dirs else None
+
+
+def models_root() -> str | None:
+    try:
+        from modules import paths
+        return paths.models_path
+    except Exception:
+        return None
+
+
+# -- settings -------------------------------------------------------------------------------------
+def opt(key: str, default=None):
+    try:
+        from modules import shared
+        v = getattr(shared.opts, key, None)
+        if v is None:
+            v = shared.opts.data.get(key, default)
+        return default if v in (None, "") else v
+    except Exception:
+        return default
+
+
+def host_language() -> str | None:
+    """The host's UI language, from its localization setting (e.g. 'zh_CN', 'zh-Hans (Stable)')."""
+    lang = opt("i2l_language", "auto")
+    if lang and lang != "auto":
+        return lang
+    loc = opt("localization", "None")
+    if loc and str(loc).lower() != "none":
+        s = str(loc).lower()
+        if s.startswith("zh"):
+            return "zh_CN"
+        return str(loc)
+    return None
+
+
+# -- the queue lock -------------------------------------------------------------------------------
+def queue_lock():
+    """The host's lock that serialises GPU work (txt2img, img2img...), or None outside a WebUI."""
+    try:
+        from modules import call_queue
+        return call_queue.queue_lock
+    except Exception:
+        return None
+
+
+def release_when_done(job, lock) -> None:
+    """Hold ``lock`` (already acquired) until ``job`` ends, from a thread of its own, so a page
+    closed mid-run can never leave the WebUI locked."""
+    def run():
+        try:
+            job.wait()
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:
+                pass
+    threading.Thread(target=run, daemon=True, name="i2l-queue-lock").start()
+
+
+# -- refreshing the Lora list ---------------------------------------------------------------------
+def refresh_loras() -> bool:
+    """Make the host's Lora list see new or renamed files (the page then clicks its refresh button)."""
+    try:
+        import networks          # the built-in Lora extension's module
+        networks.list_available_networks()
+        return True
+    except Exception:
+        return False
+
+
+# -- hooks ----------------------------------------------------------------------------------------
+class WebUIHooks(HostHooks):
+    """Frees the host's VRAM before a job, gives it back after (A1111), watches Interrupt."""
+
+    def __init__(self, host: str | None = None, free_vram: bool = True, restore: bool = True):
+        self.host = host or detect_host()
+        self.free_vram = free_vram
+        self.restore = restore
+        self._moved_model = None
+        self._began = False
+
+    def before_job(self) -> None:
+        try:
+            from modules import shared
+            shared.state.begin(job="i2l")        # clears a stale Interrupt and shows the job as busy
+            self._began = True
+        except Exception:
+            self._began = False
+        if self.free_vram:
+            self._free()
+
+    def after_job(self) -> None:
+        try:
+            if self.restore:
+                self._give_back()
+        finally:
+            if self._began:
+                try:
+                    from modules import shared
+                    shared.state.end()
+                except Exception:
+                    pass
+                self._began = False
+
+    def interrupted(self) -> bool:
+        try:
+            from modules import shared
+            return bool(getattr(shared.state, "interrupted", False))
+        except Exception:
+            return False
+
+    def sd_version(self) -> str:
+        return "qwen" if self.host == "neo" else "Unknown"
+
+    # -- per host ---------------------------------------------------------------------------
+    def _free(self) -> None:
+        if self.host in ("forge", "neo"):
+            mm = importlib.import_module("backend.memory_management")
+            mm.unload_all_models()
+            mm.soft_empty_cache(force=True)
+        elif self.host == "reforge":
+            mm = importlib.import_module("ldm_patched.modules.model_management")
+            mm.unload_all_models()
+            mm.soft_empty_cache(force=True)
+        elif self.host == "a1111":
+            from modules import devices, sd_models
+            model = getattr(sd_models.model_data, "sd_model", None)     # never triggers a load
+            if model is not None and getattr(model, "device", None) is not None and \
+                    str(getattr(model, "device", "cpu")) != "cpu":
+                sd_models.unload_model_weights(model)
+                self._moved_model = model
+            devices.torch_gc()
+
+    def _give_back(self) -> None:
+        if self.host == "a1111" and self._moved_model is not None:
+            model, self._moved_model = self._moved_model, None
+            from modules import sd_models
+            if getattr(sd_models.model_data, "sd_model", None) is model:
+                sd_models.send_model_to_device(model)
+        # Forge, Neo and reForge load models again lazily on the next generation.
+
+
+def make_hooks(host: str | None = None) -> HostHooks:
+    host = host or detect_host()
+    if host == "standalone":
+        return HostHooks()
+    return WebUIHooks(host, free_vram=bool(opt("i2l_free_vram", True)))

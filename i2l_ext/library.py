@@ -1,0 +1,216 @@
+"""The LoRAs this extension made: list, rename, delete.
+
+Ours are the ``.safetensors`` files whose header metadata carries ``i2l.version``. The header is
+read with the standard library only (8-byte little-endian length, then JSON), so listing a Lora
+folder never loads a tensor and never imports torch. A LoRA travels with its card
+``<stem>.json`` and its preview ``<stem>.preview.png``; rename and delete treat the three as one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .errors import I2LError, bad_input
+
+MAX_HEADER = 100 * 1024 * 1024
+COMPANIONS = (".json", ".preview.png", ".png")     # moved and deleted with the LoRA
+
+
+def read_header(path: str) -> dict:
+    """The safetensors JSON header (tensor entries plus ``__metadata__``)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("file too short for a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 1 or n > MAX_HEADER:
+            raise ValueError(f"implausible header length {n}")
+        data = f.read(n)
+        if len(data) != n:
+            raise ValueError("truncated header")
+    header = json.loads(data.decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    return header
+
+
+def read_metadata(path: str) -> dict:
+    meta = read_header(path).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+@dataclass
+class LoraEntry:
+    name: str                  # file stem: what goes into <lora:name:w>
+    path: str
+    relpath: str               # relative to the Lora folder, with '/'
+    bytes: int
+    mtime: float
+    metadata: dict
+    preview: str | None = None
+    card: dict = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        return self.metadata.get("i2l.variant", "")
+
+    @property
+    def images(self) -> int:
+        try:
+            return int(self.metadata.get("i2l.images", "0"))
+        except ValueError:
+            return 0
+
+    @property
+    def created(self) -> str:
+        return self.metadata.get("i2l.created", "")
+
+    @property
+    def image_sha256(self) -> list[str]:
+        raw = self.metadata.get("i2l.image_sha256", "")
+        try:
+            v = json.loads(raw)
+            return [str(x) for x in v] if isinstance(v, list) else [str(v)]
+        except ValueError:
+            return [s for s in raw.replace(";", ",").split(",") if s]
+
+    @property
+    def weight(self) -> float:
+        try:
+            return float(self.card.get("preferred weight") or 1.0)
+        except (TypeError, ValueError):
+            return 1.0
+
+    @property
+    def prompt(self) -> str:
+        return f"<lora:{self.name}:{self.weight:g}>"
+
+    def companions(self) -> list[str]:
+        base = self.path[: -len(".safetensors")]
+        return [base + ext for ext in COMPANIONS if os.path.isfile(base + ext)]
+
+
+def is_ours(metadata: dict) -> bool:
+    return "i2l.version" in metadata
+
+
+def _entry(root: str, path: str) -> LoraEntry | None:
+    try:
+        meta = read_metadata(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not is_ours(meta):
+        return None
+    st = os.stat(path)
+    base = path[: -len(".safetensors")]
+    preview = next((base + ext for ext in (".preview.png", ".png") if os.path.isfile(base + ext)), None)
+    card = {}
+    if os.path.isfile(base + ".json"):
+        try:
+            with open(base + ".json", encoding="utf-8") as f:
+                card = json.load(f)
+            if not isinstance(card, dict):
+                card = {}
+        except (OSError, ValueError):
+            card = {}
+    return LoraEntry(name=os.path.basename(base), path=path,
+                     relpath=os.path.relpath(path, root).replace(os.sep, "/"), bytes=st.st_size,
+                     mtime=st.st_mtime, metadata=meta, preview=preview, card=card)
+
+
+def list_loras(lora_dir: str) -> list[LoraEntry]:
+    """Our LoRAs under ``lora_dir`` (recursive), newest first. Other files are left out."""
+    if not lora_dir or not os.path.isdir(lora_dir):
+        return []
+    root = os.path.abspath(lora_dir)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if fn.startswith(".") or not fn.endswith(".safetensors"):
+                continue
+            e = _entry(root, os.path.join(dirpath, fn))
+            if e is not None:
+                found.append(e)
+    found.sort(key=lambda e: (-e.mtime, e.relpath))
+    return found
+
+
+def find(lora_dir: str, relpath: str) -> LoraEntry:
+    """The entry for ``relpath``; refuses paths outside the folder and files that aren't ours."""
+    root = os.path.realpath(lora_dir)
+    path = os.path.realpath(os.path.join(root, relpath))
+    if os.path.commonpath([root, path]) != root or not path.endswith(".safetensors"):
+        raise bad_input(f"{relpath} is not a LoRA in the Lora folder.", "Pick one from the list.")
+    if not os.path.isfile(path):
+        raise I2LError(I2LError.OUTPUT, f"{relpath} no longer exists.", "Refresh the list.")
+    e = _entry(root, path)
+    if e is None:
+        raise bad_input(f"{relpath} was not made by Image to LoRA; it is left alone.",
+                        "Manage other LoRAs with your usual tools.")
+    return e
+
+
+def rename(lora_dir: str, relpath: str, new_name: str) -> LoraEntry:
+    """Rename a LoRA and its card and preview together, in the same folder; never overwrites."""
+    from .output import name_problem, suggest_name
+    e = find(lora_dir, relpath)
+    new_name = (new_name or "").strip()
+    if new_name.lower().endswith(".safetensors"):
+        new_name = new_name[: -len(".safetensors")]
+    problem = name_problem(new_name)
+    if problem:
+        raise bad_input(f"Bad LoRA name {new_name!r}: {problem}", f"Try '{suggest_name(new_name)}'.")
+    if new_name == e.name:
+        return e
+    folder = os.path.dirname(e.path)
+    old_base, new_base = e.path[: -len(".safetensors")], os.path.join(folder, new_name)
+    moves = [(e.path, new_base + ".safetensors")]
+    moves += [(old_base + ext, new_base + ext) for ext in COMPANIONS if os.path.isfile(old_base + ext)]
+    for _, dst in moves:
+        if os.path.lexists(dst):
+            raise I2LError(I2LError.OUTPUT, f"{os.path.basename(dst)} already exists; nothing was renamed.",
+                           "Choose another name, or delete the other LoRA first.")
+    done: list[tuple[str, str]] = []
+    try:
+        for src, dst in moves[1:] + moves[:1]:          # the LoRA itself last
+            _move_no_replace(src, dst)
+            done.append((src, dst))
+    except BaseException:
+        for src, dst in reversed(done):                 # put everything back
+            try:
+                os.rename(dst, src)
+            except OSError:
+                pass
+        raise
+    return find(lora_dir, os.path.relpath(new_base + ".safetensors", os.path.realpath(lora_dir)))
+
+
+def _move_no_replace(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)          # fails if dst exists: no race can make us overwrite
+    except FileExistsError:
+        raise I2LError(I2LError.OUTPUT, f"{os.path.basename(dst)} already exists; nothing was renamed.",
+                       "Choose another name.") from None
+    except OSError:
+        if os.path.lexists(dst):
+            raise I2LError(I2LError.OUTPUT, f"{os.path.basename(dst)} already exists; nothing was renamed.",
+                           "Choose another name.") from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def delete(lora_dir: str, relpath: str) -> list[str]:
+    """Delete one of our LoRAs with its card and preview; returns the removed paths."""
+    e = find(lora_dir, relpath)
+    removed = []
+    for p in e.companions() + [e.path]:
+        try:
+            os.unlink(p)
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed

@@ -1,0 +1,480 @@
+"""The tab: one builder for the WebUI tab and the standalone app, gradio 3.41 and 4.40.
+
+``Controller`` holds what outlives a page (the service, the host's hooks); ``build`` lays out the
+components and wires the events. Host-only parts (Send to txt2img, the queue lock, Lora card
+refresh) are present only when ``controller.host != "standalone"``.
+"""
+from __future__ import annotations
+
+import html
+import os
+import threading
+import time
+
+import gradio as gr
+
+from .. import catalog, hosts, library
+from ..errors import I2LError
+from ..i18n import t
+from ..service import JobRequest, Service
+from . import compat, panels
+
+PHASES = ("start", "load", "encode", "decode", "merge", "write")
+VRAM_PROFILES = ("auto", "gpu", "cpu_offload", "disk")
+KEY_FORMATS = ("diffusers", "kohya")
+THUMB = 320
+
+
+def esc(s) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def error_html(message: str, fix: str = "", code: str = "") -> str:
+    fix_part = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(fix)}</div>' if fix else ""
+    return (f'<div class="i2l-error" data-code="{esc(code)}"><div class="i2l-error-msg">{esc(message)}</div>'
+            f"{fix_part}</div>")
+
+
+def notice_html(message: str, kind: str = "info") -> str:
+    return f'<div class="i2l-notice i2l-notice-{esc(kind)}">{esc(message)}</div>'
+
+
+def err_of(e: I2LError) -> str:
+    return error_html(e.message, e.fix, e.code)
+
+
+class Controller:
+    """State shared by every page: one service, so one job at a time across all of them."""
+
+    def __init__(self, config, hooks=None, host: str = "standalone", config_refresh=None):
+        self.host = host
+        self.standalone = host == "standalone"
+        self.service = Service(config, hooks)
+        self.config_refresh = config_refresh     # host: re-read settings before each job
+        self._waiting = threading.Lock()          # a click waiting for the host's queue lock
+        self.defaults = {"variant": "style", "vram_profile": "auto", "key_format": "diffusers"}
+
+    @property
+    def config(self):
+        return self.service.config
+
+    def refresh_config(self) -> None:
+        if self.config_refresh is not None:
+            try:
+                self.config_refresh(self.service.config)
+            except Exception:
+                pass
+
+    # -- inputs ------------------------------------------------------------------------------
+    def add_images(self, files, current):
+        from .. import images as images_mod
+        current = list(current or [])
+        problems = []
+        for p in compat.file_paths(files):
+            try:
+                images_mod.inspect_images([p])
+            except I2LError as e:
+                problems.append(e)
+                continue
+            if p not in current:
+                current.append(p)
+        if len(current) > images_mod.MAX_IMAGES:
+            problems.append(I2LError(I2LError.BAD_INPUT, t("err_too_many", n=len(current), max=images_mod.MAX_IMAGES),
+                                     t("fix_too_many")))
+            current = current[: images_mod.MAX_IMAGES]
+        notice = "".join(err_of(e) for e in problems)
+        return None, current, self.thumbs(current), notice, self.count_text(current)
+
+    @staticmethod
+    def thumbs(paths):
+        return [(p, os.path.basename(p)) for p in paths]
+
+    @staticmethod
+    def count_text(paths) -> str:
+        n = len(paths or [])
+        return f'<div class="i2l-count" data-count="{n}">{esc(t("images_count", n=n))}</div>'
+
+    def remove_image(self, current, index):
+        current = list(current or [])
+        if index is not None and 0 <= index < len(current):
+            current.pop(index)
+        return current, self.thumbs(current), None, self.count_text(current)
+
+    def clear_images(self):
+        return [], [], None, self.count_text([]), ""
+
+    def check_name(self, name, subfolder, overwrite):
+        name = (name or "").strip("\n")
+        if not name:
+            return f'<div class="i2l-name i2l-name-empty">{esc(t("name_hint"))}</div>'
+        self.refresh_config()
+        problem = self.service.check_name(name, subfolder or "", bool(overwrite))
+        if problem:
+            from ..output import suggest_name
+            hint = suggest_name(name)
+            extra = f' {esc(t("name_try", name=hint))}' if hint != name else ""
+            return f'<div class="i2l-name i2l-name-bad" data-ok="0">&#10007; {esc(problem)}{extra}</div>'
+        folder = os.path.join(self.config.lora_dir, *[p for p in (subfolder or "").replace("\\", "/").split("/") if p])
+        target = os.path.join(folder, name + ".safetensors")
+        key = "name_ok_overwrite" if overwrite and os.path.exists(target) else "name_ok"
+        return f'<div class="i2l-name i2l-name-ok" data-ok="1">&#10003; {esc(t(key, path=target))}</div>'
+
+    # -- the job -----------------------------------------------------------------------------
+    def progress_html(self, job=None, waiting: bool = False) -> str:
+        if job is None and not waiting:
+            return f'<div class="i2l-progress" data-state="idle" data-fraction="0">{esc(t("progress_idle"))}</div>'
+        if waiting:
+            state, phase, frac, msg, secs = "queued", "start", 0.0, t("waiting_for_host"), 0
+        else:
+            state, phase, frac, msg = job.state, job.phase, job.fraction, job.message
+            secs = time.time() - job.started
+            if state == "cancelled":
+                msg = t("cancelled_msg")
+            elif state == "error" and job.error is not None:
+                msg = job.error.message
+        cur = PHASES.index(phase) if phase in PHASES else 0
+        steps = []
+        for i, p in enumerate(PHASES):
+            cls = "done" if (i < cur or state == "done") else "current" if i == cur else "todo"
+            steps.append(f'<span class="i2l-phase i2l-phase-{cls}" data-phase="{p}">{esc(t("phase_" + p))}</span>')
+        pct = int(round(frac * 100))
+        return (f'<div class="i2l-progress" data-state="{esc(state)}" data-phase="{esc(phase)}" '
+                f'data-fraction="{frac:.3f}"><div class="i2l-phases">{"".join(steps)}</div>'
+                f'<div class="i2l-bar i2l-bar-{esc(state)}"><div class="i2l-bar-fill" style="width:{pct}%"></div></div>'
+                f'<div class="i2l-progress-text"><b>{pct}%</b> &middot; {esc(msg)} &middot; {secs:.0f} s</div></div>')
+
+    def result_info_html(self, r: dict) -> str:
+        rows = [(t("result_path"), f"<code>{esc(r.get('path', ''))}</code>"),
+                (t("result_size"), esc(catalog.human_size(r.get("bytes", 0)))),
+                (t("result_tensors"), esc(f"{r.get('keys', '?')} / rank {r.get('rank', '?')}")),
+                (t("result_images"), esc(r.get("images", ""))),
+                (t("result_time"), esc(f"{float(r.get('seconds') or 0):.1f} s"))]
+        body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+        warn = "".join(f'<div class="i2l-warning">{esc(w)}</div>' for w in r.get("warnings") or [])
+        note = ""
+        if not self.standalone and not hosts.can_use_qwen_lora(self.host):
+            note = f'<div class="i2l-note">{esc(t("host_cannot_use", host=hosts.host_label(self.host)))}</div>'
+        return f'<div class="i2l-result" data-path="{esc(r.get("path", ""))}"><table>{body}</table>{warn}{note}</div>'
+
+    def request(self, images, folder, variant, name, subfolder, overwrite, weight, activation, description,
+                vram_profile, key_format, bias) -> JobRequest:
+        paths = list(images or [])
+        if folder and folder.strip():
+            paths.append(os.path.expanduser(folder.strip()))
+        return JobRequest(images=paths, name=(name or "").strip(), variant=variant or "style",
+                          bias=bool(bias) if variant == "coarse-fine" else None, subfolder=(subfolder or "").strip(),
+                          overwrite=bool(overwrite), key_format=key_format or "diffusers",
+                          vram_profile=vram_profile or "auto", preferred_weight=float(weight if weight is not None else 1.0),
+                          activation_text=activation or "", description=description or "")
+
+    def run(self, images, folder, variant, name, subfolder, overwrite, weight, activation, description,
+            vram_profile, key_format, bias):
+        """Generator for the Make button: streams progress, the log and finally the result."""
+        keep = compat.update()
+        hidden = compat.update(visible=False)
+
+        def out(notice=keep, progress=keep, log=keep, result_vis=keep, preview=keep, info=keep, prompt=keep,
+                name_msg=keep, lib=keep):
+            return [notice, progress, log, result_vis, preview, info, prompt, name_msg, lib]
+
+        self.refresh_config()
+        req = self.request(images, folder, variant, name, subfolder, overwrite, weight, activation, description,
+                           vram_profile, key_format, bias)
+        if not req.images:
+            yield out(notice=error_html(t("err_no_images"), t("fix_no_images"), I2LError.BAD_INPUT))
+            return
+        problem = self.service.check_name(req.name, req.subfolder, req.overwrite)
+        if problem:
+            yield out(notice=error_html(problem, t("fix_name"), I2LError.BAD_INPUT))
+            return
+        if self.service.busy:
+            yield out(notice=error_html(t("err_busy"), t("fix_busy"), I2LError.BUSY))
+            return
+        lock = None if self.standalone else hosts.queue_lock()
+        if lock is not None:
+            if not self._waiting.acquire(blocking=False):
+                yield out(notice=error_html(t("err_queued"), t("fix_busy"), I2LError.BUSY))
+                return
+            try:
+                first = True
+                while not lock.acquire(timeout=0.5):
+                    if first:
+                        yield out(notice="", progress=self.progress_html(waiting=True), result_vis=hidden)
+                        first = False
+                    if self.service.busy:
+                        yield out(notice=error_html(t("err_busy"), t("fix_busy"), I2LError.BUSY))
+                        return
+            finally:
+                self._waiting.release()
+        try:
+            job = self.service.start(req)
+        except I2LError as e:
+            if lock is not None:
+                lock.release()
+            yield out(notice=err_of(e), progress=self.progress_html())
+            return
+        except Exception:
+            if lock is not None:
+                lock.release()
+            raise
+        if lock is not None:
+            hosts.release_when_done(job, lock)
+        yield out(notice="", progress=self.progress_html(job), log="", result_vis=hidden)
+        shown = 0
+        while True:
+            finished = job.wait(0.5)
+            if len(job.log) != shown or not finished:
+                shown = len(job.log)
+                yield out(progress=self.progress_html(job), log="\n".join(job.log[-300:]))
+            if finished:
+                break
+        log_text = "\n".join(job.log[-300:])
+        name_msg = self.check_name(req.name, req.subfolder, False)
+        if job.state == "done":
+            r = job.result or {}
+            if not self.standalone:
+                hosts.refresh_loras()
+            preview = r.get("preview")
+            yield out(notice=notice_html(t("done_msg", name=r.get("name", req.name)), "ok"),
+                      progress=self.progress_html(job), log=log_text, result_vis=compat.update(visible=True),
+                      preview=preview if preview and os.path.exists(preview) else None,
+                      info=self.result_info_html(r), prompt=r.get("prompt", ""), name_msg=name_msg,
+                      lib=self.library_gallery())
+        elif job.state == "cancelled":
+            yield out(notice=notice_html(t("cancelled_msg"), "warn"), progress=self.progress_html(job),
+                      log=log_text, name_msg=name_msg)
+        else:
+            e = job.error or I2LError(I2LError.INTERNAL, t("err_unknown"))
+            yield out(notice=err_of(e), progress=self.progress_html(job), log=log_text, name_msg=name_msg)
+
+    def cancel(self):
+        if self.service.cancel():
+            return notice_html(t("cancelling"), "warn")
+        return notice_html(t("nothing_to_cancel"), "info")
+
+    # -- library -----------------------------------------------------------------------------
+    def entries(self):
+        return library.list_loras(self.config.lora_dir)
+
+    def library_gallery(self):
+        return [((e.preview or _placeholder()), e.relpath) for e in self.entries()]
+
+    def library_refresh(self):
+        es = self.entries()
+        gallery = [((e.preview or _placeholder()), e.relpath) for e in es]
+        return (gallery, [e.relpath for e in es], None, self.entry_html(None), "", "",
+                compat.update(visible=False))
+
+    def entry_html(self, e) -> str:
+        if e is None:
+            n = len(self.entries())
+            return f'<div class="i2l-lib-empty" data-count="{n}">{esc(t("lib_pick" if n else "lib_empty"))}</div>'
+        created = e.created or time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+        rows = [(t("result_path"), f"<code>{esc(e.path)}</code>"), (t("result_size"), esc(catalog.human_size(e.bytes))),
+                (t("lib_variant"), esc(e.variant)), (t("result_images"), esc(e.images)), (t("lib_created"), esc(created))]
+        if e.card.get("activation text"):
+            rows.append((t("activation_text"), esc(e.card["activation text"])))
+        sha = e.image_sha256
+        if sha:
+            rows.append((t("lib_sources"), "<br>".join(f"<code>{esc(s[:16])}</code>" for s in sha[:16])))
+        body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+        return f'<div class="i2l-lib-entry" data-relpath="{esc(e.relpath)}"><table>{body}</table></div>'
+
+    def library_select(self, relpaths, evt: gr.SelectData):
+        idx = compat.select_index(evt)
+        relpaths = relpaths or []
+        if idx is None or idx >= len(relpaths):
+            return None, self.entry_html(None), "", "", compat.update(visible=False)
+        try:
+            e = library.find(self.config.lora_dir, relpaths[idx])
+        except I2LError as err:
+            return None, err_of(err), "", "", compat.update(visible=False)
+        return e.relpath, self.entry_html(e), e.prompt, e.name, compat.update(visible=False)
+
+    def library_rename(self, relpath, new_name):
+        if not relpath:
+            return (compat.update(), compat.update(), relpath, error_html(t("lib_pick"), "", I2LError.BAD_INPUT),
+                    compat.update(), compat.update())
+        try:
+            e = library.rename(self.config.lora_dir, relpath, new_name)
+        except I2LError as err:
+            return compat.update(), compat.update(), relpath, err_of(err), compat.update(), compat.update()
+        if not self.standalone:
+            hosts.refresh_loras()
+        gallery, rels, *_ = self.library_refresh()
+        return gallery, rels, e.relpath, notice_html(t("lib_renamed", name=e.name), "ok") + self.entry_html(e), e.prompt, e.name
+
+    def library_delete(self, relpath):
+        if not relpath:
+            return (compat.update(), compat.update(), None, error_html(t("lib_pick"), "", I2LError.BAD_INPUT), "", "",
+                    compat.update(visible=False))
+        try:
+            library.delete(self.config.lora_dir, relpath)
+        except I2LError as err:
+            return compat.update(), compat.update(), relpath, err_of(err), compat.update(), compat.update(), \
+                compat.update(visible=False)
+        if not self.standalone:
+            hosts.refresh_loras()
+        gallery, rels, *_ = self.library_refresh()
+        return gallery, rels, None, notice_html(t("lib_deleted", name=relpath), "ok"), "", "", compat.update(visible=False)
+
+    def delete_ask(self, relpath):
+        if not relpath:
+            return compat.update(visible=False), error_html(t("lib_pick"), "", I2LError.BAD_INPUT)
+        return (compat.update(visible=True),
+                f'<div class="i2l-confirm-text">{esc(t("lib_confirm_delete", name=relpath))}</div>')
+
+
+_PLACEHOLDER = None
+
+
+def _placeholder() -> str:
+    """A plain tile for a LoRA without a preview (the gallery needs an image)."""
+    global _PLACEHOLDER
+    if _PLACEHOLDER is None or not os.path.exists(_PLACEHOLDER):
+        import tempfile
+        from PIL import Image
+        path = os.path.join(tempfile.gettempdir(), "i2l-no-preview.png")
+        Image.new("RGB", (64, 64), (60, 60, 60)).save(path)
+        _PLACEHOLDER = path
+    return _PLACEHOLDER
+
+
+def variant_choices():
+    return [(v.label, v.key) for v in catalog.VARIANTS.values()]
+
+
+def variants_md() -> str:
+    lines = []
+    for v in catalog.VARIANTS.values():
+        purpose = t(f"variant_{v.key}")
+        if purpose == f"variant_{v.key}":
+            purpose = v.purpose
+        lines.append(f'<li data-variant="{esc(v.key)}"><b>{esc(v.label)}</b>: {esc(purpose)} '
+                     f'<span class="i2l-variant-meta">{esc(t("variant_meta", size=catalog.human_size(v.download_bytes()), vram=v.vram_gb, low=v.low_vram_gb))}</span></li>')
+    return f'<ul class="i2l-variants">{"".join(lines)}</ul>'
+
+
+def build(ctl: Controller):
+    """Lay out the tab inside the current ``gr.Blocks`` context."""
+    host_only = not ctl.standalone
+    with gr.Column(elem_id="i2l_root", elem_classes=["i2l-root"]):
+        env_banner = gr.HTML("", elem_id="i2l_env_banner")
+        with gr.Row(visible=False, elem_id="i2l_env_row") as env_row:
+            repair_btn = gr.Button(t("repair_env"), elem_id="i2l_repair_env", size="sm")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, elem_id="i2l_inputs"):
+                upload = compat.file_component(label=t("upload_label"), elem_id="i2l_upload")
+                images_state = gr.State([])
+                selected_image = gr.State(None)
+                count = gr.HTML(ctl.count_text([]), elem_id="i2l_count")
+                thumbs = gr.Gallery(label=t("thumbs_label"), elem_id="i2l_thumbs", columns=6, height=220,
+                                    allow_preview=False, show_label=True)
+                with gr.Row():
+                    remove_btn = gr.Button(t("remove_selected"), elem_id="i2l_remove", size="sm")
+                    clear_btn = gr.Button(t("clear_images"), elem_id="i2l_clear", size="sm")
+                folder = gr.Textbox(label=t("folder_label"), placeholder=t("folder_placeholder"), elem_id="i2l_folder",
+                                    lines=1, max_lines=1)
+                variant = gr.Radio(choices=variant_choices(), value=ctl.defaults["variant"], label=t("variant_label"),
+                                   elem_id="i2l_variant")
+                gr.HTML(variants_md(), elem_id="i2l_variant_info")
+                name = gr.Textbox(label=t("name_label"), placeholder="my_style", elem_id="i2l_name", lines=1, max_lines=1)
+                name_msg = gr.HTML(ctl.check_name("", "", False), elem_id="i2l_name_msg")
+                subfolder = gr.Textbox(label=t("subfolder_label"), placeholder=t("subfolder_placeholder"),
+                                       elem_id="i2l_subfolder", lines=1, max_lines=1)
+                with gr.Row():
+                    weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=t("weight_label"), elem_id="i2l_weight")
+                    activation = gr.Textbox(label=t("activation_text"), elem_id="i2l_activation", lines=1, max_lines=1)
+                with gr.Accordion(t("advanced"), open=False, elem_id="i2l_advanced"):
+                    vram = gr.Radio(choices=[(t(f"vram_{p}"), p) for p in VRAM_PROFILES], value=ctl.defaults["vram_profile"],
+                                    label=t("vram_label"), elem_id="i2l_vram")
+                    key_format = gr.Radio(choices=[(t(f"keys_{k}"), k) for k in KEY_FORMATS],
+                                          value=ctl.defaults["key_format"], label=t("keys_label"), elem_id="i2l_keys")
+                    with gr.Row():
+                        bias = gr.Checkbox(value=True, label=t("bias_label"), elem_id="i2l_bias")
+                        overwrite = gr.Checkbox(value=False, label=t("overwrite_label"), elem_id="i2l_overwrite")
+                    description = gr.Textbox(label=t("description_label"), elem_id="i2l_description", lines=2)
+            with gr.Column(scale=2, elem_id="i2l_run_col"):
+                with gr.Row():
+                    run_btn = gr.Button(t("make"), variant="primary", elem_id="i2l_run")
+                    cancel_btn = gr.Button(t("cancel"), variant="stop", elem_id="i2l_cancel")
+                notice = gr.HTML("", elem_id="i2l_notice")
+                progress = gr.HTML(ctl.progress_html(), elem_id="i2l_progress")
+                log = gr.Textbox(label=t("log_label"), lines=8, max_lines=8, interactive=False, elem_id="i2l_log")
+                with gr.Column(visible=False, elem_id="i2l_result") as result_col:
+                    gr.HTML(f'<h3 class="i2l-result-title">{esc(t("result_title"))}</h3>')
+                    result_preview = gr.Image(label=t("preview_label"), interactive=False, type="filepath",
+                                              elem_id="i2l_result_preview", height=256)
+                    result_info = gr.HTML("", elem_id="i2l_result_info")
+                    result_prompt = gr.Textbox(label=t("prompt_label"), interactive=False, elem_id="i2l_result_prompt",
+                                               lines=1, max_lines=1)
+                    with gr.Row():
+                        copy_btn = gr.Button(t("copy"), elem_id="i2l_copy", size="sm")
+                        send_btn = gr.Button(t("send_txt2img"), elem_id="i2l_send", size="sm", visible=host_only)
+        models = panels.models_panel(ctl)
+        with gr.Accordion(t("lib_title"), open=True, elem_id="i2l_library"):
+            lib_rel = gr.State([])
+            lib_sel = gr.State(None)
+            with gr.Row():
+                lib_refresh = gr.Button(t("refresh"), elem_id="i2l_lib_refresh", size="sm")
+            lib_gallery = gr.Gallery(label=t("lib_gallery"), elem_id="i2l_lib_gallery", columns=6, height=260,
+                                     allow_preview=False)
+            lib_info = gr.HTML(ctl.entry_html(None), elem_id="i2l_lib_info")
+            lib_prompt = gr.Textbox(label=t("prompt_label"), interactive=False, elem_id="i2l_lib_prompt", lines=1,
+                                    max_lines=1)
+            with gr.Row():
+                lib_send = gr.Button(t("send_txt2img"), elem_id="i2l_lib_send", size="sm", visible=host_only)
+                lib_copy = gr.Button(t("copy"), elem_id="i2l_lib_copy", size="sm")
+                lib_new_name = gr.Textbox(label=t("lib_new_name"), elem_id="i2l_lib_new_name", lines=1, max_lines=1)
+                lib_rename = gr.Button(t("rename"), elem_id="i2l_lib_rename", size="sm")
+                lib_delete = gr.Button(t("delete"), elem_id="i2l_lib_delete", size="sm", variant="stop")
+            with gr.Row(visible=False, elem_id="i2l_lib_confirm") as confirm_row:
+                confirm_text = gr.HTML("", elem_id="i2l_lib_confirm_text")
+                confirm_yes = gr.Button(t("delete_yes"), elem_id="i2l_lib_delete_yes", variant="stop", size="sm")
+                confirm_no = gr.Button(t("delete_no"), elem_id="i2l_lib_delete_no", size="sm")
+
+    # -- events ----------------------------------------------------------------------------------
+    upload.upload(ctl.add_images, [upload, images_state], [upload, images_state, thumbs, notice, count])
+    thumbs.select(_select_idx, None, selected_image)
+    remove_btn.click(ctl.remove_image, [images_state, selected_image], [images_state, thumbs, selected_image, count])
+    clear_btn.click(ctl.clear_images, None, [images_state, thumbs, selected_image, count, notice])
+    for comp in (name, subfolder, overwrite):
+        comp.change(ctl.check_name, [name, subfolder, overwrite], name_msg, queue=False)
+
+    run_inputs = [images_state, folder, variant, name, subfolder, overwrite, weight, activation, description, vram,
+                  key_format, bias]
+    run_outputs = [notice, progress, log, result_col, result_preview, result_info, result_prompt, name_msg, lib_gallery]
+    run_evt = run_btn.click(ctl.run, run_inputs, run_outputs, **compat.event_kwargs(concurrent=True))
+    if host_only:
+        run_evt.then(None, None, None, **compat.js("() => { if (window.i2l_refreshLoraCards) i2l_refreshLoraCards(); return []; }"))
+    run_evt.then(ctl.library_refresh, None, [lib_gallery, lib_rel, lib_sel, lib_info, lib_prompt, lib_new_name,
+                                             confirm_row])
+    cancel_btn.click(ctl.cancel, None, notice, queue=False)
+
+    copy_js = "(p) => { if (window.i2l_copy) i2l_copy(p); return []; }"
+    send_js = "(p) => { if (window.i2l_sendToTxt2img) i2l_sendToTxt2img(p); return []; }"
+    copy_btn.click(None, [result_prompt], None, **compat.js(copy_js))
+    lib_copy.click(None, [lib_prompt], None, **compat.js(copy_js))
+    send_btn.click(None, [result_prompt], None, **compat.js(send_js))
+    lib_send.click(None, [lib_prompt], None, **compat.js(send_js))
+
+    lib_outputs = [lib_gallery, lib_rel, lib_sel, lib_info, lib_prompt, lib_new_name, confirm_row]
+    lib_refresh.click(ctl.library_refresh, None, lib_outputs)
+    lib_gallery.select(ctl.library_select, [lib_rel], [lib_sel, lib_info, lib_prompt, lib_new_name, confirm_row])
+    rename_evt = lib_rename.click(ctl.library_rename, [lib_sel, lib_new_name],
+                                  [lib_gallery, lib_rel, lib_sel, lib_info, lib_prompt, lib_new_name])
+    lib_delete.click(ctl.delete_ask, [lib_sel], [confirm_row, confirm_text])
+    confirm_no.click(lambda: compat.update(visible=False), None, confirm_row)
+    delete_evt = confirm_yes.click(ctl.library_delete, [lib_sel], lib_outputs[:-1] + [confirm_row])
+    if host_only:
+        for evt in (rename_evt, delete_evt):
+            evt.then(None, None, None, **compat.js("() => { if (window.i2l_refreshLoraCards) i2l_refreshLoraCards(); return []; }"))
+
+    loaders = [(ctl.library_refresh, None, lib_outputs)]
+    loaders += panels.env_banner_loaders(ctl, env_banner, env_row, repair_btn, log)
+    loaders += models
+    return loaders
+
+
+def _select_idx(evt: gr.SelectData):
+    return compat.select_index(evt)
