@@ -1,0 +1,193 @@
+"""LoRA key formats and file metadata. Pure Python: imported by both the host and the worker.
+
+DiffSynth's i2L writes ``transformer_blocks.{i}.{module}.lora_A.default.weight`` / ``.lora_B...``
+(no prefix, no alpha, scale 1), which loads in Forge Neo / ComfyUI only when the loaded model is
+recognised as Qwen-Image. The formats written here load generically:
+
+- ``diffusers`` (default): ``diffusion_model.<path>.lora_A.weight`` / ``.lora_B.weight``, no alpha.
+- ``kohya``: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` and
+  ``lora_unet_<path with _>.alpha`` = rank (so alpha / rank = 1, the same strength).
+
+``check_keys_map`` applies the key-mapping rules of the Forge Neo / ComfyUI loader to a key list
+and reports which Qwen-Image DiT module each key reaches.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+
+FORMATS = ("diffusers", "kohya")
+
+NUM_DIT_BLOCKS = 60
+# Linear modules of one Qwen-Image DiT block: name -> (in_features, out_features).
+BLOCK_LINEARS: dict[str, tuple[int, int]] = {
+    "img_mod.1": (3072, 18432),
+    "attn.to_q": (3072, 3072), "attn.to_k": (3072, 3072), "attn.to_v": (3072, 3072),
+    "attn.add_q_proj": (3072, 3072), "attn.add_k_proj": (3072, 3072), "attn.add_v_proj": (3072, 3072),
+    "attn.to_out.0": (3072, 3072), "attn.to_add_out": (3072, 3072),
+    "img_mlp.net.0.proj": (3072, 12288), "img_mlp.net.2": (12288, 3072),
+    "txt_mod.1": (3072, 18432),
+    "txt_mlp.net.0.proj": (3072, 12288), "txt_mlp.net.2": (12288, 3072),
+}
+# The 12 modules the i2L decoders (and the Bias LoRA) write.
+I2L_MODULES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.2", "img_mod.1",
+               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+               "txt_mlp.net.2", "txt_mod.1")
+# Linear modules outside the blocks.
+TOP_LINEARS: dict[str, tuple[int, int]] = {
+    "time_text_embed.timestep_embedder.linear_1": (256, 3072),
+    "time_text_embed.timestep_embedder.linear_2": (3072, 3072),
+    "img_in": (64, 3072), "txt_in": (3584, 3072), "norm_out.linear": (3072, 6144), "proj_out": (3072, 64),
+}
+
+_SRC_RE = re.compile(r"^(?:diffusion_model\.|transformer\.)?(?P<path>.+?)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+
+
+def dit_modules(num_blocks: int = NUM_DIT_BLOCKS) -> list[str]:
+    """Every linear module path of a Qwen-Image DiT with ``num_blocks`` blocks."""
+    mods = list(TOP_LINEARS)
+    for i in range(num_blocks):
+        mods += [f"transformer_blocks.{i}.{m}" for m in BLOCK_LINEARS]
+    return mods
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``(module path, "A" | "B")`` of a DiffSynth / diffusers LoRA key."""
+    m = _SRC_RE.match(key)
+    if not m:
+        raise ValueError(f"not a LoRA A/B key: {key}")
+    return m.group("path"), m.group("ab")
+
+
+def _check_format(fmt: str) -> str:
+    fmt = (fmt or "diffusers").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown key format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def kohya_name(path: str) -> str:
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def convert_key(diffsynth_key: str, fmt: str = "diffusers") -> str:
+    """The name of a DiffSynth LoRA key (``<path>.lora_A.default.weight``) in ``fmt``."""
+    fmt = _check_format(fmt)
+    path, ab = split_key(diffsynth_key)
+    if fmt == "diffusers":
+        return f"diffusion_model.{path}.lora_{ab}.weight"
+    return f"{kohya_name(path)}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"
+
+
+def alpha_key(diffsynth_key: str, fmt: str) -> str | None:
+    """The alpha entry that goes with a key in ``fmt`` (None: the format has no alpha)."""
+    if _check_format(fmt) != "kohya":
+        return None
+    return kohya_name(split_key(diffsynth_key)[0]) + ".alpha"
+
+
+def build_state_dict(lora: dict, fmt: str = "diffusers", scalar=None) -> dict:
+    """Rename a DiffSynth LoRA state dict to ``fmt``. Values pass through unchanged; for kohya,
+    ``scalar(rank)`` makes each module's alpha value (the worker passes a torch scalar maker)."""
+    fmt = _check_format(fmt)
+    out = {}
+    for key, value in lora.items():
+        out[convert_key(key, fmt)] = value
+        if fmt == "kohya" and split_key(key)[1] == "A":
+            rank = int(value.shape[0])
+            out[alpha_key(key, fmt)] = scalar(rank) if scalar is not None else rank
+    return out
+
+
+def lora_rank(keys_shapes: dict) -> int:
+    """The largest rank among A matrices (shape[0] of lora_A / lora_down)."""
+    ranks = [int(s[0]) for k, s in keys_shapes.items()
+             if (".lora_A" in k or ".lora_down" in k) and len(s) == 2]
+    return max(ranks) if ranks else 0
+
+
+# ----------------------------------------------------------------------------- key-map check
+
+_SUFFIXES = (
+    (".lora_A.default.weight", "A"), (".lora_B.default.weight", "B"),
+    (".lora_A.weight", "A"), (".lora_B.weight", "B"),
+    (".lora_down.weight", "A"), (".lora_up.weight", "B"),
+    (".lora.down.weight", "A"), (".lora.up.weight", "B"),
+    (".lora_linear_layer.down.weight", "A"), (".lora_linear_layer.up.weight", "B"),
+    (".alpha", "alpha"),
+)
+
+
+def check_keys_map(keys, num_blocks: int = NUM_DIT_BLOCKS) -> dict:
+    """Map each key to a Qwen-Image DiT module the way Forge Neo's (ComfyUI-derived) loader does.
+
+    Prefixes ``diffusion_model.<path>`` and ``lora_unet_<path with _>`` map for any model;
+    ``<path>``, ``transformer.<path>`` and ``lycoris_<path with _>`` only when the model is
+    recognised as Qwen. Returns ``{"mapped": {key: module}, "unmapped": [...], "generic": bool
+    (every mapped key uses an any-model prefix), "incomplete": [modules lacking A or B],
+    "ok": bool}``; ``ok`` means every key maps and every module has both halves.
+    """
+    modules = dit_modules(num_blocks)
+    dotted = set(modules)
+    underscored = {m.replace(".", "_"): m for m in modules}
+    mapped, unmapped, halves = {}, [], {}
+    generic = True
+    for key in keys:
+        for suffix, part in _SUFFIXES:
+            if key.endswith(suffix):
+                stem = key[: -len(suffix)]
+                break
+        else:
+            unmapped.append(key)
+            continue
+        module, any_model = None, False
+        if stem.startswith("diffusion_model.") and stem[len("diffusion_model."):] in dotted:
+            module, any_model = stem[len("diffusion_model."):], True
+        elif stem.startswith("lora_unet_") and stem[len("lora_unet_"):] in underscored:
+            module, any_model = underscored[stem[len("lora_unet_"):]], True
+        elif stem in dotted:
+            module = stem
+        elif stem.startswith("transformer.") and stem[len("transformer."):] in dotted:
+            module = stem[len("transformer."):]
+        elif stem.startswith("lycoris_") and stem[len("lycoris_"):] in underscored:
+            module = underscored[stem[len("lycoris_"):]]
+        if module is None:
+            unmapped.append(key)
+            continue
+        generic = generic and any_model
+        mapped[key] = module
+        halves.setdefault(module, set()).add(part)
+    incomplete = sorted(m for m, h in halves.items() if not {"A", "B"} <= h)
+    return {"mapped": mapped, "unmapped": unmapped, "generic": generic and bool(mapped),
+            "incomplete": incomplete, "ok": not unmapped and not incomplete and bool(mapped)}
+
+
+# ----------------------------------------------------------------------------- metadata
+
+def build_metadata(variant: str, image_sha256: list[str], bias: bool = False, key_format: str = "diffusers",
+                   title: str | None = None, diffsynth_version: str | None = None,
+                   extra: dict | None = None, created: str | None = None) -> dict[str, str]:
+    """Safetensors metadata (all strings). ``ss_output_name`` is never written: hosts turn it into
+    the prompt alias, which must stay the file's own name."""
+    from . import __version__
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "Qwen-Image/lora",
+        "modelspec.implementation": "https://github.com/QwenLM/Qwen-Image",
+        "modelspec.title": title or f"i2L {variant}",
+        "ss_base_model_version": "qwen_image",
+        "i2l.variant": variant,
+        "i2l.images": str(len(image_sha256)),
+        "i2l.image_sha256": json.dumps(list(image_sha256)),
+        "i2l.diffsynth_version": diffsynth_version or "",
+        "i2l.created": created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "i2l.bias": "true" if bias else "false",
+        "i2l.key_format": _check_format(key_format),
+        "i2l.version": __version__,
+    }
+    for k, v in (extra or {}).items():
+        if k == "ss_output_name":
+            continue
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    return meta

@@ -1,0 +1,602 @@
+"""The engine: load the models, encode the images, decode LoRAs, merge, add Bias, write the file.
+
+It uses DiffSynth's own model classes, loader (``diffsynth.core.loader.load_model``), state dict
+converters and VRAM management, and computes what DiffSynth's ``QwenImageUnit_Image2LoRAEncode``
++ ``QwenImageUnit_Image2LoRADecode`` compute, with all images batched through each model at once
+(the units run them one at a time). The result equals DiffSynth's per-image units followed by
+``merge_lora(loras, alpha=1/N)`` (and ``merge_lora([lora, bias])`` for Bias) within float rounding.
+
+Devices and dtypes: on CUDA the models run in bfloat16. On CPU the real models run in bfloat16 (their
+size in float32 would double the RAM needed) and the tiny test set in float32; ``spec["dtype"]``
+("bfloat16" / "float32") overrides. The file is always written in bfloat16.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from typing import Callable
+
+import torch
+
+from .. import catalog, lora_format
+from ..errors import I2LError
+from . import tiny, vram
+
+PHASES = ("load", "encode", "decode", "merge", "write")
+MAX_HEADER = 100 * 1024 * 1024
+
+# role -> diffsynth's model name in configs/model_configs.py
+DS_NAMES = {
+    "siglip2": "siglip2_image_encoder",
+    "dinov3": "dinov3_image_encoder",
+    "text_encoder": "qwen_image_text_encoder",
+    "style": "qwen_image_image2lora_style",
+    "coarse": "qwen_image_image2lora_coarse",
+    "fine": "qwen_image_image2lora_fine",
+}
+LOAD_ORDER = ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine")
+# The Qwen2.5-VL pass of the Coarse / Fine residual runs in chunks of this many images.
+TEXT_ENCODER_CHUNK = {"coarse": 16, "fine": 4}
+
+
+def _import(dotted: str):
+    import importlib
+    mod, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(mod), name)
+
+
+def real_model_config(role: str) -> dict:
+    from diffsynth.configs.model_configs import MODEL_CONFIGS
+    for cfg in MODEL_CONFIGS:
+        if cfg["model_name"] == DS_NAMES[role]:
+            return cfg
+    raise I2LError(I2LError.ENVIRONMENT, f"This diffsynth has no {DS_NAMES[role]} model.",
+                   "Reinstall the worker environment (diffsynth 2.1.12).")
+
+
+# ----------------------------------------------------------------------------- file checks
+
+def read_safetensors_header(path: str, title: str = "model") -> dict:
+    """Tensor names -> shapes from a safetensors header, checking that it is one.
+    Reads only the header; never unpickles anything."""
+    if not os.path.exists(path):
+        raise I2LError(I2LError.WEIGHTS_MISSING, f"The {title} file is missing: {path}",
+                       "Download the models again (Models panel or `python -m i2l_ext download`).")
+    bad = I2LError(I2LError.WEIGHTS_INVALID, f"{path} is not a safetensors file, so it cannot be the {title} weights.",
+                   "Delete it and download the models again.")
+    if not path.endswith(".safetensors"):
+        raise bad
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > MAX_HEADER or n > size - 8:
+                raise bad
+            header = json.loads(f.read(n).decode("utf-8"))
+    except I2LError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    shapes, end = {}, 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not (isinstance(v, dict) and "shape" in v and "dtype" in v and "data_offsets" in v):
+            raise bad
+        shapes[k] = list(v["shape"])
+        end = max(end, int(v["data_offsets"][1]))
+    if 8 + n + end > size:
+        raise I2LError(I2LError.WEIGHTS_INVALID, f"{path} is cut short (incomplete download); it cannot be loaded "
+                       f"as the {title} weights.", "Delete it and download the models again.")
+    return shapes
+
+
+def keys_hash(shapes: dict) -> str:
+    return tiny.keys_hash(shapes)
+
+
+def models_dir_of(role: str, path: str) -> str:
+    """The models folder a file of ``role`` sits in, given the catalog's layout."""
+    entry = catalog.FILES[role]
+    depth = len(entry.repo.split("/")) + len(entry.pattern.rstrip("/").split("/"))
+    d = os.path.abspath(path)
+    for _ in range(depth):
+        d = os.path.dirname(d)
+    return d
+
+
+def _bias_problem(shapes: dict, num_blocks: int) -> str | None:
+    """Why a Bias LoRA does not fit the decoders' key set (None when it does)."""
+    want = set()
+    for i in range(num_blocks):
+        for m in lora_format.I2L_MODULES:
+            want.add(f"transformer_blocks.{i}.{m}")
+    got = {}
+    for k, s in shapes.items():
+        try:
+            path, ab = lora_format.split_key(k)
+        except ValueError:
+            return f"unexpected tensor {k}"
+        got.setdefault(path, {})[ab] = s
+    if set(got) != want:
+        return f"{len(got)} modules where {len(want)} were expected"
+    for path, ab in got.items():
+        mod = path.split(".", 2)[2]
+        fan_in, fan_out = lora_format.BLOCK_LINEARS[mod]
+        if set(ab) != {"A", "B"} or len(ab["A"]) != 2 or len(ab["B"]) != 2:
+            return f"{path} lacks a matrix"
+        if ab["A"][1] != fan_in or ab["B"][0] != fan_out or ab["A"][0] != ab["B"][1]:
+            return f"{path} has shapes {ab['A']} / {ab['B']}"
+    return None
+
+
+class _Model:
+    def __init__(self, role, key, model, profile, nbytes):
+        self.role, self.key, self.model, self.profile, self.nbytes = role, key, model, profile, nbytes
+
+
+class Engine:
+    def __init__(self, log: Callable[[str, str], None]):
+        self.log = log
+        self._models: dict[str, _Model] = {}
+        self._processor = None      # (folder, processor)
+        self._bias = None           # (key, state dict)
+
+    # ------------------------------------------------------------------ public
+
+    def run(self, spec: dict, images: list, progress: Callable[[str, int, int, str], None]) -> dict:
+        try:
+            return self._run(spec, images, progress)
+        except I2LError:
+            raise
+        except BaseException as e:
+            if vram.is_oom(e):
+                self._drop_after_oom()
+                raise I2LError(I2LError.OUT_OF_MEMORY, "The GPU ran out of memory.",
+                               fix="Choose the low-VRAM profile (cpu_offload or disk), close other GPU apps, "
+                                   "or use fewer images.", details=f"{type(e).__name__}: {e}") from None
+            raise
+
+    def unload(self) -> None:
+        """Free every model (VRAM and RAM)."""
+        self._models.clear()
+        self._processor = None
+        self._bias = None
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ job
+
+    def _run(self, spec, images, progress) -> dict:
+        timings = {p: 0.0 for p in PHASES}
+        warnings: list[str] = []
+        t_phase = time.monotonic()
+
+        def lap(phase):
+            nonlocal t_phase
+            now = time.monotonic()
+            timings[phase] += now - t_phase
+            t_phase = now
+
+        if not images:
+            raise I2LError(I2LError.BAD_INPUT, "No images were given.", "Add at least one image.")
+        variant = catalog.get_variant(spec.get("variant", "style"))
+        bias = bool(spec.get("bias", variant.bias_default))
+        key_format = (spec.get("key_format") or "diffusers").lower()
+        if key_format not in lora_format.FORMATS:
+            raise I2LError(I2LError.BAD_INPUT, f"Unknown key format '{key_format}'.",
+                           "Use 'diffusers' (widest reach) or 'kohya'.")
+        out_path = (spec.get("output") or {}).get("tmp_path")
+        if not out_path:
+            raise I2LError(I2LError.INTERNAL, "The job has no output path.", "Please report it.")
+        roles = variant.needed_roles(bias)
+        dev = vram.device()
+
+        # --- which files, which classes
+        progress("load", 0, len(roles), "Checking model files")
+        plan = self._plan(roles, spec)
+        is_tiny = any(p["tiny"] for p in plan.values())
+        dtype = self._dtype(spec, dev, is_tiny)
+        needed = sum(p["bytes"] for r, p in plan.items() if r not in ("processor", "bias"))
+        resident = sum(m.nbytes for m in self._models.values() if m.profile == "gpu")
+        profile = vram.choose_profile(spec.get("vram_profile", "auto"), needed, resident)
+        if is_tiny:
+            warnings.append("Tiny random-weight models: this LoRA is for testing the path only.")
+        if dev == "cpu":
+            self.log("info", f"No CUDA GPU: running on the CPU in {str(dtype).replace('torch.', '')}.")
+        self.log("info", f"VRAM profile: {profile}")
+
+        # --- load (or reuse)
+        self._keep_only(set(roles), plan, profile, dtype, dev)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model_roles = [r for r in LOAD_ORDER if r in plan]
+        for i, role in enumerate(model_roles):
+            progress("load", i, len(model_roles) + 1, f"Loading {catalog.FILES[role].title}")
+            self._load(role, plan[role], profile, dtype, dev)
+        if "processor" in plan:
+            self._load_processor(plan["processor"]["paths"][0])
+        if bias:
+            self._load_bias(plan["bias"], dev)
+        progress("load", len(model_roles) + 1, len(model_roles) + 1, "Models ready")
+        lap("load")
+
+        with torch.no_grad():
+            # --- encode
+            n = len(images)
+            steps = 2 + ("coarse" in plan) + ("fine" in plan)
+            progress("encode", 0, steps, f"Encoding {n} image{'s' * (n != 1)}")
+            from diffsynth.core.data.operators import ImageCropAndResize
+            hi = [ImageCropAndResize(height=1024, width=1024)(im) for im in images]
+            x_sig = self._encode_siglip(hi, dtype, dev)
+            progress("encode", 1, steps, "SigLIP2 done")
+            x_dino = self._encode_dino(hi, dtype, dev)
+            progress("encode", 2, steps, "DINOv3 done")
+            x = torch.concat([x_sig, x_dino], dim=-1)
+            residual = {}
+            step = 2
+            if "coarse" in plan:
+                lo = [ImageCropAndResize(height=28 * 8, width=28 * 8)(im) for im in images]
+                residual["coarse"] = self._encode_qwenvl(lo, dtype, dev, TEXT_ENCODER_CHUNK["coarse"])
+                step += 1
+                progress("encode", step, steps, "Qwen2.5-VL 224x224 done")
+            if "fine" in plan:
+                residual["fine"] = self._encode_qwenvl(hi, dtype, dev, TEXT_ENCODER_CHUNK["fine"])
+                step += 1
+                progress("encode", step, steps, "Qwen2.5-VL 1024x1024 done")
+            if "text_encoder" in self._models:
+                self._release("text_encoder")
+            lap("encode")
+
+            # --- decode: per decoder, every image at once
+            parts: list[dict] = []
+            decoders = [d for d in ("style", "coarse", "fine") if d in plan]
+            for i, d in enumerate(decoders):
+                progress("decode", i, len(decoders), f"Decoding with the {d.title()} decoder")
+                m = self._models[d].model
+                vram.onload(m)
+                parts.append(self._decode(m, x, residual.get(d), n))
+                self._release(d)
+            progress("decode", len(decoders), len(decoders), "Decoded")
+            lap("decode")
+
+            # --- merge: one merge over every per-image LoRA, alpha = 1/N (as the Decode unit), then Bias
+            progress("merge", 0, 1, "Merging")
+            lora = self._merge(parts, 1 / n)
+            if bias:
+                lora = self._merge_bias(lora)
+            progress("merge", 1, 1, "Merged")
+            lap("merge")
+
+        # --- write
+        progress("write", 0, 1, "Writing the LoRA")
+        cpu = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in lora.items()}
+        del lora
+        rank = max(v.shape[0] for k, v in cpu.items() if ".lora_A." in k)
+        state = lora_format.build_state_dict(cpu, key_format,
+                                             scalar=lambda r: torch.tensor(float(r), dtype=torch.float32))
+        meta = self._metadata(spec, images, variant.key, bias, key_format)
+        from safetensors.torch import save_file
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        save_file(state, out_path, metadata=meta)
+        size = os.path.getsize(out_path)
+        lap("write")
+        peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+        return {"keys": len(state), "rank": rank, "bytes": size,
+                "timings": {k: round(v, 3) for k, v in timings.items()}, "peak_vram": peak,
+                "device": f"cuda:{torch.cuda.current_device()}" if dev == "cuda" else "cpu",
+                "dtype": str(dtype).replace("torch.", ""), "profile": profile, "warnings": warnings}
+
+    # ------------------------------------------------------------------ planning
+
+    def _dtype(self, spec, dev, is_tiny):
+        want = (spec.get("dtype") or "").lower()
+        if want in ("bfloat16", "bf16"):
+            return torch.bfloat16
+        if want in ("float32", "fp32"):
+            return torch.float32
+        if dev == "cpu" and is_tiny:
+            return torch.float32
+        return torch.bfloat16
+
+    def _plan(self, roles, spec) -> dict:
+        files = spec.get("files") or {}
+        models_dir = spec.get("models_dir")
+        plan = {}
+        marker_cache: dict[str, dict | None] = {}
+
+        def marker_for(role, paths):
+            if spec.get("tiny_config"):
+                return spec["tiny_config"]
+            d = models_dir_of(role, paths[0])
+            if d not in marker_cache:
+                marker_cache[d] = tiny.read_marker(d)
+            return marker_cache[d]
+
+        for role in roles:
+            entry = catalog.FILES[role]
+            paths = files.get(role)
+            if isinstance(paths, str):
+                paths = [paths]
+            if not paths and models_dir:
+                paths = entry.resolve(models_dir)
+            if not paths:
+                where = entry.local_path(models_dir) if models_dir else f"{entry.repo}/{entry.pattern}"
+                raise I2LError(I2LError.WEIGHTS_MISSING, f"The {entry.title} is missing (looked for {where}).",
+                               "Download the models for this variant (Models panel or `python -m i2l_ext download`).")
+            paths = [os.path.abspath(p) for p in paths]
+            if role == "processor":
+                d = paths[0]
+                if not os.path.isdir(d) or not any(os.path.exists(os.path.join(d, f)) for f in
+                                                   ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+                    raise I2LError(I2LError.WEIGHTS_MISSING, f"The {entry.title} is missing or incomplete: {d}",
+                                   "Download the models for this variant again.")
+                plan[role] = {"paths": [d], "tiny": False, "bytes": 0}
+                continue
+            shapes = {}
+            for p in paths:
+                shapes.update(read_safetensors_header(p, entry.title))
+            h = keys_hash(shapes)
+            marker = marker_for(role, paths)
+            nbytes = sum(os.path.getsize(p) for p in paths)
+            key = tuple((p, os.path.getsize(p), int(os.path.getmtime(p))) for p in paths)
+            if role == "bias":
+                if marker and marker.get("hashes", {}).get("bias") == h:
+                    plan[role] = {"paths": paths, "tiny": True, "bytes": nbytes, "key": key}
+                    continue
+                problem = _bias_problem(shapes, lora_format.NUM_DIT_BLOCKS)
+                if problem:
+                    raise I2LError(I2LError.WEIGHTS_INVALID, f"{paths[0]} is not the {entry.title} weights ({problem}).",
+                                   "Delete it and download the models again.")
+                plan[role] = {"paths": paths, "tiny": False, "bytes": nbytes, "key": key}
+                continue
+            real = real_model_config(role)
+            if h == real["model_hash"]:
+                plan[role] = {"paths": paths, "tiny": False, "bytes": nbytes, "key": key,
+                              "cls": _import(real["model_class"]), "config": dict(real.get("extra_kwargs") or {}),
+                              "converter": _import(real["state_dict_converter"]) if "state_dict_converter" in real else None,
+                              "module_map_name": real["model_class"]}
+            elif marker and marker.get("hashes", {}).get(role) == h:
+                plan[role] = {"paths": paths, "tiny": True, "bytes": nbytes, "key": key,
+                              "cls": tiny.tiny_class(role), "config": dict(marker["configs"][role]),
+                              "converter": _import(real["state_dict_converter"]) if "state_dict_converter" in real else None,
+                              "module_map_name": real["model_class"]}
+            else:
+                names = ", ".join(os.path.basename(p) for p in paths)
+                raise I2LError(I2LError.WEIGHTS_INVALID,
+                               f"{paths[0] if len(paths) == 1 else names} is not the {entry.title} weights "
+                               f"(its tensors do not match; hash {h}).",
+                               "Check that the file is in the right folder, or delete it and download the models again.")
+        return plan
+
+    # ------------------------------------------------------------------ loading
+
+    def _keep_only(self, roles, plan, profile, dtype, dev):
+        """Drop cached models this job does not use, or that were loaded differently."""
+        for role in list(self._models):
+            m = self._models[role]
+            if role not in roles or m.key != self._cache_key(role, plan[role], profile, dtype, dev):
+                del self._models[role]
+        if self._bias is not None and ("bias" not in plan or self._bias[0] != (plan["bias"]["key"], dev)):
+            self._bias = None
+        if self._processor is not None and ("processor" not in plan or self._processor[0] != plan["processor"]["paths"][0]):
+            self._processor = None
+        import gc
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def _cache_key(role, p, profile, dtype, dev):
+        return (p["key"], profile, str(dtype), dev, json.dumps(p.get("config"), sort_keys=True), p["tiny"])
+
+    def _load(self, role, p, profile, dtype, dev):
+        key = self._cache_key(role, p, profile, dtype, dev)
+        if role in self._models and self._models[role].key == key:
+            return
+        from diffsynth.core.loader import load_model
+        paths = p["paths"] if len(p["paths"]) > 1 else p["paths"][0]
+        t = time.monotonic()
+        vc = vram.vram_config(profile, dtype, dev) if dev == "cuda" else None
+        try:
+            if vc is None:
+                model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype,
+                                   device=dev, state_dict_converter=p["converter"])
+            else:
+                from diffsynth.models.model_loader import ModelPool
+                module_map = ModelPool().fetch_module_map(p["module_map_name"], vc)
+                model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype, device=dev,
+                                   state_dict_converter=p["converter"], use_disk_map=True, module_map=module_map,
+                                   vram_config=vc, vram_limit=vram.vram_limit_gb())
+        except I2LError:
+            raise
+        except Exception as e:
+            if vram.is_oom(e):
+                raise
+            raise I2LError(I2LError.WEIGHTS_INVALID,
+                           f"{p['paths'][0]} could not be loaded as the {catalog.FILES[role].title} weights: {e}",
+                           "Delete it and download the models again.", details=repr(e)) from None
+        model.eval()
+        self._models[role] = _Model(role, key, model, profile, p["bytes"])
+        self.log("info", f"Loaded {catalog.FILES[role].title} in {time.monotonic() - t:.1f} s ({profile})")
+
+    def _load_processor(self, folder):
+        if self._processor is not None and self._processor[0] == folder:
+            return
+        from transformers import Qwen2VLProcessor
+        try:
+            self._processor = (folder, Qwen2VLProcessor.from_pretrained(folder))
+        except Exception as e:
+            raise I2LError(I2LError.WEIGHTS_INVALID, f"{folder} is not a usable Qwen2-VL processor folder: {e}",
+                           "Delete it and download the models again.") from None
+
+    def _load_bias(self, p, dev):
+        if self._bias is not None and self._bias[0] == (p["key"], dev):
+            return
+        from diffsynth.core.loader.file import load_state_dict
+        sd = load_state_dict(p["paths"][0], device=dev)
+        norm = {}
+        for k, v in sd.items():
+            path, ab = lora_format.split_key(k)
+            norm[f"{path}.lora_{ab}.default.weight"] = v
+        self._bias = ((p["key"], dev), norm)
+
+    def _release(self, role):
+        """After a model's phase: back to RAM / disk for the offload profiles."""
+        m = self._models.get(role)
+        if m is not None and m.profile in ("cpu_offload", "disk"):
+            vram.offload(m.model)
+
+    def _drop_after_oom(self):
+        for role in list(self._models):
+            if self._models[role].profile != "gpu":
+                vram.offload(self._models[role].model)
+        self._models = {r: m for r, m in self._models.items() if m.profile != "gpu"}
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ encoders (batched)
+
+    def _encode_siglip(self, images, dtype, dev):
+        sig = self._models["siglip2"].model
+        vram.onload(sig)
+        pv = sig.processor(images=images, return_tensors="pt")["pixel_values"]
+        # As Siglip2ImageEncoder.forward: pixels go in as bfloat16 (its default torch_dtype).
+        pv = pv.to(device=dev, dtype=torch.bfloat16)
+        h = sig.embeddings(pv, interpolate_pos_encoding=False)
+        h = sig.encoder(inputs_embeds=h, output_attentions=False, output_hidden_states=False).last_hidden_state
+        h = sig.post_layernorm(h)
+        out = sig.head(h).to(dtype)
+        self._release("siglip2")
+        return out
+
+    def _encode_dino(self, images, dtype, dev):
+        dino = self._models["dinov3"].model
+        vram.onload(dino)
+        pv = dino.processor(images=images, return_tensors="pt")["pixel_values"]
+        pv = pv.to(device=dev, dtype=torch.bfloat16)     # as DINOv3ImageEncoder.forward
+        h = dino.embeddings(pv, bool_masked_pos=None)
+        pe = dino.rope_embeddings(pv)
+        for layer in dino.model.layer:
+            h = layer(h, attention_mask=None, position_embeddings=pe)
+        out = dino.norm(h)[:, 0, :].to(dtype)
+        self._release("dinov3")
+        return out
+
+    def _encode_qwenvl(self, images, dtype, dev, chunk):
+        """The Coarse / Fine residual: Qwen2.5-VL hidden states of the edit prompt with the image,
+        first 64 tokens dropped (as QwenImageUnit_Image2LoRAEncode.encode_prompt_edit)."""
+        from diffsynth.pipelines.qwen_image import QwenImageUnit_Image2LoRAEncode
+        te = self._models["text_encoder"].model
+        vram.onload(te)
+        proc = self._processor[1]
+        template = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
+                    "objects, background), then explain how the user's text instruction should alter or modify the "
+                    "image. Generate a new image that meets the user's requirements while maintaining consistency "
+                    "with the original input where appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                    "<|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
+        drop_idx = 64
+        extract = QwenImageUnit_Image2LoRAEncode.extract_masked_hidden
+        outs = []
+        for s in range(0, len(images), chunk):
+            part = images[s:s + chunk]
+            inputs = proc(text=[template.format("")] * len(part), images=part, padding=True,
+                          return_tensors="pt").to(dev)
+            hidden = te(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                        pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,
+                        output_hidden_states=True)[-1]
+            for e in extract(None, hidden, inputs.attention_mask):
+                outs.append(e[drop_idx:].to(dtype=dtype, device=dev).reshape(1, -1))
+        lengths = {o.shape[1] for o in outs}
+        if len(lengths) != 1:
+            raise I2LError(I2LError.INTERNAL, "The images gave residuals of different lengths.", "Please report it.")
+        return torch.stack(outs)          # [N, 1, tokens * hidden]
+
+    # ------------------------------------------------------------------ decoder (batched)
+
+    @staticmethod
+    def _decode(model, x, residual, n):
+        """Per-image LoRAs of one decoder for all images at once: key -> (A [N, r, in], B [N, out, r])."""
+        if residual is not None and model.use_residual:
+            residual = residual * model.residual_scale
+        else:
+            residual = None
+        out = {}
+        for block in model.blocks:
+            r = None
+            pr = block.proj_residual
+            if pr is not None:
+                h = pr.proj_in(residual.reshape(n, pr.length, pr.in_dim))
+                r = pr.proj_out(h.reshape(n, 1, pr.length * pr.mid_dim)).reshape(n, -1)
+            for (name, a_dim, b_dim), layer in zip(block.lora_patterns, block.layers):
+                a = layer.proj_a(x, r).view(n, layer.rank, a_dim)
+                b = layer.proj_b(x, r).view(n, b_dim, layer.rank)
+                out[f"transformer_blocks.{block.block_id}.{name}.lora_A.default.weight"] = (a, b)
+        return out
+
+    @staticmethod
+    def _merge(parts, alpha):
+        """merge_lora over [decoder1 image1..N, decoder2 image1..N, ...] with one alpha."""
+        lora = {}
+        for key in parts[0]:
+            As, Bs = [], []
+            for part in parts:
+                a, b = part[key]
+                n, r, a_dim = a.shape
+                As.append(a.reshape(n * r, a_dim))
+                Bs.append(b.permute(1, 0, 2).reshape(b.shape[1], n * r))
+            A = torch.concat(As, dim=0) if len(As) > 1 else As[0]
+            lora[key] = A * alpha
+            lora[key.replace(".lora_A.", ".lora_B.")] = torch.concat(Bs, dim=1) if len(Bs) > 1 else Bs[0]
+        return lora
+
+    def _merge_bias(self, lora):
+        from diffsynth.utils.lora.merge import merge_lora
+        bias = self._bias[1]
+        missing = [k for k in lora if k not in bias]
+        if missing:
+            raise I2LError(I2LError.WEIGHTS_INVALID, f"The Bias LoRA does not cover {missing[0]} (and "
+                           f"{len(missing) - 1} more keys); it does not go with these decoders.",
+                           "Use the Bias file from the same download as the decoders.")
+        dev = next(iter(lora.values())).device
+        return merge_lora([lora, {k: bias[k].to(dev) for k in lora}])
+
+    # ------------------------------------------------------------------ metadata
+
+    @staticmethod
+    def _metadata(spec, images, variant, bias, key_format):
+        shas = spec.get("image_sha256")
+        if not shas:
+            shas = []
+            paths = spec.get("images") or []
+            for i, im in enumerate(images):
+                p = paths[i] if i < len(paths) else None
+                h = hashlib.sha256()
+                if p and os.path.isfile(p):
+                    with open(p, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
+                else:
+                    h.update(im.tobytes())
+                shas.append(h.hexdigest())
+        try:
+            from importlib.metadata import version
+            dsv = version("diffsynth")
+        except Exception:
+            dsv = None
+        extra = dict(spec.get("metadata") or {})
+        title = extra.pop("modelspec.title", None) or extra.pop("title", None)
+        return lora_format.build_metadata(variant, shas, bias=bias, key_format=key_format, title=title,
+                                          diffsynth_version=dsv, extra=extra)
