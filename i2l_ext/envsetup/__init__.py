@@ -1,0 +1,135 @@
+"""The worker's own Python environment.
+
+diffsynth needs transformers 5.x, which no WebUI venv can take unharmed, so the worker runs in a
+venv of its own (``<extension>/.venv-worker`` by default). ``install.py`` builds it at launch and
+changes nothing in the WebUI's venv; when the WebUI's torch is recent enough it is reused (its
+site-packages folder is appended to the worker venv's path) instead of downloaded a second time.
+
+Public API (standard library only, importable in any host):
+
+- ``worker_env_dir(ext_root=None)``: where the environment lives.
+- ``venv_python(env_dir, windows=None)``: ``Scripts\\python.exe`` or ``bin/python``.
+- ``find_worker_python(explicit=None)``: the interpreter to start the worker with, or
+  ``I2LError(ENVIRONMENT)`` naming the repair command; a half-built environment is never returned.
+- ``env_status()``: a dict for the tab and the CLI (``ok``, ``state``, ``message``, ``error``,
+  ``repair_command``, ``log_path``, ...).
+- ``ensure_env(...)``: make the environment whole; a stat and a small read when nothing changed.
+- ``repair_env(...)``: rebuild it from scratch.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from ..errors import I2LError
+from .layout import (EXT_ROOT, LOG_NAME, REQUIREMENTS, STATUS_NAME, STAMP_NAME, pid_alive, quick_state,
+                     read_json, repair_command, venv_python, worker_env_dir)
+
+__all__ = ["worker_env_dir", "venv_python", "find_worker_python", "env_status", "ensure_env", "repair_env",
+           "repair_command", "explicit_python", "EXT_ROOT", "REQUIREMENTS"]
+
+_STATE_MESSAGES = {
+    "ready": "The worker environment is ready.",
+    "missing": "The worker environment is not set up yet.",
+    "outdated": "The worker environment is out of date",
+    "damaged": "The worker environment is damaged",
+    "installing": "The worker environment is being installed",
+    "interrupted": "The last install of the worker environment was interrupted before it finished.",
+    "failed": "The last install of the worker environment failed",
+}
+
+
+def explicit_python(explicit: str | None = None) -> str | None:
+    """The interpreter the user chose (argument, then ``I2L_PYTHON``), resolved; None if none."""
+    cand = (explicit or os.environ.get("I2L_PYTHON") or "").strip()
+    if not cand:
+        return None
+    if os.sep not in cand and (os.altsep is None or os.altsep not in cand):
+        found = shutil.which(cand)
+        if found:
+            return found
+    return os.path.abspath(os.path.expanduser(cand))
+
+
+def env_status(env_dir: str | None = None, explicit: str | None = None) -> dict:
+    """Where the worker environment stands, without starting anything (stats and small reads)."""
+    env_dir = worker_env_dir(env_dir=env_dir)
+    log_path = os.path.join(env_dir, LOG_NAME)
+    out = {"ok": False, "state": "missing", "message": "", "error": None, "failed_step": None,
+           "env_dir": env_dir, "python": None, "torch": None, "log_path": log_path if os.path.exists(log_path) else None,
+           "repair_command": repair_command(env_dir), "updated": None}
+    chosen = explicit_python(explicit)
+    if chosen:
+        ok = os.path.isfile(chosen)
+        out.update(ok=ok, state="external", python=chosen,
+                   message=(f"Using the worker interpreter chosen by the user: {chosen}" if ok else
+                            f"The worker interpreter chosen by the user does not exist: {chosen}"),
+                   error=None if ok else "interpreter missing")
+        return out
+    status = read_json(os.path.join(env_dir, STATUS_NAME)) or {}
+    state, reason, stamp = quick_state(env_dir)
+    out["updated"] = status.get("updated")
+    if stamp:
+        out["torch"] = stamp.get("torch")
+        out["python"] = stamp.get("python_exe")
+    if status.get("state") == "installing" and state != "ready":
+        if pid_alive(int(status.get("pid") or 0)):
+            state, reason = "installing", f"step: {status.get('step') or '?'}"
+        else:
+            state, reason = "interrupted", ""
+    elif state == "missing" and status.get("state") == "failed":
+        state, reason = "failed", status.get("error") or ""
+        out["failed_step"] = status.get("step")
+    elif state == "missing" and status.get("state") == "interrupted":
+        state, reason = "interrupted", ""
+    out["state"] = state
+    out["ok"] = state == "ready"
+    msg = _STATE_MESSAGES.get(state, state)
+    if state == "failed" and out["failed_step"]:
+        msg += f" at step '{out['failed_step']}'"
+    if reason and state not in ("ready", "missing"):
+        msg = msg.rstrip(".") + f": {reason}"
+    out["message"] = msg if msg.endswith(".") else msg + "."
+    if not out["ok"]:
+        out["error"] = reason or msg
+        out["python"] = out["python"] if state != "missing" else None
+    return out
+
+
+def find_worker_python(explicit: str | None = None, env_dir: str | None = None) -> str:
+    """The worker's interpreter: the user's choice (``--i2l-python`` / setting / ``I2L_PYTHON``) or
+    the environment install.py built, when that is complete. Raises ``I2LError(ENVIRONMENT)``."""
+    chosen = explicit_python(explicit)
+    if chosen:
+        if os.path.isfile(chosen):
+            return chosen
+        raise I2LError(I2LError.ENVIRONMENT, f"The worker interpreter {chosen} does not exist.",
+                       "Point --i2l-python (or the setting, or I2L_PYTHON) at a Python that has diffsynth "
+                       "installed, or clear it to use the environment install.py builds.")
+    st = env_status(env_dir)
+    if st["ok"]:
+        return st["python"]
+    fix = f"Run: {st['repair_command']}  (or use the tab's 'Repair worker environment' button)"
+    if st["state"] == "installing":
+        fix = "Wait for the install to finish (it shows its progress in the WebUI console)."
+    elif st["state"] == "outdated":
+        fix = f"Restart the WebUI, or run: {st['repair_command'].replace(' env repair', ' env setup')}"
+    if st.get("log_path") and st["state"] in ("failed", "interrupted"):
+        fix += f"; the install log is {st['log_path']}"
+    raise I2LError(I2LError.ENVIRONMENT, st["message"], fix, details=st.get("error") or "")
+
+
+def ensure_env(reuse_host_torch: bool = True, wheels: str | None = None, index_url: str | None = None,
+               log=print, env_dir: str | None = None, **kw) -> dict:
+    """Make the worker environment whole; returns ``env_status()``-like dict. See ``installer.ensure_env``."""
+    from .installer import ensure_env as _ensure
+    return _ensure(reuse_host_torch=reuse_host_torch, wheels=wheels, index_url=index_url, log=log,
+                   env_dir=env_dir, **kw)
+
+
+def repair_env(reuse_host_torch: bool = True, wheels: str | None = None, index_url: str | None = None,
+               log=print, env_dir: str | None = None, **kw) -> dict:
+    """Rebuild the worker environment from scratch (the tab's and the CLI's repair action)."""
+    kw["rebuild"] = True
+    return ensure_env(reuse_host_torch=reuse_host_torch, wheels=wheels, index_url=index_url, log=log,
+                      env_dir=env_dir, **kw)
