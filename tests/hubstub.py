@@ -75,7 +75,8 @@ class HubStub:
 
     def ranges(self, path_part: str) -> list[str | None]:
         with self.lock:
-            return [r["range"] for r in self.requests if path_part in unquote(r["path"]) and r["method"] == "GET"]
+            return [r["range"] for r in self.requests if r["method"] == "GET" and (
+                path_part in unquote(r["path"]) or path_part == r["query"].get("FilePath"))]
 
     def _repo(self, org: str, name: str):
         return self.repos.get(f"{org}/{name}")

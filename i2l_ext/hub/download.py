@@ -189,10 +189,15 @@ class Downloader:
         """What a download of ``variant`` would fetch. Makes no network call when nothing is missing."""
         v = catalog._variant(variant)
         plan = Plan(v.key, bias, None)
+        manifest = load_manifest(self.models_dir)
         for role in v.needed_roles(bias):
             loc = locate(role, self.models_dir, self.search_dirs)
             if loc.present:
                 plan.present[role] = loc.paths
+                try:                         # sizes the hub published earlier, if known: no network
+                    catalog._check_sizes(FILES[role], loc, manifest)
+                except I2LError as e:
+                    plan.problems.append(e.message)
                 continue
             mf = FILES[role]
             plan.source = self._source()
