@@ -346,14 +346,24 @@ def _variant(variant) -> "Variant":
     return variant if isinstance(variant, Variant) else get_variant(str(variant))
 
 
-def resolve_files(variant, models_dir: str, bias: bool | None = None, search_dirs=()) -> dict[str, list[str]]:
+def effective_search_dirs(models_dir: str, search_dirs=()) -> list[str]:
+    """``search_dirs`` plus the folders remembered for this models folder (``models search-dirs``)."""
+    from .hub.sources import search_dirs_for
+    return search_dirs_for(models_dir, search_dirs)
+
+
+def resolve_files(variant, models_dir: str, bias: bool | None = None, search_dirs=(),
+                  remembered: bool = True) -> dict[str, list[str]]:
     """Role → the files a job loads, found in ``models_dir`` or a search folder, used in place.
+    ``remembered`` adds the search folders remembered for ``models_dir``.
 
     Looks only at the file system. Raises ``I2LError(WEIGHTS_MISSING)`` naming every missing file,
     where it looked, how big the download is and how to get it; ``I2LError(WEIGHTS_INVALID)`` when
     a present file's size differs from what the hub published (known from an earlier listing)."""
     from .errors import I2LError
     v = _variant(variant)
+    if remembered:
+        search_dirs = effective_search_dirs(models_dir, search_dirs)
     manifest = load_manifest(models_dir)
     files: dict[str, list[str]] = {}
     missing: list[dict] = []

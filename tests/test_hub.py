@@ -421,6 +421,28 @@ def test_hf_cache_and_diffsynth_folder_used_in_place_without_copies(stub, models
     assert_same(style, repos[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
 
 
+def test_remembered_search_folders_and_hub_caches(stub, models_dir, tmp_path, capsys):
+    repos = make_repos()
+    diffsynth = tmp_path / "DiffSynth-Studio" / "models"
+    style = repo_file(str(diffsynth), I2L_REPO, "Qwen-Image-i2L-Style.safetensors")
+    os.makedirs(os.path.dirname(style))
+    with open(style, "wb") as f:
+        f.write(repos[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
+    enc = repos[ENCODERS_REPO]
+    _hf_cache_entry(str(tmp_path / "hf-home" / "hub"), ENCODERS_REPO, {k: v for k, v in enc.items() if k != "README.md"})
+    with pytest.raises(I2LError):
+        catalog.resolve_files("style", models_dir)
+    assert hub_cli.main(["search-dirs", "--add", str(diffsynth), "--hub-caches", "--models-dir", models_dir]) == 0
+    assert str(diffsynth) in capsys.readouterr().out
+    files = catalog.resolve_files("style", models_dir)           # the job path: no explicit folders
+    assert files["style"] == [style] and files["siglip2"][0].startswith(str(tmp_path / "hf-home"))
+    assert hub.models_status(models_dir)[0]["complete"]
+    assert hub_cli.main(["search-dirs", "--remove", str(diffsynth), "--no-hub-caches", "--models-dir", models_dir]) == 0
+    with pytest.raises(I2LError):
+        catalog.resolve_files("style", models_dir)
+    assert stub.requests == []
+
+
 # -- messages --------------------------------------------------------------------------------------------
 def test_missing_files_are_named_exactly_with_the_fix(models_dir, tmp_path):
     te = repo_file(models_dir, QWEN_IMAGE_REPO, "text_encoder")

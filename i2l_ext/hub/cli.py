@@ -74,8 +74,8 @@ def _add_subcommands(sub) -> None:
     p.add_argument("--remove", action="append", default=[], metavar="DIR")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--hub-caches", dest="hub_caches", action="store_true", default=None,
-                   help="also look in the Hugging Face and ModelScope caches (default)")
-    g.add_argument("--no-hub-caches", dest="hub_caches", action="store_false")
+                   help="also look in this user's Hugging Face and ModelScope caches")
+    g.add_argument("--no-hub-caches", dest="hub_caches", action="store_false", help="do not (default)")
     p.add_argument("--models-dir", help=argparse.SUPPRESS)
     p.set_defaults(models_func=cmd_search_dirs)
 

@@ -27,7 +27,7 @@ from .. import catalog
 from ..catalog import FILES, human_size, load_manifest, locate, save_manifest
 from ..errors import I2LError
 from .remote import RemoteFile, http_error, list_repo, network_error, open_url
-from .sources import Source, get_source, load_settings, offline_from_env
+from .sources import Source, get_source, load_settings, offline_from_env, search_dirs_for
 
 LOCK_NAME = ".i2l-download.lock"
 LOCK_STALE_S = 120.0
@@ -150,7 +150,7 @@ class Downloader:
                  backoff: float = 1.0, timeout: float = 60.0, chunk: int = 1 << 20, reserve: int = 200_000_000):
         self.models_dir = os.path.abspath(models_dir)
         self.source = source
-        self.search_dirs = tuple(search_dirs or ())
+        self.search_dirs = tuple(search_dirs_for(self.models_dir, search_dirs or ()))
         self.offline = offline_from_env() if offline is None else bool(offline)
         self.progress = progress if isinstance(progress, Progress) else Progress(progress)
         self.cancel_event = cancel or threading.Event()

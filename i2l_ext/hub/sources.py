@@ -33,7 +33,7 @@ LABELS = {
 }
 SOURCE_NAMES = (MODELSCOPE, MODELSCOPE_INTL, HUGGINGFACE, CUSTOM)
 
-DEFAULT_SETTINGS = {"source": MODELSCOPE, "endpoint": "", "api": "", "search_dirs": [], "use_hub_caches": True}
+DEFAULT_SETTINGS = {"source": MODELSCOPE, "endpoint": "", "api": "", "search_dirs": [], "use_hub_caches": False}
 
 
 @dataclass(frozen=True)
@@ -152,16 +152,17 @@ def save_settings(models_dir: str, **changes) -> dict:
 
 
 def search_dirs_for(models_dir: str, extra=(), settings: dict | None = None) -> list[str]:
-    """Where to look for files besides the models folder: ``extra``, the remembered folders, then
-    (unless turned off) the Hugging Face and ModelScope caches and ``DIFFSYNTH_MODEL_BASE_PATH``."""
+    """Where to look for files besides the models folder: ``extra``, the remembered folders,
+    ``DIFFSYNTH_MODEL_BASE_PATH`` when set, and the Hugging Face and ModelScope caches when turned on
+    (``models search-dirs --hub-caches``)."""
     from ..catalog import default_search_dirs
     s = load_settings(models_dir) if settings is None else settings
     dirs = [str(d) for d in extra or ()] + list(s.get("search_dirs") or [])
-    if s.get("use_hub_caches", True):
+    base = os.environ.get("DIFFSYNTH_MODEL_BASE_PATH")
+    if base and os.path.isdir(base):
+        dirs.append(base)
+    if s.get("use_hub_caches", False):
         dirs += default_search_dirs()
-        base = os.environ.get("DIFFSYNTH_MODEL_BASE_PATH")
-        if base and os.path.isdir(base):
-            dirs.append(base)
     out, seen = [], {os.path.normcase(os.path.abspath(models_dir))}
     for d in dirs:
         key = os.path.normcase(os.path.abspath(os.path.expanduser(d)))

@@ -10,7 +10,7 @@ from ..catalog import FILES, VARIANTS, expected_files, human_size, load_manifest
 from ..errors import I2LError
 from .download import Downloader, Progress, file_digest
 from .remote import RemoteFile
-from .sources import Source
+from .sources import Source, search_dirs_for
 
 
 def _disk_bytes(paths: list[str]) -> int:
@@ -50,6 +50,7 @@ def models_status(models_dir: str, search_dirs=(), bias: bool | None = None) -> 
     paths, bytes (on disk), expected_bytes, exact (sizes from the hub's listing, else approximate),
     missing ([{path, bytes}]), missing_bytes``."""
     manifest = load_manifest(models_dir)
+    search_dirs = search_dirs_for(models_dir, search_dirs)
     cache: dict[str, dict] = {}
     out = []
     for v in VARIANTS.values():
@@ -69,6 +70,7 @@ def status_rows(models_dir: str, search_dirs=(), bias: bool | None = None) -> li
     """One row per role for a table: [role, state, size, where]."""
     rows = []
     manifest = load_manifest(models_dir)
+    search_dirs = search_dirs_for(models_dir, search_dirs)
     for r in [role_status(k, models_dir, search_dirs, manifest) for k in FILES]:
         state = ("present (used in place)" if r["in_place"] else "present") if r["present"] else "missing"
         size = human_size(r["bytes"] if r["present"] else r["missing_bytes"])
@@ -89,6 +91,7 @@ def verify(models_dir: str, variant=None, bias: bool | None = None, search_dirs=
     roles: list[str] = []
     for v in ([catalog._variant(variant)] if variant else VARIANTS.values()):
         roles += [r for r in v.needed_roles(bias if variant else True) if r not in roles]
+    search_dirs = search_dirs_for(models_dir, search_dirs)
     dl = Downloader(models_dir, source=source, search_dirs=search_dirs, offline=offline, progress=progress, cancel=cancel)
     prog = dl.progress
     manifest = load_manifest(models_dir)
