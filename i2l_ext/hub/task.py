@@ -49,6 +49,7 @@ class DownloadTask:
 
     def progress(self) -> dict:
         snap = self._progress.snapshot()
+        snap["bytes"] = snap["done"]          # alias
         if self.error is not None:
             snap["error"] = self.error.to_dict()
         return snap
@@ -62,3 +63,7 @@ class DownloadTask:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def is_alive(self) -> bool:
+        """Started and not finished yet."""
+        return self._thread is not None and not self._done.is_set()
