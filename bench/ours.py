@@ -1,0 +1,313 @@
+"""Ours: the product's own path, timed the way a user meets it.
+
+This process plays the WebUI: it imports only the host side (``i2l_ext.service``, no torch) and
+drives ``Service`` with ``Config`` and ``JobRequest`` exactly as the tab does; the work happens in
+the worker process (``python -m i2l_ext.worker``) that the service starts.
+
+    python3 bench/ours.py --models DIR --lora DIR --variant style --images a.png,... --out ours.json
+        [--profile auto] [--low-profile disk] [--cap-gb 8] [--click-delay 5] [--reps 3]
+        [--idle-wait 20] [--no-low] [--no-restart] [--config key=value ...] [--worker-env K=V ...]
+
+Scenarios, in this order, each one's figures in the JSON:
+
+1. ``cold``: page cache dropped, then **tab load** (a ``Service`` is made, and if the service
+   offers a start-ahead hook -- ``prepare``/``prewarm``/``warm_up``/``prestart``/``preload`` --
+   it is called as the tab would on load), then after ``--click-delay`` s (only when such a hook
+   exists) the **click**: ``Service.start(request)``, which checks the inputs and hands the job
+   to the worker. The job ends when its result arrives (LoRA, card and preview in place).
+   Reported: from click, and from tab load.
+2. ``warm``: the same request again, ``--reps`` times back to back (the next LoRA on a warm
+   worker); then with the first image only.
+3. ``idle``: right after the last warm job the worker's GPU memory (the driver's figure for its
+   pid: context, cache and all) is sampled for up to ``--idle-wait`` s, to see what it holds
+   between jobs and when it parks; with the host's free RAM and the worker's RSS.
+4. ``after_idle``: one more job after that wait (parked weights coming back, or a new worker).
+5. ``restart``: the worker is shut down (the "worker gone" choice) and one job runs with the
+   page cache still warm.
+6. ``low``: a new service whose worker runs under a VRAM cap of ``--cap-gb`` GB (2**30 bytes):
+   ``torch.cuda.set_per_process_memory_fraction`` is set in the worker before anything else runs
+   (``bench/capped_worker.py``), and ``I2L_VRAM_CAP_GB`` is passed in its environment so the
+   engine can size itself to it; page cache dropped; a job with ``--low-profile``, then a second.
+
+Peak VRAM of each job: the worker's own ``peak_vram`` (``torch.cuda.max_memory_allocated``, as
+the reference) and the driver's per-process peak sampled every 50 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import common as C  # noqa: E402
+
+T_IMPORT = time.perf_counter()
+from i2l_ext.config import Config  # noqa: E402
+from i2l_ext.service import JobRequest, Service  # noqa: E402
+from i2l_ext.errors import I2LError  # noqa: E402
+T_IMPORT = time.perf_counter() - T_IMPORT
+
+PREPARE_HOOKS = ("prepare", "prewarm", "warm_up", "prestart", "preload")
+STATS_HOOKS = ("stats", "worker_stats")
+HELD_TARGET = int(1.5 * C.GiB)
+
+
+def _kwargs_for(fn, **kw):
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kw
+    return {k: v for k, v in kw.items() if k in params}
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.images = a.images.split(",")
+        self.n = 0
+        self.out: dict = {"variant": a.variant, "images": len(self.images), "profile": a.profile,
+                          "low_profile": a.low_profile, "cap_gb": a.cap_gb, "click_delay_s": a.click_delay,
+                          "host_import_s": round(T_IMPORT, 3), "scenarios": {}}
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def config(self, capped: bool = False) -> Config:
+        env = {"PYTHONPATH": os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        for kv in self.a.worker_env:
+            k, _, v = kv.partition("=")
+            env[k] = v
+        python = self.a.python or sys.executable
+        if capped:
+            env["I2L_VRAM_CAP_GB"] = str(self.a.cap_gb)
+            env["I2L_BENCH_PYTHON"] = python
+            python = os.path.join(HERE, "capped-python")
+        cfg = Config(models_dir=self.a.models, lora_dir=self.a.lora, worker_python=python, worker_env=env,
+                     idle_timeout=3600.0, keep_warm=True)
+        fields = {f.name for f in dataclasses.fields(Config)}
+        applied, ignored = {}, []
+        for kv in self.a.config:
+            k, _, v = kv.partition("=")
+            try:
+                val = json.loads(v)
+            except ValueError:
+                val = v
+            if k in fields:
+                setattr(cfg, k, val)
+                applied[k] = val
+            else:
+                ignored.append(k)
+        self.out["config_applied"], self.out["config_ignored"] = applied, ignored
+        return cfg
+
+    def request(self, images=None, profile=None) -> JobRequest:
+        self.n += 1
+        return JobRequest(images=list(images or self.images), name=f"bench_{self.a.variant}_{self.n}",
+                          variant=self.a.variant, vram_profile=profile or self.a.profile, overwrite=True)
+
+    # -- one job ----------------------------------------------------------------------------------
+    def job(self, svc: Service, req: JobRequest, keep_events: bool = False) -> dict:
+        t_click = C.now()
+        job = svc.start(req)
+        events = []
+        with C.VramSampler(svc.worker_pid) as vs:
+            for ev in job.events(timeout=None):
+                t = round(C.now() - t_click, 3)
+                if keep_events and ev.get("type") == "progress":
+                    events.append((t, ev.get("phase"), ev.get("step"), ev.get("total"), ev.get("message")))
+            job.wait()
+        t_done = C.now()
+        rec = {"from_click_s": round(t_done - t_click, 3), "state": job.state, "images": len(req.images),
+               "profile_requested": req.vram_profile, "driver_peak": vs.peak or None, "samples": vs.samples}
+        if job.result:
+            r = job.result
+            rec.update({k: r.get(k) for k in ("seconds", "timings", "peak_vram", "profile", "keys", "rank", "bytes",
+                                              "device", "dtype")})
+            for k in r:
+                if k.startswith(("stat", "vram", "ram", "load", "weights")) and k not in rec:
+                    rec[k] = r[k]
+        if job.error is not None:
+            rec["error"] = job.error.to_dict()
+            if rec["error"].get("details"):
+                rec["error"]["details"] = str(rec["error"]["details"])[-4000:]
+        if keep_events:
+            rec["events"] = events
+            rec["log"] = job.log[-80:]
+        self._cleanup_output(job)
+        print(f"  job {req.name}: {rec['state']} in {rec['from_click_s']} s"
+              + (f", peak {C.gb(rec.get('peak_vram'))} GB" if rec.get("peak_vram") else "")
+              + (f", profile {rec.get('profile')}" if rec.get("profile") else "")
+              + (f"  [{rec['error']['message'][:200]}]" if "error" in rec else ""), flush=True)
+        return rec
+
+    @staticmethod
+    def _cleanup_output(job) -> None:
+        r = job.result or {}
+        for k in ("path", "sidecar", "preview"):
+            p = r.get(k)
+            if p and os.path.isfile(p):
+                try:
+                    os.remove(p)
+                except OSError:
+                    pass
+
+    def stats(self, svc: Service) -> dict | None:
+        for name in STATS_HOOKS:
+            fn = getattr(svc, name, None)
+            if callable(fn):
+                try:
+                    return {"hook": name, "value": fn()}
+                except Exception as e:   # recorded, not fatal
+                    return {"hook": name, "error": repr(e)}
+        return None
+
+    # -- scenarios --------------------------------------------------------------------------------
+    def drop(self) -> bool:
+        return False if self.a.no_drop else C.drop_caches()
+
+    def cold(self) -> Service:
+        dropped = self.drop()
+        t_tab = C.now()
+        svc = Service(self.config())
+        hook = None
+        for name in PREPARE_HOOKS:
+            fn = getattr(svc, name, None)
+            if callable(fn):
+                hook = name
+                fn(**_kwargs_for(fn, variant=self.a.variant, vram_profile=self.a.profile, bias=None,
+                                 images=self.images))
+                break
+        t_hook = C.now() - t_tab
+        if hook and self.a.click_delay > 0:
+            time.sleep(max(0.0, self.a.click_delay - (C.now() - t_tab)))
+        delay = C.now() - t_tab
+        rec = self.job(svc, self.request(), keep_events=True)
+        rec.update({"page_cache_dropped": dropped, "start_ahead_hook": hook, "hook_call_s": round(t_hook, 3),
+                    "click_after_tab_load_s": round(delay, 3),
+                    "from_tab_load_s": round(delay + rec["from_click_s"], 3)})
+        self.out["scenarios"]["cold"] = rec
+        return svc
+
+    def warm(self, svc: Service) -> None:
+        five = [self.job(svc, self.request()) for _ in range(self.a.reps)]
+        one = [self.job(svc, self.request(self.images[:1])) for _ in range(self.a.reps)]
+        self.out["scenarios"]["warm"] = {
+            "runs": five, "median_s": C.median([r["from_click_s"] for r in five if r["state"] == "done"]),
+            "min_s": min((r["from_click_s"] for r in five if r["state"] == "done"), default=None)}
+        self.out["scenarios"]["warm_1"] = {
+            "runs": one, "median_s": C.median([r["from_click_s"] for r in one if r["state"] == "done"]),
+            "min_s": min((r["from_click_s"] for r in one if r["state"] == "done"), default=None)}
+
+    def held(self, pid) -> tuple[int | None, int | None]:
+        """(the worker's GPU memory per the driver, the whole GPU's use minus what it was before any
+        worker ran). The second stands in where the driver lists no per-process figure."""
+        v = C.process_vram(pid)
+        d = C.device_used()
+        base = self.out.get("device_used_before")
+        dv = None if d is None or base is None else max(0, d - base)
+        if not v and dv:
+            v = dv
+        return v, dv
+
+    def idle(self, svc: Service) -> None:
+        pid = svc.worker_pid()
+        mem0 = C.meminfo().get("MemAvailable")
+        series, dseries, t0, parked_at = [], [], C.now(), None
+        while C.now() - t0 < self.a.idle_wait:
+            alive = svc.worker_pid() == pid and pid is not None
+            v, dv = self.held(pid) if alive else (0, None)
+            t = round(C.now() - t0, 2)
+            series.append((t, v))
+            dseries.append((t, dv))
+            if parked_at is None and v is not None and v <= HELD_TARGET:
+                parked_at = t
+            if parked_at is not None and t - parked_at >= 2.0:
+                break
+            time.sleep(0.25)
+        rec = {"pid": pid, "worker_alive": svc.worker_pid() == pid and pid is not None,
+               "held_right_after_job": series[0][1] if series else None,
+               "held_idle": series[-1][1] if series else None, "at_or_under_1_5GB_after_s": parked_at,
+               "series": series[:: max(1, len(series) // 40)],
+               "device_series": dseries[:: max(1, len(dseries) // 40)],
+               "ram_available_before": mem0, "ram_available_after": C.meminfo().get("MemAvailable"),
+               "worker_status": C.proc_status(pid), "stats": self.stats(svc)}
+        self.out["scenarios"]["idle"] = rec
+        print(f"  idle: worker holds {C.gb(rec['held_right_after_job'])} GB after the job, {C.gb(rec['held_idle'])} GB "
+              f"after {series[-1][0] if series else 0} s", flush=True)
+        after = self.job(svc, self.request())
+        after["came_back_from"] = "parked" if rec["worker_alive"] else "gone"
+        self.out["scenarios"]["after_idle"] = after
+
+    def restart(self, svc: Service) -> None:
+        svc._stop_worker() if hasattr(svc, "_stop_worker") else svc.shutdown()
+        rec = self.job(svc, self.request())
+        rec["page_cache"] = "warm"
+        self.out["scenarios"]["restart"] = rec
+
+    def low(self) -> None:
+        dropped = self.drop()
+        svc = Service(self.config(capped=True))
+        try:
+            first = self.job(svc, self.request(profile=self.a.low_profile), keep_events=True)
+            first["page_cache_dropped"] = dropped
+            second = self.job(svc, self.request(profile=self.a.low_profile)) if first["state"] == "done" else None
+        finally:
+            svc.shutdown()
+        self.out["scenarios"]["low"] = {"first": first, "second": second, "cap_gb": self.a.cap_gb}
+
+    def run(self) -> dict:
+        self.out["device_used_before"] = C.device_used()
+        print(f"ours: {self.a.variant}, {len(self.images)} images, profile {self.a.profile}", flush=True)
+        svc = self.cold()
+        try:
+            if self.out["scenarios"]["cold"]["state"] == "done":
+                self.warm(svc)
+                self.idle(svc)
+                if not self.a.no_restart:
+                    self.restart(svc)
+        finally:
+            svc.shutdown()
+        if not self.a.no_low:
+            time.sleep(1.0)
+            self.low()
+        return self.out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", required=True)
+    ap.add_argument("--lora", required=True)
+    ap.add_argument("--variant", default="style")
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default="auto")
+    ap.add_argument("--low-profile", default="disk")
+    ap.add_argument("--cap-gb", type=float, default=8.0)
+    ap.add_argument("--click-delay", type=float, default=5.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--idle-wait", type=float, default=20.0)
+    ap.add_argument("--no-low", action="store_true")
+    ap.add_argument("--no-restart", action="store_true")
+    ap.add_argument("--no-drop", action="store_true", help="leave the page cache alone")
+    ap.add_argument("--python", default=None, help="the worker's Python (default: this one)")
+    ap.add_argument("--config", action="append", default=[], help="Config field=JSON value (if the field exists)")
+    ap.add_argument("--worker-env", action="append", default=[], help="K=V for the worker's environment")
+    a = ap.parse_args()
+    os.makedirs(a.lora, exist_ok=True)
+    res = Bench(a).run()
+    if a.out:
+        C.write_json(a.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The bench's table: ours against the reference, ratios, targets, disk speed and machine.
+
+    python3 bench/report.py RESULTS_DIR [--out DIR]
+
+Reads ``machine.json``, ``host.json``, ``ref-<variant>-<mode>.json``, ``ours-<variant>.json`` and
+``weights-<variant>.json`` from RESULTS_DIR; prints the table; with ``--out`` (or ``$OUT``) writes
+``bench.json`` (everything) and ``bench.md`` (the table in Markdown) there.
+GB are 2**30 bytes, as in the reference figures.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+TARGETS = {  # variant -> metric -> (limit, unit); the issue's targets
+    "style": {"cold": 15.0, "warm": 1.0, "warm_1": 0.5, "held": 1.5, "unpark": 0.5, "peak": 13.0, "low": 8.0},
+    "coarse-fine": {"held": 1.5, "unpark": 0.5, "low": 8.0},
+}
+LABEL = {"style": "Style", "coarse-fine": "Coarse + Fine + Bias"}
+
+
+def _load(path):
+    try:
+        return C.read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _s(x, nd=1):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _ratio(ref, ours):
+    if ref is None or ours is None or ours <= 0:
+        return "-"
+    r = ref / ours
+    return f"{r:.1f}x faster" if r >= 1 else f"{1 / r:.1f}x slower"
+
+
+def _vratio(ref, ours):
+    if ref is None or ours is None or ref <= 0:
+        return "-"
+    return f"{ours / ref:.2f}x"
+
+
+def _ok(value, limit):
+    if value is None or limit is None:
+        return ""
+    return "PASS" if value <= limit else "FAIL"
+
+
+def variant_rows(variant: str, ours: dict | None, refs: dict) -> tuple[list[list[str]], dict]:
+    t = TARGETS.get(variant, {})
+    sc = (ours or {}).get("scenarios", {})
+    cold, warm, warm1 = sc.get("cold") or {}, sc.get("warm") or {}, sc.get("warm_1") or {}
+    idle, after, restart, low = sc.get("idle") or {}, sc.get("after_idle") or {}, sc.get("restart") or {}, sc.get("low") or {}
+    rd, rg = refs.get("disk") or {}, refs.get("gpu") or {}
+    rows, summary = [], {}
+
+    def row(name, r_disk, r_gpu, o, limit, ratio_fn, nd=1, note=""):
+        rows.append([name, _s(r_disk, nd), _s(r_gpu, nd), _s(o, nd) + (f" {note}" if note else ""),
+                     "-" if limit is None else f"<= {limit:g}", ratio_fn(r_disk, o), ratio_fn(r_gpu, o), _ok(o, limit)])
+        summary[name] = {"reference_disk": r_disk, "reference_gpu": r_gpu, "ours": o, "target": limit,
+                         "pass": None if limit is None or o is None else o <= limit}
+
+    cold_click = cold.get("from_click_s") if cold.get("state") == "done" else None
+    cold_tab = cold.get("from_tab_load_s") if cold.get("state") == "done" else None
+    note = ""
+    if cold_tab is not None and cold.get("start_ahead_hook"):
+        note = f"(tab load: {cold_tab:.1f}; click {cold.get('click_after_tab_load_s', 0):.0f} s after)"
+    row("first LoRA, cold (s)", rd.get("first_lora_s"), rg.get("first_lora_s"), cold_click, t.get("cold"), _ratio,
+        note=note)
+    if cold.get("start_ahead_hook"):
+        row("first LoRA from tab load (s)", rd.get("first_lora_s"), rg.get("first_lora_s"), cold_tab, None, _ratio)
+    row(f"next LoRA, {ours.get('images') if ours else 5} images (s)", rd.get("warm_s"), rg.get("warm_s"),
+        warm.get("median_s"), t.get("warm"), _ratio, nd=2)
+    row("next LoRA, 1 image (s)", rd.get("warm_1_s"), rg.get("warm_1_s"), warm1.get("median_s"), t.get("warm_1"),
+        _ratio, nd=2)
+    held = idle.get("held_idle")
+    row("VRAM held between jobs (GB)", C.gb(rd.get("held_reserved")), C.gb(rg.get("held_reserved")),
+        C.gb(held) if held is not None else None, t.get("held"), _vratio, nd=2,
+        note=f"({C.gb(idle.get('held_right_after_job'))} right after the job)" if idle else "")
+    if after:
+        extra = None
+        if after.get("state") == "done" and warm.get("median_s") is not None:
+            extra = round(after["from_click_s"] - warm["median_s"], 3)
+        row(f"next LoRA after idle, {after.get('came_back_from', '?')} (s)", None, None,
+            after.get("from_click_s") if after.get("state") == "done" else None, None, _ratio, nd=2)
+        row("  cost of coming back (s)", None, None, extra, t.get("unpark") if after.get("came_back_from") == "parked"
+            else None, _ratio, nd=2)
+    if restart:
+        row("next LoRA, worker gone, page cache warm (s)", None, None,
+            restart.get("from_click_s") if restart.get("state") == "done" else None, None, _ratio)
+    peaks = [r.get("peak_vram") for r in [cold] + (warm.get("runs") or []) + (warm1.get("runs") or [])
+             if r.get("peak_vram") is not None]
+    row(f"peak VRAM, profile {ours.get('profile') if ours else '?'} (GB)", C.gb(rd.get("peak_vram")),
+        C.gb(rg.get("peak_vram")), C.gb(max(peaks)) if peaks else None, t.get("peak"), _vratio, nd=2,
+        note=f"(driver: {C.gb(cold.get('driver_peak'))})" if cold.get("driver_peak") else "")
+    if low:
+        f = low.get("first") or {}
+        done = f.get("state") == "done"
+        lp = C.gb(f.get("peak_vram")) if done else None
+        rows.append([f"low-VRAM profile '{ours.get('low_profile')}' under a {low.get('cap_gb'):g} GB cap",
+                     "-", "-", ("completed" if done else f"FAILED: {(f.get('error') or {}).get('message', f.get('state'))}"[:80])
+                     + (f", peak {lp} GB (driver {C.gb(f.get('driver_peak'))}), {f.get('from_click_s'):.1f} s cold"
+                        + (f", {low['second']['from_click_s']:.1f} s next" if (low.get('second') or {}).get('state') == 'done' else "")
+                        if done else ""),
+                     f"completes, <= {low.get('cap_gb'):g}", "-", "-", "PASS" if done and (lp or 0) <= low.get("cap_gb", 8) else "FAIL"])
+        summary["low"] = {"completed": done, "peak_GB": lp, "cold_s": f.get("from_click_s"),
+                          "next_s": (low.get("second") or {}).get("from_click_s"), "cap_GB": low.get("cap_gb")}
+    return rows, summary
+
+
+def fmt_table(rows, header) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def md_table(rows, header) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def build(results: str) -> tuple[str, str, dict]:
+    machine = _load(os.path.join(results, "machine.json")) or {}
+    host = _load(os.path.join(results, "host.json")) or {}
+    pk = machine.get("packages", {})
+    head = (f"Machine: {machine.get('gpu')} ({machine.get('gpu_memory')}), driver {machine.get('driver')}, "
+            f"{machine.get('cpus')} CPUs, {C.gb(machine.get('ram_total'))} GB RAM, kernel {machine.get('kernel')}; "
+            f"Python {machine.get('python')}, torch {pk.get('torch')}, diffsynth {pk.get('diffsynth')}, "
+            f"transformers {pk.get('transformers')}; {machine.get('date')}")
+    dr = machine.get("disk_read") or {}
+    disk = (f"Disk ({dr.get('on', {}).get('fstype')} on {dr.get('on', {}).get('device')}): "
+            f"{dr.get('cold_1_reader_GBps')} GB/s cold with 1 reader, {dr.get('cold_4_readers_GBps')} GB/s cold with "
+            f"4 readers, {dr.get('page_cache_GBps')} GB/s from the page cache") if dr else "Disk: not measured"
+    text, md, data = [head, disk], [f"- {head}", f"- {disk}"], {"machine": machine, "host": host, "variants": {}}
+    header = ["", "ref disk", "ref gpu", "ours", "target", "vs ref disk", "vs ref gpu", ""]
+    variants = sorted({os.path.basename(p)[5:-5] for p in glob.glob(os.path.join(results, "ours-*.json"))}
+                      | {os.path.basename(p)[4:-5].rsplit("-", 1)[0] for p in glob.glob(os.path.join(results, "ref-*.json"))},
+                      key=lambda v: (v != "style", v))
+    for v in variants:
+        ours = _load(os.path.join(results, f"ours-{v}.json"))
+        refs = {m: _load(os.path.join(results, f"ref-{v}-{m}.json")) for m in ("disk", "gpu")}
+        weights = _load(os.path.join(results, f"weights-{v}.json")) or {}
+        rows, summary = variant_rows(v, ours, refs)
+        n = (ours or {}).get("images") or next((r.get("images") for r in refs.values() if r), 5)
+        spilled = sorted(r for r, w in weights.items() if isinstance(w, dict) and "spill" in (w.get("where") or []))
+        title = f"{LABEL.get(v, v)}, {n} images of 1024x1024"
+        cold = ((ours or {}).get("scenarios") or {}).get("cold") or {}
+        notes = [f"page cache dropped before each cold run: {cold.get('page_cache_dropped', '?')}",
+                 f"start-ahead hook at tab load: {cold.get('start_ahead_hook') or 'none (the worker starts at the click)'}"]
+        if spilled:
+            notes.append("held in RAM (tmpfs) because the disk was full, so read warm: " + ", ".join(spilled))
+        if cold.get("state") not in (None, "done"):
+            notes.append(f"ours, cold job: {cold.get('state')}: {(cold.get('error') or {}).get('message')}")
+        text += ["", f"== {title}", fmt_table(rows, header)] + [f"   {x}" for x in notes]
+        md += ["", f"**{title}**", "", md_table(rows, header), ""] + [f"- {x}" for x in notes]
+        data["variants"][v] = {"summary": summary, "ours": ours, "reference": refs, "weights": weights}
+    if host:
+        h = (f"Host side: scripts/i2l_tab.py {_s(host.get('tab_import_s'), 3)} s, preload.py "
+             f"{_s(host.get('preload_import_s'), 3)} s, install.py with nothing to do "
+             f"{_s(host.get('install_process_s'), 3)} s as a process ({_s(host.get('install_noop_s'), 3)} s beyond "
+             f"Python's start; {host.get('install_case')}); total {_s(host.get('total_added_s'), 3)} s, target <= 0.5: "
+             f"{_ok(host.get('total_added_s'), 0.5)}")
+        text += ["", h]
+        md += ["", f"- {h}"]
+    return "\n".join(text), "\n".join(md), data
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    a = ap.parse_args()
+    text, md, data = build(a.results)
+    print(text, flush=True)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        C.write_json(os.path.join(a.out, "bench.json"), data)
+        with open(os.path.join(a.out, "bench.md"), "w") as f:
+            f.write(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
