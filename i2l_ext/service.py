@@ -143,6 +143,7 @@ class Service:
         self._job: Job | None = None
         self._worker: WorkerProcess | None = None
         self._idle_timer: threading.Timer | None = None
+        self._wlock = threading.RLock()      # held while the worker starts or is asked something
 
     # -- checks the tab runs as the user types -------------------------------------------------
     def check_name(self, name: str, subfolder: str = "", overwrite: bool = False) -> str | None:
@@ -233,19 +234,84 @@ class Service:
         from .envsetup import find_worker_python
         return find_worker_python()
 
-    def _ensure_worker(self, job: Job) -> WorkerProcess:
-        w = self._worker
-        if w is not None and w.alive:
-            job._log("info", "Using the warm worker (pid %s)." % w.pid)
-            return w
-        job._progress("start", 0, 1, "Starting the worker")
-        w = WorkerProcess(self._worker_python(), extra_env=self.config.worker_env, log=self._route_log)
+    def _spawn(self, prefetch_files: list[str] | None = None) -> WorkerProcess:
+        env = dict(self.config.worker_env)
+        if prefetch_files:
+            import json
+            env["I2L_PREFETCH"] = json.dumps(prefetch_files)
+        w = WorkerProcess(self._worker_python(), extra_env=env, log=self._route_log)
         self._worker = w
-        hello = w.start(timeout=self.config.start_timeout)
+        w.start(timeout=self.config.start_timeout)
+        return w
+
+    def _ensure_worker(self, job: Job, spec: dict) -> WorkerProcess:
+        with self._wlock:
+            w = self._worker
+            if w is not None and w.alive:
+                job._log("info", "Using the warm worker (pid %s)." % w.pid)
+                return w
+            job._progress("start", 0, 1, "Starting the worker")
+            files = [p for role in ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias")
+                     for p in spec["files"].get(role, [])]
+            w = self._spawn(files)
+        hello = w.hello or {}
         job._log("info", f"Worker ready: pid {hello.get('pid')}, device {hello.get('device')}, "
                           f"torch {hello.get('torch')}, diffsynth {hello.get('diffsynth')}.")
         job._progress("start", 1, 1, "Worker ready")
         return w
+
+    def prewarm(self, variant: str = "style", bias: bool | None = None, vram_profile: str = "auto",
+                wait: bool = False) -> threading.Thread | None:
+        """Start the worker and begin reading the variant's weights before the click.
+
+        Does nothing while a job runs, or when the weights are missing (the job will say so).
+        """
+        if self.busy:
+            return None
+        try:
+            v = catalog.get_variant(variant)
+            b = v.bias_default if bias is None else bool(bias)
+            files = self.resolve_files(v.key, b)
+        except I2LError:
+            return None
+        spec = {"variant": v.key, "bias": b, "files": files, "models_dir": self.config.models_dir,
+                "vram_profile": vram_profile}
+        flat = [p for role in ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias")
+                for p in files.get(role, [])]
+
+        def run():
+            try:
+                with self._wlock:
+                    if self.busy:
+                        return
+                    w = self._worker
+                    if w is None or not w.alive:
+                        w = self._spawn(flat)
+                    w.send({"type": "prefetch", "spec": spec})
+                self._after_job()          # the idle timer applies to a prewarmed worker too
+            except I2LError:
+                pass
+        t = threading.Thread(target=run, daemon=True, name="i2l-prewarm")
+        t.start()
+        if wait:
+            t.join()
+        return t
+
+    def worker_stats(self, timeout: float = 10.0) -> dict | None:
+        """VRAM the idle worker holds (None when there is no worker or a job is running)."""
+        with self._wlock:
+            w = self._worker
+            if w is None or not w.alive or self.busy:
+                return None
+            w.send({"type": "stats"})
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                msg = w.next_message(max(0.0, deadline - time.monotonic()))
+                if msg is None:
+                    return None
+                if msg["type"] == "stats":
+                    return msg
+            return None
 
     def _run(self, job: Job, spec: dict, plan: output.OutputPlan) -> None:
         state, result, error = "error", None, None
@@ -253,7 +319,7 @@ class Service:
         try:
             self.hooks.before_job()
             job.state = "running"
-            worker = self._ensure_worker(job)
+            worker = self._ensure_worker(job, spec)
             if job._cancel.is_set():
                 raise I2LError(I2LError.CANCELLED, "The job was cancelled.")
             worker.send({"type": "job", "job": job.id, "spec": spec})

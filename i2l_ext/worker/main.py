@@ -34,8 +34,26 @@ def _claim_stdout() -> None:
     _out = os.fdopen(fd, "wb", buffering=0)
 
 
+def _apply_vram_cap() -> None:
+    """``I2L_VRAM_CAP_GB``: never use more than this much VRAM (tests and benchmarks of low-VRAM cards)."""
+    import torch
+    cap = float(os.environ.get("I2L_VRAM_CAP_GB", "0") or 0)
+    if cap > 0 and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1024 ** 3 / total))
+
+
+def _stats() -> dict:
+    import torch
+    info = {"type": "stats", "pid": os.getpid(), "vram_allocated": None, "vram_reserved": None}
+    if torch.cuda.is_available():
+        info.update(vram_allocated=torch.cuda.memory_allocated(), vram_reserved=torch.cuda.memory_reserved())
+    return info
+
+
 def _hello() -> dict:
     import torch
+    _apply_vram_cap()
     info = {"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(),
             "python": sys.version.split()[0], "torch": torch.__version__, "device": "cpu",
             "vram_total": None, "vram_free": None}
@@ -112,8 +130,21 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
     return result
 
 
+def _early_readahead() -> None:
+    """Files named in ``I2L_PREFETCH`` (a JSON list) start coming into the page cache before torch imports."""
+    raw = os.environ.get("I2L_PREFETCH")
+    if raw:
+        import json
+        from .weights import readahead
+        try:
+            readahead([p for p in json.loads(raw) if os.path.isfile(p)])
+        except ValueError:
+            pass
+
+
 def main() -> None:
     _claim_stdout()
+    _early_readahead()
     try:
         send(_hello())
     except Exception as e:
@@ -129,6 +160,15 @@ def main() -> None:
             break
         if msg["type"] == "ping":
             send({"type": "pong"})
+            continue
+        if msg["type"] == "stats":
+            send(_stats())
+            continue
+        if msg["type"] == "prefetch":
+            try:
+                engine.prefetch(msg["spec"])
+            except BaseException as e:   # a prefetch that fails is only a missed head start
+                send({"type": "log", "job": None, "level": "debug", "message": f"prefetch skipped: {e}"})
             continue
         if msg["type"] != "job":
             continue
