@@ -66,12 +66,19 @@ def files_for(tiny_dir, variant, bias):
 def run_job(engine, tiny_dir, images, out, variant="style", bias=False, **extra):
     phases = []
     spec = {"variant": variant, "bias": bias, "files": files_for(tiny_dir, variant, bias),
-            "output": {"tmp_path": str(out)}, "vram_profile": "auto", **extra}
+            "output": {"tmp_path": str(out)}, "vram_profile": "auto", "device": "cpu", **extra}
     res = engine.run(spec, images, lambda phase, step, total, msg: phases.append(phase))
     return res, phases
 
 
-def load_tiny(tiny_dir, role, dtype=torch.float32):
+# DiffSynth's encoder wrappers put their inputs on the default device type ("cuda" when there is
+# one), so its reference path runs there; plain float32 everywhere (no TF32) for the comparison.
+REF_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def load_tiny(tiny_dir, role, dtype=torch.float32, device=REF_DEVICE):
     """A tiny model through DiffSynth's own loader and converters."""
     from diffsynth.core.loader import load_model
     from diffsynth.utils.state_dict_converters.dino_v3 import DINOv3StateDictConverter
@@ -80,7 +87,7 @@ def load_tiny(tiny_dir, role, dtype=torch.float32):
     paths = catalog.FILES[role].resolve(tiny_dir)
     conv = {"dinov3": DINOv3StateDictConverter, "text_encoder": QwenImageTextEncoderStateDictConverter}.get(role)
     return load_model(tiny.tiny_class(role), paths if len(paths) > 1 else paths[0], marker["configs"][role],
-                      torch_dtype=dtype, device="cpu", state_dict_converter=conv)
+                      torch_dtype=dtype, device=device, state_dict_converter=conv)
 
 
 def reference_lora(tiny_dir, images, variant, bias, dtype=torch.float32):
@@ -91,7 +98,7 @@ def reference_lora(tiny_dir, images, variant, bias, dtype=torch.float32):
                                                 QwenImageUnit_Image2LoRAEncode)
     from diffsynth.utils.lora.merge import merge_lora
     from transformers import Qwen2VLProcessor
-    pipe = QwenImagePipeline(device="cpu", torch_dtype=dtype)
+    pipe = QwenImagePipeline(device=REF_DEVICE, torch_dtype=dtype)
     pipe.siglip2_image_encoder = load_tiny(tiny_dir, "siglip2", dtype)
     pipe.dinov3_image_encoder = load_tiny(tiny_dir, "dinov3", dtype)
     decoders = catalog.get_variant(variant).decoders
@@ -104,8 +111,8 @@ def reference_lora(tiny_dir, images, variant, bias, dtype=torch.float32):
         embs = QwenImageUnit_Image2LoRAEncode().process(pipe, image2lora_images=list(images))
         lora = QwenImageUnit_Image2LoRADecode().process(pipe, **embs)["lora"]
     if bias:
-        lora = merge_lora([lora, load_state_dict(catalog.FILES["bias"].resolve(tiny_dir)[0])])
-    return lora
+        lora = merge_lora([lora, load_state_dict(catalog.FILES["bias"].resolve(tiny_dir)[0], device=REF_DEVICE)])
+    return {k: v.cpu() for k, v in lora.items()}
 
 
 def assert_same_lora(path, ref, fmt="diffusers", tol=None):
@@ -169,7 +176,7 @@ def test_tiny_loads_with_diffsynth_loader(tiny_dir, role):
     from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
     from diffsynth.models.siglip2_image_encoder import Siglip2ImageEncoder
     real = {"siglip2": Siglip2ImageEncoder, "dinov3": DINOv3ImageEncoder, "text_encoder": QwenImageTextEncoder}
-    model = load_tiny(tiny_dir, role)
+    model = load_tiny(tiny_dir, role, device="cpu")
     assert isinstance(model, real.get(role, QwenImageImage2LoRAModel))
     assert not any(p.is_meta for p in model.parameters())
     if role in ("style", "coarse", "fine"):
@@ -290,6 +297,25 @@ def test_lora_loads_into_diffsynth_dit(engine, tiny_dir, images, tmp_path):
             else:
                 assert not mod.weight.any()
     assert changed == tiny.NUM_BLOCKS * 12
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("profile", ["gpu", "cpu_offload", "disk", "auto"])
+def test_cuda_profiles(tiny_dir, images, tmp_path, profile):
+    eng = Engine(lambda level, message: None)
+    out = tmp_path / f"{profile}.safetensors"
+    spec = {"variant": "coarse-fine", "bias": True, "files": files_for(tiny_dir, "coarse-fine", True),
+            "output": {"tmp_path": str(out)}, "vram_profile": profile}
+    res = eng.run(spec, images, lambda *a: None)
+    assert res["device"].startswith("cuda") and res["dtype"] == "bfloat16" and res["peak_vram"] > 0
+    assert res["profile"] == ("gpu" if profile == "auto" else profile)
+    assert_same_lora(str(out), reference_lora(tiny_dir, images, "coarse-fine", True), tol=0.05)
+    res2 = eng.run(spec, images, lambda *a: None)          # warm: same models, same numbers
+    assert res2["timings"]["load"] < res["timings"]["load"]
+    assert_same_lora(str(out), reference_lora(tiny_dir, images, "coarse-fine", True), tol=0.05)
+    eng.unload()
 
 
 # ----------------------------------------------------------------------------- warm worker

@@ -8,7 +8,8 @@ converters and VRAM management, and computes what DiffSynth's ``QwenImageUnit_Im
 
 Devices and dtypes: on CUDA the models run in bfloat16. On CPU the real models run in bfloat16 (their
 size in float32 would double the RAM needed) and the tiny test set in float32; ``spec["dtype"]``
-("bfloat16" / "float32") overrides. The file is always written in bfloat16.
+("bfloat16" / "float32") overrides and ``spec["device"] = "cpu"`` keeps a job off the GPU.
+The file is always written in bfloat16.
 """
 from __future__ import annotations
 
@@ -200,7 +201,7 @@ class Engine:
         if not out_path:
             raise I2LError(I2LError.INTERNAL, "The job has no output path.", "Please report it.")
         roles = variant.needed_roles(bias)
-        dev = vram.device()
+        dev = "cpu" if spec.get("device") == "cpu" else vram.device()
 
         # --- which files, which classes
         progress("load", 0, len(roles), "Checking model files")
@@ -209,7 +210,7 @@ class Engine:
         dtype = self._dtype(spec, dev, is_tiny)
         needed = sum(p["bytes"] for r, p in plan.items() if r not in ("processor", "bias"))
         resident = sum(m.nbytes for m in self._models.values() if m.profile == "gpu")
-        profile = vram.choose_profile(spec.get("vram_profile", "auto"), needed, resident)
+        profile = vram.choose_profile(spec.get("vram_profile", "auto"), needed, resident, dev)
         if is_tiny:
             warnings.append("Tiny random-weight models: this LoRA is for testing the path only.")
         if dev == "cpu":
@@ -413,8 +414,7 @@ class Engine:
                 model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype,
                                    device=dev, state_dict_converter=p["converter"])
             else:
-                from diffsynth.models.model_loader import ModelPool
-                module_map = ModelPool().fetch_module_map(p["module_map_name"], vc)
+                module_map = self._module_map(p["module_map_name"])
                 model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype, device=dev,
                                    state_dict_converter=p["converter"], use_disk_map=True, module_map=module_map,
                                    vram_config=vc, vram_limit=vram.vram_limit_gb())
@@ -429,6 +429,33 @@ class Engine:
         model.eval()
         self._models[role] = _Model(role, key, model, profile, p["bytes"])
         self.log("info", f"Loaded {catalog.FILES[role].title} in {time.monotonic() - t:.1f} s ({profile})")
+
+    def _module_map(self, class_path):
+        """DiffSynth's VRAM-management map for a model class, tolerant of transformers renames
+        (5.24 calls Qwen2_5_VisionRotaryEmbedding Qwen2_5_VLVisionRotaryEmbedding)."""
+        from diffsynth.configs.vram_management_module_maps import VERSION_CHECKER_MAPS, VRAM_MANAGEMENT_MODULE_MAPS
+        from diffsynth.core.vram.layers import AutoWrappedModule
+        if class_path in VERSION_CHECKER_MAPS:
+            raw = VERSION_CHECKER_MAPS[class_path]()
+        elif class_path in VRAM_MANAGEMENT_MODULE_MAPS:
+            raw = VRAM_MANAGEMENT_MODULE_MAPS[class_path]
+        else:
+            return {_import(class_path): AutoWrappedModule}
+        out = {}
+        for src, dst in raw.items():
+            cls = None
+            for cand in (src, src.replace(".Qwen2_5_Vision", ".Qwen2_5_VLVision"),
+                         src.replace(".Qwen2RMSNorm", ".Qwen2_5_VLRMSNorm")):
+                try:
+                    cls = _import(cand)
+                    break
+                except (ImportError, AttributeError):
+                    continue
+            if cls is None:
+                self.log("warning", f"VRAM management: {src} not found in this transformers; left unwrapped")
+                continue
+            out[cls] = _import(dst)
+        return out
 
     def _load_processor(self, folder):
         if self._processor is not None and self._processor[0] == folder:

@@ -30,12 +30,12 @@ def free_vram() -> tuple[int, int] | None:
     return torch.cuda.mem_get_info()
 
 
-def choose_profile(requested: str, needed_bytes: int, resident_bytes: int = 0) -> str:
+def choose_profile(requested: str, needed_bytes: int, resident_bytes: int = 0, dev: str | None = None) -> str:
     """The profile to use. ``resident_bytes``: weights this worker already holds on the GPU."""
     requested = (requested or "auto").lower().replace("-", "_")
     if requested not in PROFILES:
         requested = "auto"
-    if device() == "cpu":
+    if (dev or device()) == "cpu":
         return "cpu"
     if requested != "auto":
         return requested
