@@ -136,8 +136,9 @@ class PipOutput:
                              f"({100 * done / int(total):.0f}%)")
             return
         text = line.rstrip()
-        if not text or text.startswith("Ignoring ") or "\u2501" in text:
-            return                     # markers for other Pythons; pip's own bar when it draws one
+        if (not text or text.startswith("Ignoring ") or "\u2501" in text
+                or (text.startswith("WARNING: Location '") and "is neither a file nor a directory" in text)):
+            return                     # markers for other Pythons; pip's own bar; find-links it skips
         if text.startswith("Requirement already satisfied:") and " (from " in text:
             head, _, rest = text.partition(" (from ")
             version = rest.rsplit("(", 1)[-1].rstrip(")") if rest.endswith(")") else ""
@@ -175,6 +176,7 @@ class Installer:
         self.step = "prepare"
         self.downloaded = 0.0
         self.pip_raw_progress = False
+        self._t0 = time.monotonic()
 
     # -- output -----------------------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class Installer:
 
     def set_step(self, step: str, text: str) -> None:
         self.step = step
+        self._write_log(f"# step {step} at +{time.monotonic() - self._t0:.1f} s")
         self.say(f"{PREFIX} {text}")
         self.write_status(state="installing", ok=False, step=step, message=text)
 
@@ -265,7 +268,7 @@ class Installer:
         key = wanted_key(self.env_dir, self.reuse_host_torch, self.requirements, host=host)
         state, reason = prior
         old_key = (read_json(self.stamp_path + ".prev") or {}).get("key") or {}
-        need_rebuild = (rebuild or not os.path.isfile(self.py)
+        need_rebuild = (rebuild or not os.path.isfile(self.py) or state == "damaged"
                         or any(old_key.get(k) not in (None, key[k]) for k in ("python", "base_python", "torch_mode",
                                                                             "env_dir")))
         if not os.path.isfile(self.py) and state == "missing":
@@ -403,10 +406,11 @@ class Installer:
         bad = [f"{n}: {m.get('error')}" for n, m in res["modules"].items() if not m.get("ok")]
         bad += res.get("pins") or []
         torch_file = (res["modules"].get("torch") or {}).get("file") or ""
-        if use_host and torch_file and not os.path.abspath(torch_file).startswith(host["torch_dir"]):
-            bad.append(f"torch was loaded from {torch_file}, not from the WebUI's {host['torch_dir']}")
-        if not use_host and torch_file and not os.path.abspath(torch_file).startswith(os.path.abspath(purelib)):
-            bad.append(f"torch was loaded from {torch_file}, not from the worker venv")
+        if torch_file:
+            where = host["torch_dir"] if use_host else purelib
+            if not _under(torch_file, where):
+                bad.append(f"torch was loaded from {torch_file}, not from "
+                           + (f"the WebUI's {where}" if use_host else "the worker venv"))
         if bad:
             err = StepFailed("verify", "the worker environment does not import cleanly: " + "; ".join(bad[:6]),
                              tail="\n".join(bad))
@@ -438,6 +442,12 @@ class Installer:
         self.write_status(state="ready", ok=True, step="done", message=msg, torch=torch, python=self.py)
         self.say(f"{PREFIX} {msg}")
         return stamp
+
+
+def _under(path: str, folder: str) -> bool:
+    p = os.path.normcase(os.path.realpath(path))
+    f = os.path.normcase(os.path.realpath(folder)).rstrip(os.sep) + os.sep
+    return p.startswith(f)
 
 
 def _error_tail(lines: list[str], n: int = 15) -> str:
