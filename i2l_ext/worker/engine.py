@@ -150,6 +150,7 @@ class Engine:
         self._models: dict[str, _Model] = {}
         self._processor = None      # (folder, processor)
         self._bias = None           # (key, state dict)
+        self._checked: dict = {}    # file key -> (hash, shapes) of headers already read
 
     # ------------------------------------------------------------------ public
 
@@ -344,13 +345,20 @@ class Engine:
                                    "Download the models for this variant again.")
                 plan[role] = {"paths": [d], "tiny": False, "bytes": 0}
                 continue
-            shapes = {}
             for p in paths:
-                shapes.update(read_safetensors_header(p, entry.title))
-            h = keys_hash(shapes)
+                if not os.path.isfile(p):
+                    raise I2LError(I2LError.WEIGHTS_MISSING, f"The {entry.title} file is missing: {p}",
+                                   "Download the models for this variant again.")
+            key = tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths)
+            if key in self._checked:         # same files as an earlier job: skip re-reading headers
+                h, shapes = self._checked[key]
+            else:
+                shapes = {}
+                for p in paths:
+                    shapes.update(read_safetensors_header(p, entry.title))
+                h = keys_hash(shapes)
             marker = marker_for(role, paths)
             nbytes = sum(os.path.getsize(p) for p in paths)
-            key = tuple((p, os.path.getsize(p), int(os.path.getmtime(p))) for p in paths)
             if role == "bias":
                 if marker and marker.get("hashes", {}).get("bias") == h:
                     plan[role] = {"paths": paths, "tiny": True, "bytes": nbytes, "key": key}
@@ -360,8 +368,10 @@ class Engine:
                     raise I2LError(I2LError.WEIGHTS_INVALID, f"{paths[0]} is not the {entry.title} weights ({problem}).",
                                    "Delete it and download the models again.")
                 plan[role] = {"paths": paths, "tiny": False, "bytes": nbytes, "key": key}
+                self._checked[key] = (h, shapes)
                 continue
             real = real_model_config(role)
+            self._checked[key] = (h, shapes)
             if h == real["model_hash"]:
                 plan[role] = {"paths": paths, "tiny": False, "bytes": nbytes, "key": key,
                               "cls": _import(real["model_class"]), "config": dict(real.get("extra_kwargs") or {}),
@@ -373,6 +383,7 @@ class Engine:
                               "converter": _import(real["state_dict_converter"]) if "state_dict_converter" in real else None,
                               "module_map_name": real["model_class"]}
             else:
+                self._checked.pop(key, None)
                 names = ", ".join(os.path.basename(p) for p in paths)
                 raise I2LError(I2LError.WEIGHTS_INVALID,
                                f"{paths[0] if len(paths) == 1 else names} is not the {entry.title} weights "
