@@ -17,7 +17,9 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -25,6 +27,8 @@ import torch
 from .. import catalog, lora_format
 from ..errors import I2LError
 from . import tiny, vram
+from .streaming import Streamer
+from .weights import WeightFile
 
 PHASES = ("load", "encode", "decode", "merge", "write")
 MAX_HEADER = 100 * 1024 * 1024
@@ -140,8 +144,12 @@ def _bias_problem(shapes: dict, num_blocks: int) -> str | None:
 
 
 class _Model:
-    def __init__(self, role, key, model, profile, nbytes):
+    def __init__(self, role, key, model, profile, nbytes, dev="cpu"):
         self.role, self.key, self.model, self.profile, self.nbytes = role, key, model, profile, nbytes
+        self.dev = dev
+
+
+PINNED_PROFILES = ("gpu", "cpu_offload")
 
 
 class Engine:
@@ -151,12 +159,16 @@ class Engine:
         self._processor = None      # (folder, processor)
         self._bias = None           # (key, state dict)
         self._checked: dict = {}    # file key -> (hash, shapes) of headers already read
+        self._files: dict[str, WeightFile] = {}   # path -> weights read into page-locked RAM
+        self._by_storage: dict[int, WeightFile] = {}
+        self._lock = threading.RLock()             # a job and a prefetch never load at the same time
 
     # ------------------------------------------------------------------ public
 
     def run(self, spec: dict, images: list, progress: Callable[[str, int, int, str], None]) -> dict:
         try:
-            return self._run(spec, images, progress)
+            with self._lock:
+                return self._run(spec, images, progress)
         except I2LError:
             raise
         except BaseException as e:
@@ -172,6 +184,8 @@ class Engine:
         self._models.clear()
         self._processor = None
         self._bias = None
+        self._files.clear()
+        self._by_storage.clear()
         import gc
         gc.collect()
         if torch.cuda.is_available():
@@ -210,8 +224,8 @@ class Engine:
         is_tiny = any(p["tiny"] for p in plan.values())
         dtype = self._dtype(spec, dev, is_tiny)
         needed = sum(p["bytes"] for r, p in plan.items() if r not in ("processor", "bias"))
-        resident = sum(m.nbytes for m in self._models.values() if m.profile == "gpu")
-        profile = vram.choose_profile(spec.get("vram_profile", "auto"), needed, resident, dev)
+        held = sum(f.nbytes for f in self._files.values())     # already in RAM: needs no more
+        profile = vram.choose_profile(spec.get("vram_profile", "auto"), needed, held, dev)
         if is_tiny:
             warnings.append("Tiny random-weight models: this LoRA is for testing the path only.")
         if dev == "cpu":
@@ -240,22 +254,25 @@ class Engine:
             progress("encode", 0, steps, f"Encoding {n} image{'s' * (n != 1)}")
             from diffsynth.core.data.operators import ImageCropAndResize
             hi = [ImageCropAndResize(height=1024, width=1024)(im) for im in images]
-            x_sig = self._encode_siglip(hi, dtype, dev)
+            with self._stream("siglip2"):
+                x_sig = self._encode_siglip(hi, dtype, dev)
             progress("encode", 1, steps, "SigLIP2 done")
-            x_dino = self._encode_dino(hi, dtype, dev)
+            with self._stream("dinov3"):
+                x_dino = self._encode_dino(hi, dtype, dev)
             progress("encode", 2, steps, "DINOv3 done")
             x = torch.concat([x_sig, x_dino], dim=-1)
             residual = {}
             step = 2
-            if "coarse" in plan:
-                lo = [ImageCropAndResize(height=28 * 8, width=28 * 8)(im) for im in images]
-                residual["coarse"] = self._encode_qwenvl(lo, dtype, dev, TEXT_ENCODER_CHUNK["coarse"])
-                step += 1
-                progress("encode", step, steps, "Qwen2.5-VL 224x224 done")
-            if "fine" in plan:
-                residual["fine"] = self._encode_qwenvl(hi, dtype, dev, TEXT_ENCODER_CHUNK["fine"])
-                step += 1
-                progress("encode", step, steps, "Qwen2.5-VL 1024x1024 done")
+            with self._stream("text_encoder") if "text_encoder" in plan else nullcontext():
+                if "coarse" in plan:
+                    lo = [ImageCropAndResize(height=28 * 8, width=28 * 8)(im) for im in images]
+                    residual["coarse"] = self._encode_qwenvl(lo, dtype, dev, TEXT_ENCODER_CHUNK["coarse"])
+                    step += 1
+                    progress("encode", step, steps, "Qwen2.5-VL 224x224 done")
+                if "fine" in plan:
+                    residual["fine"] = self._encode_qwenvl(hi, dtype, dev, TEXT_ENCODER_CHUNK["fine"])
+                    step += 1
+                    progress("encode", step, steps, "Qwen2.5-VL 1024x1024 done")
             if "text_encoder" in self._models:
                 self._release("text_encoder")
             lap("encode")
@@ -267,7 +284,8 @@ class Engine:
                 progress("decode", i, len(decoders), f"Decoding with the {d.title()} decoder")
                 m = self._models[d].model
                 vram.onload(m)
-                parts.append(self._decode(m, x, residual.get(d), n))
+                with self._stream(d) as streamer:
+                    parts.append(self._decode(m, x, residual.get(d), n, streamer))
                 self._release(d)
             progress("decode", len(decoders), len(decoders), "Decoded")
             lap("decode")
@@ -282,7 +300,7 @@ class Engine:
 
         # --- write
         progress("write", 0, 1, "Writing the LoRA")
-        cpu = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in lora.items()}
+        cpu = self._to_host(lora)
         del lora
         rank = max(v.shape[0] for k, v in cpu.items() if ".lora_A." in k)
         state = lora_format.build_state_dict(cpu, key_format,
@@ -294,6 +312,8 @@ class Engine:
         size = os.path.getsize(out_path)
         lap("write")
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+        if dev == "cuda":
+            torch.cuda.empty_cache()      # between jobs the worker holds only its CUDA context
         return {"keys": len(state), "rank": rank, "bytes": size,
                 "timings": {k: round(v, 3) for k, v in timings.items()}, "peak_vram": peak,
                 "device": f"cuda:{torch.cuda.current_device()}" if dev == "cuda" else "cpu",
@@ -403,6 +423,13 @@ class Engine:
             self._bias = None
         if self._processor is not None and ("processor" not in plan or self._processor[0] != plan["processor"]["paths"][0]):
             self._processor = None
+        keep = {path for r, p in plan.items() for path in p["paths"]} if (
+            dev == "cuda" and profile in PINNED_PROFILES) else set()
+        for path in [p for p in self._files if p not in keep]:
+            wf = self._files.pop(path)
+            if wf.buffer is not None:
+                self._by_storage.pop(wf.buffer.untyped_storage().data_ptr(), None)
+            wf.release()
         import gc
         gc.collect()
         if dev == "cuda":
@@ -420,8 +447,21 @@ class Engine:
         paths = p["paths"] if len(p["paths"]) > 1 else p["paths"][0]
         t = time.monotonic()
         vc = vram.vram_config(profile, dtype, dev) if dev == "cuda" else None
+        pinned = dev == "cuda" and profile in PINNED_PROFILES
         try:
-            if vc is None:
+            if pinned:
+                # The file is read into page-locked RAM (perhaps already, by a prefetch); the model's
+                # parameters are views of it, and its layers go to the GPU as they run.
+                files = [self._weight_file(path) for path in p["paths"]]
+                sd = {}
+                for wf in files:
+                    sd.update(wf.state_dict())
+                if any(t.dtype != dtype for t in sd.values()):
+                    for wf in files:       # a dtype change copies: wait for all bytes first
+                        wf.wait()
+                model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype, device="cpu",
+                                   state_dict_converter=p["converter"], state_dict=sd)
+            elif vc is None:
                 model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype,
                                    device=dev, state_dict_converter=p["converter"])
             else:
@@ -438,8 +478,95 @@ class Engine:
                            f"{p['paths'][0]} could not be loaded as the {catalog.FILES[role].title} weights: {e}",
                            "Delete it and download the models again.", details=repr(e)) from None
         model.eval()
-        self._models[role] = _Model(role, key, model, profile, p["bytes"])
+        self._models[role] = _Model(role, key, model, profile, p["bytes"], dev)
         self.log("info", f"Loaded {catalog.FILES[role].title} in {time.monotonic() - t:.1f} s ({profile})")
+
+    # ------------------------------------------------------------------ page-locked weights
+
+    def _weight_file(self, path: str) -> WeightFile:
+        wf = self._files.get(path)
+        if wf is None:
+            try:
+                wf = WeightFile(path, pin=True)
+            except ValueError as e:
+                raise I2LError(I2LError.WEIGHTS_INVALID, f"{path} is not a safetensors file ({e}).",
+                               "Delete it and download the models again.") from None
+            wf.start()
+            self._files[path] = wf
+            self._by_storage[wf.buffer.untyped_storage().data_ptr()] = wf
+        return wf
+
+    def _wait_tensor(self, t) -> None:
+        wf = self._by_storage.get(t.untyped_storage().data_ptr())
+        if wf is not None:
+            wf.wait(t.data_ptr() - wf.buffer.data_ptr() + t.numel() * t.element_size())
+
+    @contextmanager
+    def _stream(self, role):
+        """Around a model's phase: to the GPU whole (gpu) or layer by layer (cpu_offload), and back."""
+        m = self._models.get(role)
+        if m is None or m.dev != "cuda" or m.profile not in PINNED_PROFILES:
+            yield None
+            return
+        s = Streamer(m.model, "cuda", wait=self._wait_tensor, layered=m.profile == "cpu_offload")
+        with s:
+            yield s if s.layers else None
+
+    def prefetch(self, spec: dict) -> None:
+        """Start reading a variant's weights (and building its models) before the job arrives."""
+        variant = catalog.get_variant(spec.get("variant", "style"))
+        bias = bool(spec.get("bias", variant.bias_default))
+        roles = variant.needed_roles(bias)
+        dev = vram.device()
+        if dev != "cuda":
+            return
+        with self._lock:
+            plan = self._plan(roles, spec)
+            is_tiny = any(p["tiny"] for p in plan.values())
+            dtype = self._dtype(spec, dev, is_tiny)
+            needed = sum(p["bytes"] for r, p in plan.items() if r not in ("processor", "bias"))
+            held = sum(f.nbytes for f in self._files.values())
+            profile = vram.choose_profile(spec.get("vram_profile", "auto"), needed, held, dev)
+            if profile not in PINNED_PROFILES:
+                return
+            self._keep_only(set(roles), plan, profile, dtype, dev)
+            order = [r for r in LOAD_ORDER if r in plan]
+            # Files are read one after the other in the order they are used, so the first
+            # encoder is complete as early as possible.
+            paths = [path for r in order for path in plan[r]["paths"]]
+            threading.Thread(target=self._read_in_order, args=(paths,), daemon=True,
+                             name="i2l-prefetch").start()
+            for role in order:
+                self._load(role, plan[role], profile, dtype, dev)
+        self.log("info", f"Reading the {variant.label} weights ahead ({catalog.human_size(needed)}).")
+
+    def _read_in_order(self, paths) -> None:
+        for path in paths:
+            wf = self._files.get(path)
+            if wf is None:
+                return
+            try:
+                wf.wait()
+            except BaseException:
+                return
+
+    @staticmethod
+    def _to_host(lora: dict) -> dict:
+        """Every tensor to host memory in bf16 with one device-to-host copy."""
+        keys = list(lora)
+        vals = [lora[k].detach() for k in keys]
+        if vals and vals[0].is_cuda:
+            flat = torch.cat([v.reshape(-1).to(torch.bfloat16) for v in vals])
+            host = torch.empty(flat.numel(), dtype=torch.bfloat16, pin_memory=True)
+            host.copy_(flat)
+            del flat
+            out, off = {}, 0
+            for k, v in zip(keys, vals):
+                n = v.numel()
+                out[k] = host[off:off + n].view(v.shape)
+                off += n
+            return out
+        return {k: v.to("cpu", torch.bfloat16).contiguous() for k, v in zip(keys, vals)}
 
     def _module_map(self, class_path):
         """DiffSynth's VRAM-management map for a model class, tolerant of transformers renames
@@ -496,10 +623,9 @@ class Engine:
             vram.offload(m.model)
 
     def _drop_after_oom(self):
-        for role in list(self._models):
-            if self._models[role].profile != "gpu":
-                vram.offload(self._models[role].model)
-        self._models = {r: m for r, m in self._models.items() if m.profile != "gpu"}
+        for m in self._models.values():
+            if m.profile == "disk":
+                vram.offload(m.model)
         import gc
         gc.collect()
         if torch.cuda.is_available():
@@ -565,24 +691,29 @@ class Engine:
     # ------------------------------------------------------------------ decoder (batched)
 
     @staticmethod
-    def _decode(model, x, residual, n):
+    def _decode(model, x, residual, n, streamer=None):
         """Per-image LoRAs of one decoder for all images at once: key -> (A [N, r, in], B [N, out, r])."""
         if residual is not None and model.use_residual:
             residual = residual * model.residual_scale
         else:
             residual = None
         out = {}
-        for block in model.blocks:
-            r = None
-            pr = block.proj_residual
-            if pr is not None:
-                h = pr.proj_in(residual.reshape(n, pr.length, pr.in_dim))
-                r = pr.proj_out(h.reshape(n, 1, pr.length * pr.mid_dim)).reshape(n, -1)
-            for (name, a_dim, b_dim), layer in zip(block.lora_patterns, block.layers):
-                a = layer.proj_a(x, r).view(n, layer.rank, a_dim)
-                b = layer.proj_b(x, r).view(n, b_dim, layer.rank)
-                out[f"transformer_blocks.{block.block_id}.{name}.lora_A.default.weight"] = (a, b)
+        for i, block in enumerate(model.blocks):
+            with streamer.layer(i) if streamer is not None else nullcontext():
+                Engine._decode_block(block, x, residual, n, out)
         return out
+
+    @staticmethod
+    def _decode_block(block, x, residual, n, out) -> None:
+        r = None
+        pr = block.proj_residual
+        if pr is not None:
+            h = pr.proj_in(residual.reshape(n, pr.length, pr.in_dim))
+            r = pr.proj_out(h.reshape(n, 1, pr.length * pr.mid_dim)).reshape(n, -1)
+        for (name, a_dim, b_dim), layer in zip(block.lora_patterns, block.layers):
+            a = layer.proj_a(x, r).view(n, layer.rank, a_dim)
+            b = layer.proj_b(x, r).view(n, b_dim, layer.rank)
+            out[f"transformer_blocks.{block.block_id}.{name}.lora_A.default.weight"] = (a, b)
 
     @staticmethod
     def _merge(parts, alpha):

@@ -1,16 +1,20 @@
 """Devices, dtypes and VRAM profiles for the engine.
 
 Profiles:
-- ``gpu``: every model resident on the GPU, kept between jobs.
-- ``cpu_offload``: weights in RAM; DiffSynth's VRAM management moves each layer to the GPU when it
-  runs (and keeps it there while VRAM allows); a model is sent back to RAM after its phase.
-- ``disk``: weights stay in their safetensors files; layers are read as they run and dropped after
-  the model's phase (the official low-VRAM example).
-- ``auto``: ``gpu`` when all models plus a working margin fit in free VRAM, else ``disk``
-  (measured faster than ``cpu_offload`` on an H100, see FACTS.md).
+- ``gpu``: weights kept in page-locked RAM; each model goes to the GPU whole for its phase (the
+  fastest compute, the most VRAM) and leaves it afterwards.
+- ``cpu_offload``: weights kept in page-locked RAM; each model runs layer by layer, the next
+  layer's copy overlapping the current layer's compute (``streaming.Streamer``). Peak VRAM is a
+  few GB whatever the model's size.
+- ``disk``: weights stay in their safetensors files; DiffSynth's VRAM management reads layers as
+  they run (the official low-VRAM example). For machines without the RAM to hold the weights.
+- ``auto``: ``cpu_offload`` when the weights fit in available RAM with a margin, else ``disk``.
+Between jobs no profile keeps weights on the GPU: the worker holds only its CUDA context.
 On a machine without CUDA every profile is plain CPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -39,16 +43,40 @@ def choose_profile(requested: str, needed_bytes: int, resident_bytes: int = 0, d
         return "cpu"
     if requested != "auto":
         return requested
-    free, _total = free_vram()
-    return "gpu" if needed_bytes + WORK_MARGIN <= free + resident_bytes else "disk"
+    ram = available_ram()
+    return "cpu_offload" if ram is None or needed_bytes + RAM_MARGIN <= ram + resident_bytes else "disk"
+
+
+RAM_MARGIN = int(4 * GiB)
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the system can still give (MemAvailable on Linux, ullAvailPhys on Windows)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if os.name == "nt":
+        import ctypes
+
+        class MemoryStatus(ctypes.Structure):
+            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+        st = MemoryStatus()
+        st.dwLength = ctypes.sizeof(MemoryStatus)
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
+            return int(st.ullAvailPhys)
+    return None
 
 
 def vram_config(profile: str, dtype: torch.dtype, dev: str) -> dict | None:
     """DiffSynth's per-model vram_config for a profile (None: load plainly onto ``dev``)."""
-    if profile == "cpu_offload":
-        return {"offload_dtype": dtype, "offload_device": "cpu", "onload_dtype": dtype, "onload_device": "cpu",
-                "preparing_dtype": dtype, "preparing_device": dev,
-                "computation_dtype": dtype, "computation_device": dev}
     if profile == "disk":
         return {"offload_dtype": "disk", "offload_device": "disk", "onload_dtype": "disk", "onload_device": "disk",
                 "preparing_dtype": dtype, "preparing_device": dev,

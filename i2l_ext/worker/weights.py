@@ -1,0 +1,220 @@
+"""Reading safetensors files fast, into (pinned) host memory, while the rest starts up.
+
+A ``WeightFile`` reads a whole file with several reader threads into one host buffer (page-locked
+when CUDA is there, so copies to the GPU run at full speed and overlap with compute). Tensors
+are zero-copy views into that buffer. Reading starts as soon as it is asked for; a consumer that
+needs a tensor before its bytes have arrived waits just for those bytes, so encoding can begin
+while later files are still being read.
+
+Only the safetensors format is read: the header is parsed as JSON and checked, nothing is ever
+unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+
+CHUNK = 32 << 20
+READERS = int(os.environ.get("I2L_READ_THREADS", "4"))
+
+_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class NotSafetensors(ValueError):
+    pass
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(header without __metadata__, byte offset where the data starts). Raises NotSafetensors."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise NotSafetensors("the file is too short")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > min(size - 8, 100 << 20):
+            raise NotSafetensors("it has no safetensors header")
+        raw = f.read(n)
+    if not raw.lstrip().startswith(b"{"):
+        raise NotSafetensors("it has no safetensors header")
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise NotSafetensors("its safetensors header is not valid JSON") from None
+    header.pop("__metadata__", None)
+    end = 0
+    for k, v in header.items():
+        if not isinstance(v, dict) or "dtype" not in v or "data_offsets" not in v:
+            raise NotSafetensors(f"entry {k!r} of its header is malformed")
+        end = max(end, v["data_offsets"][1])
+    if 8 + n + end > size:
+        raise NotSafetensors(f"it is truncated ({size} bytes, the header needs {8 + n + end})")
+    return header, 8 + n
+
+
+class WeightFile:
+    """One safetensors file read into a host buffer by background threads."""
+
+    def __init__(self, path: str, pin: bool = True):
+        self.path = path
+        self.header, self.data_start = read_header(path)
+        self.nbytes = os.path.getsize(path) - self.data_start
+        self.pin = pin
+        self.buffer = None               # torch.uint8 tensor holding the data section
+        self.done_bytes = 0              # contiguous bytes ready from the start of the data section
+        self.error: BaseException | None = None
+        self.started = self.finished = None
+        self._chunks_done: set[int] = set()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+    # -- reading -----------------------------------------------------------------------------
+    def start(self) -> "WeightFile":
+        import torch
+        if self.buffer is not None:
+            return self
+        self.started = time.monotonic()
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        if self.pin and torch.cuda.is_available():
+            try:
+                buf = buf.pin_memory()
+            except RuntimeError:      # not enough page-locked memory: plain RAM still works
+                pass
+        self.buffer = buf
+        n_chunks = max(1, -(-self.nbytes // CHUNK))
+        self._next = 0
+        self._n_chunks = n_chunks
+        for i in range(min(READERS, n_chunks)):
+            t = threading.Thread(target=self._reader, daemon=True, name=f"i2l-read-{i}")
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def _take(self) -> int | None:
+        with self._cond:
+            if self._next >= self._n_chunks or self.error is not None:
+                return None
+            i = self._next
+            self._next += 1
+            return i
+
+    def _reader(self) -> None:
+        view = memoryview(self.buffer.numpy())
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                while True:
+                    i = self._take()
+                    if i is None:
+                        return
+                    a = i * CHUNK
+                    b = min(self.nbytes, a + CHUNK)
+                    f.seek(self.data_start + a)
+                    mv = view[a:b]
+                    got = 0
+                    while got < b - a:
+                        n = f.readinto(mv[got:])
+                        if not n:
+                            raise OSError(f"{self.path} ended early (truncated?)")
+                        got += n
+                    with self._cond:
+                        self._chunks_done.add(i)
+                        frontier = self.done_bytes // CHUNK if self.done_bytes < self.nbytes else self._n_chunks
+                        while frontier in self._chunks_done:
+                            frontier += 1
+                        self.done_bytes = min(self.nbytes, frontier * CHUNK)
+                        if self.done_bytes >= self.nbytes:
+                            self.finished = time.monotonic()
+                        self._cond.notify_all()
+        except BaseException as e:
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+
+    def wait(self, upto: int | None = None) -> None:
+        """Block until the first ``upto`` bytes of the data section (all of it by default) are read."""
+        if self.buffer is None:
+            self.start()
+        upto = self.nbytes if upto is None else upto
+        with self._cond:
+            while self.done_bytes < upto and self.error is None:
+                self._cond.wait(0.5)
+            if self.error is not None:
+                raise self.error
+
+    @property
+    def ready(self) -> bool:
+        return self.buffer is not None and self.done_bytes >= self.nbytes
+
+    # -- tensors -----------------------------------------------------------------------------
+    def shapes(self) -> dict:
+        return {k: (tuple(v["shape"]), v["dtype"]) for k, v in self.header.items()}
+
+    def tensor(self, key: str):
+        import torch
+        if self.buffer is None:
+            self.start()
+        info = self.header[key]
+        a, b = info["data_offsets"]
+        dtype = getattr(torch, _DTYPES[info["dtype"]])
+        raw = self.buffer[a:b]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if a % itemsize:
+            raw = raw.clone()
+        return raw.view(dtype).view(tuple(info["shape"]))
+
+    def end_of(self, key: str) -> int:
+        return self.header[key]["data_offsets"][1]
+
+    def state_dict(self) -> dict:
+        """Every tensor as a view; data may still be arriving (``wait`` / ``end_of``)."""
+        return {k: self.tensor(k) for k in self.header}
+
+    def release(self) -> None:
+        self.buffer = None
+
+
+class WeightSet:
+    """Several files, read one after the other in the order they will be used."""
+
+    def __init__(self, paths: list[str], pin: bool = True):
+        self.files = {p: WeightFile(p, pin=pin) for p in paths}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "WeightSet":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="i2l-prefetch")
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        for wf in self.files.values():
+            try:
+                wf.start()
+                wf.wait()
+            except BaseException:
+                return      # the consumer sees the error when it waits on that file
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files.values())
+
+
+def readahead(paths: list[str]) -> threading.Thread:
+    """Pull files into the OS page cache with plain reads; needs no torch, so it can run while torch imports."""
+    def run():
+        buf = bytearray(CHUNK)
+        for p in paths:
+            try:
+                with open(p, "rb", buffering=0) as f:
+                    while f.readinto(buf):
+                        pass
+            except OSError:
+                pass
+    t = threading.Thread(target=run, daemon=True, name="i2l-readahead")
+    t.start()
+    return t
