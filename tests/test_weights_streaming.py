@@ -1,0 +1,123 @@
+"""Page-locked weight reading and layer streaming (the worker's fast path).
+
+The reading tests run anywhere; the streaming ones need a CUDA GPU and are skipped without one.
+"""
+import os
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from i2l_ext.worker import weights  # noqa: E402
+from i2l_ext.worker.streaming import Streamer, layer_lists  # noqa: E402
+
+
+def _write(path, n_layers=6, dim=64, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    sd = {"embed.weight": torch.randn(dim, dim, generator=g).to(dtype)}
+    for i in range(n_layers):
+        sd[f"layers.{i}.weight"] = torch.randn(dim, dim, generator=g).to(dtype)
+        sd[f"layers.{i}.bias"] = torch.randn(dim, generator=g).to(dtype)
+    save_file(sd, str(path))
+    return sd
+
+
+class Net(torch.nn.Module):
+    def __init__(self, n_layers=6, dim=64):
+        super().__init__()
+        self.embed = torch.nn.Linear(dim, dim, bias=False)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(n_layers))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for l in self.layers:
+            x = torch.tanh(l(x))
+        return x
+
+
+def test_reads_every_tensor_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "CHUNK", 4096)        # many chunks, several reader threads
+    p = tmp_path / "w.safetensors"
+    ref = _write(p, n_layers=20, dim=48)
+    wf = weights.WeightFile(str(p), pin=False).start()
+    got = wf.state_dict()
+    wf.wait()
+    assert wf.ready and set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    assert torch.equal(load_file(str(p))["layers.7.weight"], got["layers.7.weight"])
+
+
+def test_partial_wait_returns_before_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "CHUNK", 1024)
+    monkeypatch.setattr(weights, "READERS", 1)
+    p = tmp_path / "w.safetensors"
+    _write(p, n_layers=30, dim=64)
+    wf = weights.WeightFile(str(p), pin=False)
+    gate = threading.Event()
+    real_take = wf._take
+
+    def slow_take():
+        i = real_take()
+        if i is not None and i > 2:
+            gate.wait(5)
+        return i
+    wf._take = slow_take
+    wf.start()
+    first = wf.header["embed.weight"]["data_offsets"][1]
+    wf.wait(min(first, 2048))                 # returns while later chunks are held back
+    assert not wf.ready
+    gate.set()
+    wf.wait()
+    assert wf.ready
+
+
+def test_refuses_what_is_not_safetensors(tmp_path):
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(b"\x80\x04\x95" + b"pickle" * 10)
+    with pytest.raises(weights.NotSafetensors):
+        weights.WeightFile(str(p))
+    q = tmp_path / "cut.safetensors"
+    _write(q)
+    data = q.read_bytes()
+    q.write_bytes(data[:-100])
+    with pytest.raises(weights.NotSafetensors, match="truncated"):
+        weights.WeightFile(str(q))
+
+
+def test_layer_lists_find_the_repeated_layers():
+    net = Net(n_layers=8)
+    assert layer_lists(net) == [net.layers]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("layered", [True, False])
+def test_streamed_equals_resident(tmp_path, layered):
+    p = tmp_path / "w.safetensors"
+    _write(p, n_layers=12, dim=1024)
+    wf = weights.WeightFile(str(p), pin=True).start()
+    net = Net(n_layers=12, dim=1024).to(torch.bfloat16)
+    net.load_state_dict(wf.state_dict(), assign=True)
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    ref_net = Net(n_layers=12, dim=1024).to(torch.bfloat16)
+    ref_net.load_state_dict(load_file(str(p)))
+    ref = ref_net.cuda()(x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with Streamer(net, "cuda", wait=lambda t: wf.wait(), layered=layered):
+        out = net(x)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+    assert all(p.device.type == "cpu" for p in net.parameters())      # parked again
+    peak = torch.cuda.max_memory_allocated() - base
+    layer = 1024 * 1024 * 2
+    if layered:
+        assert peak < 5 * layer        # a couple of layers, never the 12
+    else:
+        assert peak >= 12 * layer
