@@ -31,25 +31,21 @@ def _module(name: str):
 
 # -- worker environment ---------------------------------------------------------------------------
 def env_state(ctl) -> tuple[bool, str]:
-    """(ok, banner html). A configured worker interpreter that exists counts as ok."""
+    """(ok, banner html). A worker interpreter chosen by the user that exists counts as ok."""
     env = _module("i2l_ext.envsetup")
     if env is None or not hasattr(env, "env_status"):
         return True, ""
     try:
-        kwargs = {}
-        if ctl.config.worker_python:
-            kwargs["python"] = ctl.config.worker_python
-        try:
-            st = env.env_status(**kwargs)
-        except TypeError:
-            st = env.env_status()
+        st = env.env_status(explicit=ctl.config.worker_python or None)
     except Exception as e:       # never let a check break the tab
-        st = {"ok": False, "error": str(e), "repair_command": ""}
+        st = {"ok": False, "message": str(e), "error": "", "repair_command": ""}
     if st.get("ok"):
         return True, ""
     cmd = st.get("repair_command") or "python -m i2l_ext env repair"
-    return False, (f'<div class="i2l-banner" data-ok="0"><b>{esc(t("env_not_ok"))}</b> '
-                   f'{esc(st.get("error") or "")}<div class="i2l-fix">{esc(t("env_fix"))} <code>{esc(cmd)}</code></div></div>')
+    detail = " ".join(x for x in (st.get("message"), st.get("error") if st.get("error") != st.get("message") else "") if x)
+    return False, (f'<div class="i2l-banner" data-ok="0" data-state="{esc(st.get("state", ""))}">'
+                   f'<b>{esc(t("env_not_ok"))}</b> {esc(detail)}'
+                   f'<div class="i2l-fix">{esc(t("env_fix"))} <code>{esc(cmd)}</code></div></div>')
 
 
 def env_banner_loaders(ctl, banner, row, repair_btn, log):
@@ -67,7 +63,7 @@ def env_banner_loaders(ctl, banner, row, repair_btn, log):
 
         def work():
             try:
-                env.repair_env(log=lambda m: lines.append(str(m)))
+                env.repair_env(log=lambda *m: lines.append(" ".join(str(x) for x in m)))
             except Exception as e:
                 box["error"] = e
             finally:
@@ -95,36 +91,24 @@ class Downloads:
 
 
 def _status_rows(ctl) -> list[dict]:
-    """One row per variant: key, label, missing file titles, bytes to download."""
+    """One row per variant: key, label, ready, missing file titles, bytes to download."""
     hub = _module("i2l_ext.hub")
     rows = []
-    status = None
     if hub is not None and hasattr(hub, "models_status"):
         try:
-            status = hub.models_status(ctl.config.models_dir, list(ctl.config.search_dirs))
+            for st in hub.models_status(ctl.config.models_dir, list(ctl.config.search_dirs)):
+                missing = [r for r in st.get("roles", []) if not r.get("present")]
+                rows.append({"key": st["variant"], "label": st.get("label", st["variant"]),
+                             "ready": bool(st.get("complete")), "missing": [r.get("title", r.get("role")) for r in missing],
+                             "bytes": int(st.get("missing_bytes") or 0)})
+            return rows
         except Exception:
-            status = None
+            rows = []
     for v in catalog.VARIANTS.values():
-        row = {"key": v.key, "label": v.label, "missing": [], "bytes": 0}
-        info = status.get(v.key) if isinstance(status, dict) else None
-        if isinstance(info, dict):
-            missing = info.get("missing") or info.get("missing_roles") or []
-            row["missing"] = [catalog.FILES[m].title if m in catalog.FILES else str(m) for m in missing]
-            row["bytes"] = int(info.get("missing_bytes") or info.get("bytes") or
-                               sum(catalog.FILES[m].approx_bytes for m in missing if m in catalog.FILES))
-            row["ready"] = bool(info.get("ready", not missing))
-        else:
-            try:
-                ctl.service.resolve_files(v.key, None)
-                row["ready"] = True
-            except I2LError:
-                missing = catalog.missing_roles(v, ctl.config.models_dir)
-                row["missing"] = [catalog.FILES[m].title for m in missing]
-                row["bytes"] = sum(catalog.FILES[m].approx_bytes for m in missing)
-                row["ready"] = False
-            except Exception:
-                row["ready"] = False
-        rows.append(row)
+        missing = catalog.missing_roles(v, ctl.config.models_dir)
+        rows.append({"key": v.key, "label": v.label, "ready": not missing,
+                     "missing": [catalog.FILES[m].title for m in missing],
+                     "bytes": sum(catalog.FILES[m].approx_bytes for m in missing)})
     return rows
 
 
@@ -145,88 +129,94 @@ def models_html(ctl) -> str:
 def _progress_html(p: dict | None, variant: str | None) -> str:
     if not p:
         return ""
-    done, total = p.get("bytes") or 0, p.get("total") or 0
+    done, total = p.get("done") or p.get("bytes") or 0, p.get("total") or 0
     pct = int(100 * done / total) if total else 0
-    speed = p.get("speed") or 0
-    eta = p.get("eta")
     text = f"{variant or ''}: {catalog.human_size(done)} / {catalog.human_size(total)} ({pct}%)"
-    if speed:
-        text += f" · {catalog.human_size(speed)}/s"
-    if eta:
-        text += f" · {t('eta', s=int(eta))}"
-    if p.get("error"):
-        text += f" · {p['error']}"
-    return (f'<div class="i2l-progress" data-state="{esc(p.get("state", "running"))}"><div class="i2l-bar">'
-            f'<div class="i2l-bar-fill" style="width:{pct}%"></div></div><div class="i2l-progress-text">{esc(text)}</div></div>')
+    if p.get("speed"):
+        text += f" · {catalog.human_size(p['speed'])}/s"
+    if p.get("eta"):
+        text += f" · {t('eta', s=int(p['eta']))}"
+    if p.get("file"):
+        text += f" · {p['file']}"
+    if p.get("message"):
+        text += f" · {p['message']}"
+    state = p.get("state", "running")
+    err = p.get("error")
+    tail = ""
+    if isinstance(err, dict):
+        fix = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(err.get("fix", ""))}</div>' if err.get("fix") else ""
+        tail = f'<div class="i2l-error" data-code="{esc(err.get("code", ""))}">{esc(err.get("message", ""))}{fix}</div>'
+    return (f'<div class="i2l-progress" data-state="{esc(state)}"><div class="i2l-bar i2l-bar-{esc(state)}">'
+            f'<div class="i2l-bar-fill" style="width:{pct}%"></div></div><div class="i2l-progress-text">{esc(text)}</div>'
+            f"</div>{tail}")
 
 
-def _start_task(hub, variant: str, ctl):
-    cls = hub.DownloadTask
-    for kwargs in ({"variant": variant, "models_dir": ctl.config.models_dir},):
-        try:
-            task = cls(**kwargs)
-            break
-        except TypeError:
-            task = cls(variant, ctl.config.models_dir)
-            break
-    start = getattr(task, "start", None)
-    if callable(start) and not getattr(task, "is_alive", lambda: False)():
-        start()
-    return task
+def _source_choices():
+    hub = _module("i2l_ext.hub")
+    if hub is None or not hasattr(hub, "SOURCE_NAMES"):
+        return [], None
+    labels = getattr(hub, "LABELS", {})
+    return [(labels.get(n, n), n) for n in hub.SOURCE_NAMES], hub
 
 
 def models_panel(ctl):
+    choices, hub = _source_choices()
+    current, endpoint = None, ""
+    if hub is not None:
+        try:
+            settings = hub.load_settings(ctl.config.models_dir)
+            current, endpoint = settings.get("source"), settings.get("endpoint") or ""
+        except Exception:
+            pass
     with gr.Accordion(t("models_title"), open=False, elem_id="i2l_models"):
         status = gr.HTML("", elem_id="i2l_models_status")
         with gr.Row():
             which = gr.Dropdown(choices=[(v.label, v.key) for v in catalog.VARIANTS.values()], value="style",
                                 label=t("models_variant"), elem_id="i2l_models_variant")
-            dl_btn = gr.Button(t("download"), elem_id="i2l_download", size="sm")
+            source = gr.Dropdown(choices=choices, value=current if choices else None, label=t("models_source"),
+                                 elem_id="i2l_models_source", visible=bool(choices))
+            mirror = gr.Textbox(value=endpoint, label=t("models_mirror"), placeholder="https://hf-mirror.com",
+                                elem_id="i2l_models_mirror", lines=1, max_lines=1, visible=bool(choices))
+        with gr.Row():
+            dl_btn = gr.Button(t("download"), elem_id="i2l_download", size="sm", variant="primary")
             dl_cancel = gr.Button(t("cancel_download"), elem_id="i2l_download_cancel", size="sm")
             refresh = gr.Button(t("refresh"), elem_id="i2l_models_refresh", size="sm")
         dl_progress = gr.HTML("", elem_id="i2l_download_progress")
 
-    def download(variant):
+    def download(variant, source_name, mirror_url):
         hub = _module("i2l_ext.hub")
         if hub is None or not hasattr(hub, "DownloadTask"):
             yield compat.update(), f'<div class="i2l-error">{esc(t("hub_missing"))}</div>'
             return
         task = Downloads.task
-        if task is not None and getattr(task, "is_alive", lambda: False)():
-            yield compat.update(), f'<div class="i2l-error">{esc(t("download_busy"))}</div>'
+        if task is not None and task.is_alive():
+            yield compat.update(), f'<div class="i2l-error" data-code="busy">{esc(t("download_busy"))}</div>'
             return
         try:
-            task = _start_task(hub, variant, ctl)
+            src = None
+            if source_name:
+                src = hub.get_source(source_name, (mirror_url or "").strip() or None)
+                hub.save_settings(ctl.config.models_dir, source=source_name,
+                                  endpoint=(mirror_url or "").strip() if source_name == "custom" else None)
+            task = hub.DownloadTask(ctl.config.models_dir, variant, source=src,
+                                    search_dirs=list(ctl.config.search_dirs), offline=ctl.config.offline or None).start()
         except I2LError as e:
-            yield compat.update(), f'<div class="i2l-error">{esc(e.message)} {esc(e.fix)}</div>'
+            fix = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(e.fix)}</div>' if e.fix else ""
+            yield compat.update(), f'<div class="i2l-error" data-code="{esc(e.code)}">{esc(e.message)}{fix}</div>'
             return
         Downloads.task, Downloads.variant = task, variant
-        while getattr(task, "is_alive", lambda: False)():
-            try:
-                p = task.progress()
-            except Exception:
-                p = None
-            yield compat.update(), _progress_html(p, variant)
-            time.sleep(1.0)
-        p = None
-        try:
-            p = task.progress()
-        except Exception:
-            pass
-        err = getattr(task, "error", None)
-        tail = f'<div class="i2l-error">{esc(getattr(err, "message", err))}</div>' if err else ""
-        yield models_html(ctl), _progress_html(p, variant) + tail
+        while not task.wait(1.0):
+            yield compat.update(), _progress_html(task.progress(), variant)
+        yield models_html(ctl), _progress_html(task.progress(), variant)
 
     def cancel():
         task = Downloads.task
         if task is not None:
-            try:
-                task.cancel()
-            except Exception:
-                pass
+            task.cancel()
         return compat.update()
 
-    dl_btn.click(download, [which], [status, dl_progress], **compat.event_kwargs(concurrent=True))
+    dl_btn.click(download, [which, source, mirror], [status, dl_progress],
+                 **compat.event_kwargs(concurrent=True, show_progress="hidden"))
     dl_cancel.click(cancel, None, None, queue=False)
     refresh.click(lambda: models_html(ctl), None, status)
     return [(lambda: models_html(ctl), None, [status])]

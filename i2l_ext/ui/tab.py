@@ -90,9 +90,17 @@ class Controller:
         return [(p, os.path.basename(p)) for p in paths]
 
     @staticmethod
-    def count_text(paths) -> str:
+    def count_text(paths, selected: int | None = None) -> str:
         n = len(paths or [])
-        return f'<div class="i2l-count" data-count="{n}">{esc(t("images_count", n=n))}</div>'
+        sel, extra = "", ""
+        if selected is not None and 0 <= selected < n:
+            sel = os.path.basename(paths[selected])
+            extra = f' &middot; {esc(t("image_selected", name=sel))}'
+        return f'<div class="i2l-count" data-count="{n}" data-selected="{esc(sel)}">{esc(t("images_count", n=n))}{extra}</div>'
+
+    def select_image(self, current, evt: gr.SelectData):
+        idx = compat.select_index(evt)
+        return idx, self.count_text(current, idx)
 
     def remove_image(self, current, index):
         current = list(current or [])
@@ -434,27 +442,29 @@ def build(ctl: Controller):
                 confirm_no = gr.Button(t("delete_no"), elem_id="i2l_lib_delete_no", size="sm")
 
     # -- events ----------------------------------------------------------------------------------
-    upload.upload(ctl.add_images, [upload, images_state], [upload, images_state, thumbs, notice, count])
-    thumbs.select(_select_idx, None, selected_image)
+    upload.upload(ctl.add_images, [upload, images_state], [upload, images_state, thumbs, notice, count],
+                  show_progress="minimal")
+    thumbs.select(ctl.select_image, [images_state], [selected_image, count])
     remove_btn.click(ctl.remove_image, [images_state, selected_image], [images_state, thumbs, selected_image, count])
     clear_btn.click(ctl.clear_images, None, [images_state, thumbs, selected_image, count, notice])
     for comp in (name, subfolder, overwrite):
-        comp.change(ctl.check_name, [name, subfolder, overwrite], name_msg, queue=False)
+        comp.change(ctl.check_name, [name, subfolder, overwrite], name_msg, queue=False, show_progress="hidden")
 
     run_inputs = [images_state, folder, variant, name, subfolder, overwrite, weight, activation, description, vram,
                   key_format, bias]
     run_outputs = [notice, progress, log, result_col, result_preview, result_info, result_prompt, name_msg, lib_gallery]
-    run_evt = run_btn.click(ctl.run, run_inputs, run_outputs, **compat.event_kwargs(concurrent=True))
+    run_evt = run_btn.click(ctl.run, run_inputs, run_outputs,
+                            **compat.event_kwargs(concurrent=True, show_progress="hidden"))
     if host_only:
         run_evt.then(None, None, None, **compat.js("() => { if (window.i2l_refreshLoraCards) i2l_refreshLoraCards(); return []; }"))
     run_evt.then(ctl.library_refresh, None, [lib_gallery, lib_rel, lib_sel, lib_info, lib_prompt, lib_new_name,
                                              confirm_row])
     cancel_btn.click(ctl.cancel, None, notice, queue=False)
 
-    copy_js = "(p) => { if (window.i2l_copy) i2l_copy(p); return []; }"
+    copy_js = "(p) => { if (window.i2l_copy) i2l_copy(p, '%s'); return []; }"
     send_js = "(p) => { if (window.i2l_sendToTxt2img) i2l_sendToTxt2img(p); return []; }"
-    copy_btn.click(None, [result_prompt], None, **compat.js(copy_js))
-    lib_copy.click(None, [lib_prompt], None, **compat.js(copy_js))
+    copy_btn.click(None, [result_prompt], None, **compat.js(copy_js % "i2l_copy"))
+    lib_copy.click(None, [lib_prompt], None, **compat.js(copy_js % "i2l_lib_copy"))
     send_btn.click(None, [result_prompt], None, **compat.js(send_js))
     lib_send.click(None, [lib_prompt], None, **compat.js(send_js))
 
@@ -475,6 +485,3 @@ def build(ctl: Controller):
     loaders += models
     return loaders
 
-
-def _select_idx(evt: gr.SelectData):
-    return compat.select_index(evt)

@@ -1,0 +1,61 @@
+"""The WebUI imports scripts/i2l_tab.py at start: it must be cheap and must not import torch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A stand-in for the WebUI's ``modules`` package with just what the script touches at import.
+PROBE = textwrap.dedent("""
+    import importlib.util, json, os, sys, time, types
+    root, script = sys.argv[1], sys.argv[2]
+    modules = types.ModuleType("modules"); modules.__path__ = []
+    cb = types.ModuleType("modules.script_callbacks")
+    cb.registered = {}
+    cb.on_ui_tabs = lambda f: cb.registered.setdefault("ui_tabs", f)
+    cb.on_ui_settings = lambda f: cb.registered.setdefault("ui_settings", f)
+    modules.script_callbacks = cb
+    sys.modules["modules"], sys.modules["modules.script_callbacks"] = modules, cb
+    before = set(sys.modules)
+    sys.path.insert(0, root)                     # as the WebUI does while importing the script
+    t0 = time.perf_counter()
+    spec = importlib.util.spec_from_file_location("i2l_tab_script", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ms = (time.perf_counter() - t0) * 1000
+    sys.path.remove(root)
+    # after the import the extension folder is gone from sys.path; our modules must still load
+    import i2l_ext.hosts, i2l_ext.library, i2l_ext.i18n
+    new = sorted(set(sys.modules) - before)
+    print(json.dumps({"ms": ms, "callbacks": sorted(cb.registered), "new": new,
+                      "host": i2l_ext.hosts.detect_host()}))
+""")
+
+
+def run_probe():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", PROBE, ROOT,
+                          os.path.join(ROOT, "scripts", "i2l_tab.py")], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=""), cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def test_import_is_cheap_and_registers_callbacks():
+    times = []
+    for _ in range(3):                  # best of three: the first run may pay for a cold disk
+        info, _ = run_probe()
+        times.append(info["ms"])
+    assert info["callbacks"] == ["ui_settings", "ui_tabs"]
+    assert min(times) < 100, times
+
+
+def test_no_torch_or_gradio_at_import():
+    info, importtime = run_probe()
+    heavy = [m for m in info["new"] if m.split(".")[0] in ("torch", "gradio", "diffsynth", "transformers",
+                                                          "numpy", "PIL", "safetensors")]
+    assert heavy == [], heavy
+    assert info["host"] == "a1111"          # a WebUI without Forge's packages

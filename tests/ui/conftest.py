@@ -1,0 +1,192 @@
+"""Browser tests of the tab: the standalone app (``python -m i2l_ext serve``) in a subprocess,
+driven by Playwright through Debian's Chromium, running real jobs on the tiny model set.
+
+Each test runs once per gradio: the app runs under $I2L_GRADIO3_PYTHON and $I2L_GRADIO4_PYTHON
+(environments from tests/ui/requirements-gradio3.txt / -gradio4.txt); a gradio whose interpreter
+is not given is skipped, unless the test runner's own Python has that gradio (or $I2L_UI_PYTHON
+names one interpreter for both). Screenshots go to test-artifacts/ui/gradio-<version>/ (or
+$I2L_ARTIFACTS/ui/...), with the app's log beside them.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHROMIUM = os.environ.get("I2L_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+_versions: dict[str, str | None] = {}
+
+
+def _gradio_version(python: str) -> str | None:
+    if python not in _versions:
+        try:
+            out = subprocess.run([python, "-c", "import gradio; print(gradio.__version__)"], capture_output=True,
+                                 text=True, timeout=120)
+            _versions[python] = out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired):
+            _versions[python] = None
+    return _versions[python]
+
+
+def _python_for(major: str) -> str | None:
+    for cand in (os.environ.get("I2L_UI_PYTHON"), os.environ.get(f"I2L_GRADIO{major}_PYTHON"), sys.executable):
+        if cand and os.path.exists(cand):
+            v = _gradio_version(cand)
+            if v and v.split(".")[0] == major:
+                return cand
+    return None
+
+
+@pytest.fixture(scope="module", params=["3", "4"], ids=["gradio3", "gradio4"])
+def ui_python(request) -> str:
+    py = _python_for(request.param)
+    if py is None:
+        pytest.skip(f"no Python with gradio {request.param}.x: set I2L_GRADIO{request.param}_PYTHON "
+                    f"(see tests/ui/requirements-gradio{request.param}.txt)")
+    return py
+
+
+@pytest.fixture(scope="module")
+def gradio_version(ui_python) -> str:
+    return _gradio_version(ui_python)
+
+
+@pytest.fixture(scope="module")
+def artifacts(gradio_version) -> str:
+    base = os.environ.get("I2L_ARTIFACTS") or os.path.join(ROOT, "test-artifacts")
+    d = os.path.join(base, "ui", f"gradio-{gradio_version}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; no browser download needed)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set I2L_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    def __init__(self, url: str, lora_dir: str, proc: subprocess.Popen, log_path: str):
+        self.url, self.lora_dir, self.proc, self.log_path = url, lora_dir, proc, log_path
+
+    def files(self) -> list[str]:
+        """Every file under the Lora folder, hidden and partial ones included."""
+        out = []
+        for dirpath, _, filenames in os.walk(self.lora_dir):
+            out += [os.path.relpath(os.path.join(dirpath, f), self.lora_dir) for f in filenames]
+        return sorted(out)
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+def start_app(python: str, tmp_dir: str, models_dir: str, worker_python: str, artifacts: str, tag: str,
+              lang: str = "en", extra_env: dict | None = None) -> App:
+    lora_dir = os.path.join(tmp_dir, "Lora")
+    os.makedirs(lora_dir, exist_ok=True)
+    port = _free_port()
+    log_path = os.path.join(artifacts, f"server-{tag}.log")
+    env = dict(os.environ, PYTHONPATH=ROOT, I2L_LANG=lang, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False",
+               HOME=os.environ.get("HOME", tmp_dir))
+    env.update(extra_env or {})
+    log = open(log_path, "w", encoding="utf-8")
+    proc = subprocess.Popen([python, "-m", "i2l_ext", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--lora-dir", lora_dir, "--models-dir", models_dir, "--python", worker_python,
+                             "--lang", lang], cwd=tmp_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            log.close()
+            raise RuntimeError(f"the app exited with {proc.returncode}:\n" + open(log_path).read()[-3000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the app did not answer within 120 s:\n" + open(log_path).read()[-3000:])
+        time.sleep(0.3)
+    return App(url, lora_dir, proc, log_path)
+
+
+def stop_app(app: App) -> None:
+    app.proc.terminate()
+    try:
+        app.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        app.proc.kill()
+        app.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def app(ui_python, tmp_path_factory, tiny_models, worker_python, artifacts):
+    d = str(tmp_path_factory.mktemp("app"))
+    a = start_app(ui_python, d, tiny_models, worker_python, artifacts, "main")
+    yield a
+    stop_app(a)
+
+
+@pytest.fixture(scope="module")
+def slow_app(ui_python, tmp_path_factory, tiny_models, worker_python, artifacts):
+    """An app whose worker pauses before writing (so a job can be caught mid-run), in Chinese."""
+    d = str(tmp_path_factory.mktemp("slow-app"))
+    a = start_app(ui_python, d, tiny_models, worker_python, artifacts, "slow", lang="zh_CN",
+                  extra_env={"I2L_PAUSE_BEFORE_WRITE": "60"})
+    yield a
+    stop_app(a)
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1600})
+    pg = ctx.new_page()
+    pg.set_default_timeout(30_000)
+    yield pg
+    ctx.close()
+
+
+@pytest.fixture
+def sample_images(tmp_path):
+    from PIL import Image
+    d = tmp_path / "inputs"
+    d.mkdir()
+    paths = []
+    for i in range(3):
+        im = Image.new("RGB", (96 + 16 * i, 64), (40 * i, 120, 200 - 30 * i))
+        for x in range(0, im.width, 8):
+            for y in range(0, 64, 8):
+                if (x + y) // 8 % 2:
+                    im.putpixel((x, y), (x * 2 % 256, y * 3 % 256, 90))
+        p = d / f"img{i}.png"
+        im.save(p)
+        paths.append(str(p))
+    txt = d / "notes.txt"
+    txt.write_text("not an image")
+    return {"images": paths, "text": str(txt), "dir": str(d)}
+

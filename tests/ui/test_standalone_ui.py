@@ -1,0 +1,261 @@
+"""The standalone app in a real browser, with real jobs on the tiny model set."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+NAME_INPUT = "#i2l_name input, #i2l_name textarea"
+
+
+def open_tab(page, app):
+    page.goto(app.url)
+    page.wait_for_selector("#i2l_run")
+    page.wait_for_function("() => window.i2l_ready === true")
+    # Let the page's load events finish: gradio 3 can drop an upload event fired while they run.
+    page.wait_for_selector("#i2l_models_status .i2l-models", state="attached")
+    page.wait_for_selector("#i2l_lib_info > div > div", state="attached")
+    page.wait_for_timeout(300)
+
+
+def shot(page, artifacts, name):
+    page.screenshot(path=os.path.join(artifacts, f"{name}.png"), full_page=True)
+
+
+def upload(page, paths):
+    page.set_input_files("#i2l_upload input[type=file]", paths)
+
+
+def wait_count(page, n, timeout=30_000):
+    page.wait_for_selector(f"#i2l_count [data-count='{n}']", timeout=timeout)
+
+
+def type_name(page, name):
+    page.fill(NAME_INPUT, name)
+
+
+def name_state(page, ok: bool, contains: str = "", timeout=15_000):
+    """Wait for the as-you-type check to say ok / not ok (and mention ``contains``)."""
+    page.wait_for_function(
+        """([ok, contains]) => {
+            const el = window.i2l_app().querySelector('#i2l_name_msg .i2l-name');
+            return el && el.dataset.ok === ok && el.textContent.includes(contains);
+        }""", arg=[str(int(ok)), contains], timeout=timeout)
+    return page.inner_text("#i2l_name_msg .i2l-name")
+
+
+def progress(page) -> dict:
+    el = page.query_selector("#i2l_progress .i2l-progress")
+    if el is None:
+        return {"state": None}
+    return {"state": el.get_attribute("data-state"), "phase": el.get_attribute("data-phase"),
+            "fraction": float(el.get_attribute("data-fraction") or 0)}
+
+
+def wait_finished(page, timeout=300, on_poll=None) -> tuple[dict, list[dict]]:
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = progress(page)
+        seen.append(p)
+        if on_poll:
+            on_poll(p)
+        if p["state"] in ("done", "error", "cancelled"):
+            return p, seen
+        time.sleep(0.25)
+    raise AssertionError(f"job did not finish in {timeout} s; last progress {seen[-1:]}")
+
+
+def textbox_value(page, elem_id) -> str:
+    return page.eval_on_selector(f"#{elem_id} input, #{elem_id} textarea", "e => e.value")
+
+
+def make_lora(page, app, images, name):
+    upload(page, images)
+    wait_count(page, len(images))
+    type_name(page, name)
+    name_state(page, True, name)
+    page.click("#i2l_run")
+    final, seen = wait_finished(page)
+    assert final["state"] == "done", page.inner_text("#i2l_notice")
+    return seen
+
+
+def test_make_lora(page, app, sample_images, artifacts):
+    open_tab(page, app)
+    shot(page, artifacts, "01-empty")
+    upload(page, sample_images["images"])
+    wait_count(page, 3)
+    thumbs = page.query_selector_all("#i2l_thumbs .thumbnail-item")
+    assert len(thumbs) == 3
+    thumbs[1].click()                                     # remove one thumbnail
+    page.wait_for_selector("#i2l_count [data-selected='img1.png']")
+    page.click("#i2l_remove")
+    wait_count(page, 2)
+    captions = page.eval_on_selector_all("#i2l_thumbs .thumbnail-item", "es => es.map(e => e.innerText.trim())")
+    assert captions == ["img0.png", "img2.png"]
+    type_name(page, "ui_style")
+    name_state(page, True, "ui_style.safetensors")
+    page.fill("#i2l_activation input, #i2l_activation textarea", "ui style")
+    shot(page, artifacts, "02-form")
+
+    page.click("#i2l_run")
+    running_shot = []
+
+    def poll(p):
+        if p["state"] == "running" and p.get("phase") not in (None, "start") and not running_shot:
+            shot(page, artifacts, "03-progress")
+            running_shot.append(p)
+
+    final, seen = wait_finished(page, on_poll=poll)
+    assert final["state"] == "done", page.inner_text("#i2l_notice")
+    states = [s["state"] for s in seen]
+    assert "running" in states                            # progress was shown while it ran
+    fractions = [s["fraction"] for s in seen if s["state"] in ("running", "done")]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert len({s["phase"] for s in seen if s["state"] == "running"}) >= 2
+    assert textbox_value(page, "i2l_log").strip()         # the live log
+
+    page.wait_for_selector("#i2l_result", state="visible")
+    assert textbox_value(page, "i2l_result_prompt") == "<lora:ui_style:1>"
+    info = page.inner_text("#i2l_result_info")
+    assert os.path.join(app.lora_dir, "ui_style.safetensors") in info
+    assert "MB" in info or "KB" in info
+    page.wait_for_selector("#i2l_result_preview img")
+    assert not page.is_visible("#i2l_send")                # host-only button hidden in the app
+    page.click("#i2l_copy")
+    page.wait_for_function("() => window.i2l_lastCopied === '<lora:ui_style:1>'", timeout=10_000)
+    name_state(page, False, "already exists")              # the name is taken now
+    page.wait_for_function("() => [...(window.i2l_app().querySelectorAll('#i2l_lib_gallery .thumbnail-item'))]"
+                           ".some(e => e.innerText.includes('ui_style.safetensors'))")
+    shot(page, artifacts, "04-result")
+    assert app.files() == ["ui_style.json", "ui_style.preview.png", "ui_style.safetensors"]
+
+
+def test_invalid_name(page, app, sample_images, artifacts):
+    open_tab(page, app)
+    upload(page, sample_images["images"][:1])
+    wait_count(page, 1)
+    before = app.files()
+    type_name(page, "bad/name")
+    msg = name_state(page, False, "bad_name")               # says what is wrong and suggests a fix
+    assert "/" in msg
+    type_name(page, "con")
+    name_state(page, False, "reserved")
+    type_name(page, "bad:name?")
+    name_state(page, False, "bad_name_")
+    page.click("#i2l_run")
+    page.wait_for_selector("#i2l_notice .i2l-error[data-code='bad_input']")
+    assert "Fix" in page.inner_text("#i2l_notice")
+    shot(page, artifacts, "05-invalid-name")
+    with open(os.path.join(app.lora_dir, "taken.safetensors"), "wb") as f:
+        f.write(b"x")
+    type_name(page, "taken")
+    name_state(page, False, "already exists")
+    os.unlink(os.path.join(app.lora_dir, "taken.safetensors"))
+    assert app.files() == before
+
+
+def test_non_image_upload(page, app, sample_images, artifacts):
+    open_tab(page, app)
+    upload(page, [sample_images["text"], sample_images["images"][0]])
+    wait_count(page, 1)
+    page.wait_for_selector("#i2l_notice .i2l-error[data-code='bad_input']")
+    text = page.inner_text("#i2l_notice")
+    assert "notes.txt" in text and "PNG" in text
+    shot(page, artifacts, "06-non-image")
+
+
+def test_paste_image(page, app, artifacts):
+    open_tab(page, app)
+    page.evaluate("""async () => {
+        const c = document.createElement('canvas'); c.width = 32; c.height = 24;
+        const g = c.getContext('2d'); g.fillStyle = '#3a7'; g.fillRect(0, 0, 32, 24);
+        const blob = await new Promise(r => c.toBlob(r, 'image/png'));
+        const dt = new DataTransfer(); dt.items.add(new File([blob], 'pasted.png', {type: 'image/png'}));
+        document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true}));
+    }""")
+    wait_count(page, 1)
+    captions = page.eval_on_selector_all("#i2l_thumbs .thumbnail-item", "es => es.map(e => e.innerText.trim())")
+    assert captions == ["pasted.png"]
+
+
+def test_library_rename_delete(page, app, sample_images, artifacts):
+    open_tab(page, app)
+    make_lora(page, app, sample_images["images"][:1], "lib_a")
+    page.click("#i2l_lib_refresh")
+    item = page.locator("#i2l_lib_gallery .thumbnail-item", has_text="lib_a.safetensors")
+    item.wait_for()
+    item.click()
+    page.wait_for_selector("#i2l_lib_info [data-relpath='lib_a.safetensors']")
+    assert textbox_value(page, "i2l_lib_prompt") == "<lora:lib_a:1>"
+    assert "style" in page.inner_text("#i2l_lib_info")
+    page.fill("#i2l_lib_new_name input, #i2l_lib_new_name textarea", "bad/name")
+    page.click("#i2l_lib_rename")
+    page.wait_for_selector("#i2l_lib_info .i2l-error")
+    page.fill("#i2l_lib_new_name input, #i2l_lib_new_name textarea", "lib_b")
+    page.click("#i2l_lib_rename")
+    page.wait_for_selector("#i2l_lib_info [data-relpath='lib_b.safetensors']")
+    files = app.files()
+    assert {"lib_b.safetensors", "lib_b.json", "lib_b.preview.png"} <= set(files)
+    assert not any(f.startswith("lib_a") for f in files)
+    shot(page, artifacts, "07-library-renamed")
+
+    page.click("#i2l_lib_delete")                         # asks first
+    page.wait_for_selector("#i2l_lib_confirm", state="visible")
+    shot(page, artifacts, "08-library-confirm-delete")
+    page.click("#i2l_lib_delete_no")
+    page.wait_for_selector("#i2l_lib_confirm", state="hidden")
+    assert "lib_b.safetensors" in app.files()
+    page.click("#i2l_lib_delete")
+    page.wait_for_selector("#i2l_lib_confirm", state="visible")
+    page.click("#i2l_lib_delete_yes")
+    page.wait_for_selector("#i2l_lib_confirm", state="hidden")
+    page.wait_for_function("() => !window.i2l_app().querySelector('#i2l_lib_gallery').innerText.includes('lib_b')")
+    assert not any(f.startswith("lib_b") for f in app.files())
+
+
+def test_cancel_mid_run_and_busy(browser, slow_app, sample_images, artifacts):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1600})
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+    open_tab(page, slow_app)
+    upload(page, sample_images["images"])
+    wait_count(page, 3)
+    type_name(page, "cancel_me")
+    name_state(page, True, "cancel_me")
+    shot(page, artifacts, "09-zh-form")
+    page.click("#i2l_run")
+    deadline = time.monotonic() + 240
+    while True:                                            # the worker pauses before writing
+        p = progress(page)
+        if p["state"] == "running" and p["phase"] in ("decode", "merge") or p["fraction"] >= 0.75:
+            break
+        assert p["state"] not in ("done", "error", "cancelled"), page.inner_text("#i2l_notice")
+        assert time.monotonic() < deadline, p
+        time.sleep(0.3)
+    time.sleep(1.0)
+
+    other = ctx.new_page()                                 # a second click, from another page
+    open_tab(other, slow_app)
+    upload(other, sample_images["images"][:1])
+    wait_count(other, 1, timeout=60_000)
+    type_name(other, "second")
+    name_state(other, True, "second")
+    other.click("#i2l_run")
+    other.wait_for_selector("#i2l_notice .i2l-error[data-code='busy']")
+    shot(other, artifacts, "10-zh-busy")
+    other.close()
+
+    shot(page, artifacts, "11-zh-running")
+    t0 = time.monotonic()
+    page.click("#i2l_cancel")
+    final, _ = wait_finished(page, timeout=30)
+    took = time.monotonic() - t0
+    assert final["state"] == "cancelled"
+    assert took < 10, took
+    time.sleep(1.0)
+    assert slow_app.files() == []                          # nothing left, partial files included
+    shot(page, artifacts, "12-zh-cancelled")
+    ctx.close()
