@@ -106,11 +106,12 @@ def test_streamed_equals_resident(tmp_path, layered):
     x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
     ref_net = Net(n_layers=12, dim=1024).to(torch.bfloat16)
     ref_net.load_state_dict(load_file(str(p)))
-    ref = ref_net.cuda()(x)
+    with torch.no_grad():
+        ref = ref_net.cuda()(x)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with Streamer(net, "cuda", wait=lambda t: wf.wait(), layered=layered):
+    with torch.no_grad(), Streamer(net, "cuda", wait=lambda t: wf.wait(), layered=layered):
         out = net(x)
     torch.cuda.synchronize()
     assert torch.equal(out, ref)
