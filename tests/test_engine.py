@@ -310,7 +310,7 @@ def test_cuda_profiles(tiny_dir, images, tmp_path, profile):
             "output": {"tmp_path": str(out)}, "vram_profile": profile}
     res = eng.run(spec, images, lambda *a: None)
     assert res["device"].startswith("cuda") and res["dtype"] == "bfloat16" and res["peak_vram"] > 0
-    assert res["profile"] == ("gpu" if profile == "auto" else profile)
+    assert res["profile"] == ("cpu_offload" if profile == "auto" else profile)   # auto streams when RAM allows
     assert_same_lora(str(out), reference_lora(tiny_dir, images, "coarse-fine", True), tol=0.05)
     res2 = eng.run(spec, images, lambda *a: None)          # warm: same models, same numbers
     assert res2["timings"]["load"] < res["timings"]["load"]
