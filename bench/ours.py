@@ -244,7 +244,9 @@ class Bench:
         print(f"  idle: worker holds {C.gb(rec['held_right_after_job'])} GB after the job, {C.gb(rec['held_idle'])} GB "
               f"after {series[-1][0] if series else 0} s", flush=True)
         after = self.job(svc, self.request())
-        after["came_back_from"] = "parked" if rec["worker_alive"] else "gone"
+        held = rec["held_idle"]
+        after["came_back_from"] = ("gone" if not rec["worker_alive"] else "unknown" if held is None
+                                   else "parked" if held <= HELD_TARGET else "weights still on the GPU")
         self.out["scenarios"]["after_idle"] = after
 
     def restart(self, svc: Service) -> None:

@@ -1,6 +1,7 @@
 """The bench's table: ours against the reference, ratios, targets, disk speed and machine.
 
     python3 bench/report.py RESULTS_DIR [--out DIR]
+    python3 bench/report.py A/bench.json B/bench.json [--out DIR]     # runs made as separate calls
 
 Reads ``machine.json``, ``host.json``, ``ref-<variant>-<mode>.json``, ``ours-<variant>.json`` and
 ``weights-<variant>.json`` from RESULTS_DIR; prints the table; with ``--out`` (or ``$OUT``) writes
@@ -87,6 +88,10 @@ def variant_rows(variant: str, ours: dict | None, refs: dict) -> tuple[list[list
         C.gb(held) if held is not None else None, t.get("held"), _vratio, nd=2,
         note=f"({C.gb(idle.get('held_right_after_job'))} right after the job)" if idle else "")
     if after:
+        came = after.get("came_back_from")
+        if came == "parked" and (idle.get("held_idle") or 0) > C.GiB * (t.get("held") or 1.5):
+            came = "weights still on the GPU"      # nothing was parked: no cost of coming back to judge
+        after = dict(after, came_back_from=came)
         extra = None
         if after.get("state") == "done" and warm.get("median_s") is not None:
             extra = round(after["from_click_s"] - warm["median_s"], 3)
@@ -129,9 +134,70 @@ def md_table(rows, header) -> str:
     return "\n".join(out)
 
 
-def build(results: str) -> tuple[str, str, dict]:
-    machine = _load(os.path.join(results, "machine.json")) or {}
-    host = _load(os.path.join(results, "host.json")) or {}
+def load_results(results: str) -> dict:
+    """Everything a run left in RESULTS_DIR, as one dict (what bench.json holds)."""
+    data = {"machine": _load(os.path.join(results, "machine.json")) or {},
+            "host": _load(os.path.join(results, "host.json")) or {}, "variants": {}}
+    variants = sorted({os.path.basename(p)[5:-5] for p in glob.glob(os.path.join(results, "ours-*.json"))}
+                      | {os.path.basename(p)[4:-5].rsplit("-", 1)[0] for p in glob.glob(os.path.join(results, "ref-*.json"))},
+                      key=lambda v: (v != "style", v))
+    for v in variants:
+        data["variants"][v] = {
+            "ours": _load(os.path.join(results, f"ours-{v}.json")),
+            "reference": {m: _load(os.path.join(results, f"ref-{v}-{m}.json")) for m in ("disk", "gpu")},
+            "weights": _load(os.path.join(results, f"weights-{v}.json")) or {}}
+    return data
+
+
+def merge(datas: list[dict]) -> dict:
+    """Several runs' bench.json (say style and coarse-fine, run as two calls) as one."""
+    out = {"machine": {}, "host": {}, "variants": {}, "runs": []}
+    for d in datas:
+        out["machine"] = out["machine"] or d.get("machine", {})
+        out["host"] = d.get("host") or out["host"]
+        out["variants"].update(d.get("variants", {}))
+        out["runs"].append({"date": d.get("machine", {}).get("date"), "code": d.get("machine", {}).get("code"),
+                            "variants": sorted(d.get("variants", {}))})
+    return out
+
+
+def _timeline(cold: dict) -> str:
+    """When the cold job passed its milestones, in seconds from the click."""
+    marks, seen = [], set()
+    for t, phase, step, total, msg in cold.get("events") or []:
+        key = None
+        if phase == "start" and step == 1:
+            key = "worker ready"
+        elif phase == "load" and step == 0 and "Checking" in (msg or ""):
+            key = "job in the worker"
+        elif phase == "load" and step == total:
+            key = "models ready"
+        elif phase == "encode" and step == total:
+            key = "encoded"
+        elif phase == "write" and step == total:
+            key = "done"
+        if key and key not in seen:
+            seen.add(key)
+            marks.append(f"{key} +{t:.1f}")
+    return ", ".join(marks)
+
+
+def _phases(runs: list[dict]) -> str:
+    runs = [r for r in runs if r.get("state") == "done" and r.get("timings")]
+    if not runs:
+        return ""
+    keys = list(runs[0]["timings"])
+    med = {k: C.median([r["timings"].get(k) for r in runs]) for k in keys}
+    worker = C.median([r.get("seconds") for r in runs])
+    click = C.median([r.get("from_click_s") for r in runs])
+    inner = sum(v for v in med.values() if v is not None)
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in med.items() if v is not None)
+    return (f"{parts}; in the worker around the engine (images, preview, card) {worker - inner:.2f}; "
+            f"service and messages {click - worker:.2f} (s, medians)")
+
+
+def render(data: dict) -> tuple[str, str]:
+    machine, host = data.get("machine") or {}, data.get("host") or {}
     pk = machine.get("packages", {})
     head = (f"Machine: {machine.get('gpu')} ({machine.get('gpu_memory')}), driver {machine.get('driver')}, "
             f"{machine.get('cpus')} CPUs, {C.gb(machine.get('ram_total'))} GB RAM, kernel {machine.get('kernel')}; "
@@ -141,29 +207,52 @@ def build(results: str) -> tuple[str, str, dict]:
     disk = (f"Disk ({dr.get('on', {}).get('fstype')} on {dr.get('on', {}).get('device')}): "
             f"{dr.get('cold_1_reader_GBps')} GB/s cold with 1 reader, {dr.get('cold_4_readers_GBps')} GB/s cold with "
             f"4 readers, {dr.get('page_cache_GBps')} GB/s from the page cache") if dr else "Disk: not measured"
-    text, md, data = [head, disk], [f"- {head}", f"- {disk}"], {"machine": machine, "host": host, "variants": {}}
+    text, md = [head, disk], [f"- {head}", f"- {disk}"]
+    for run in data.get("runs") or []:
+        line = f"Run {run.get('date')}: {', '.join(run.get('variants') or [])}; code {run.get('code')}"
+        text.append(line)
+        md.append(f"- {line}")
+    if not data.get("runs") and machine.get("code"):
+        text.append(f"Code: {machine['code']}")
+        md.append(f"- Code: {machine['code']}")
     header = ["", "ref disk", "ref gpu", "ours", "target", "vs ref disk", "vs ref gpu", ""]
-    variants = sorted({os.path.basename(p)[5:-5] for p in glob.glob(os.path.join(results, "ours-*.json"))}
-                      | {os.path.basename(p)[4:-5].rsplit("-", 1)[0] for p in glob.glob(os.path.join(results, "ref-*.json"))},
-                      key=lambda v: (v != "style", v))
-    for v in variants:
-        ours = _load(os.path.join(results, f"ours-{v}.json"))
-        refs = {m: _load(os.path.join(results, f"ref-{v}-{m}.json")) for m in ("disk", "gpu")}
-        weights = _load(os.path.join(results, f"weights-{v}.json")) or {}
+    for v, vd in data.get("variants", {}).items():
+        ours, refs, weights = vd.get("ours"), vd.get("reference") or {}, vd.get("weights") or {}
         rows, summary = variant_rows(v, ours, refs)
+        vd["summary"] = summary
         n = (ours or {}).get("images") or next((r.get("images") for r in refs.values() if r), 5)
         spilled = sorted(r for r, w in weights.items() if isinstance(w, dict) and "spill" in (w.get("where") or []))
         title = f"{LABEL.get(v, v)}, {n} images of 1024x1024"
-        cold = ((ours or {}).get("scenarios") or {}).get("cold") or {}
+        sc = (ours or {}).get("scenarios") or {}
+        cold = sc.get("cold") or {}
         notes = [f"page cache dropped before each cold run: {cold.get('page_cache_dropped', '?')}",
                  f"start-ahead hook at tab load: {cold.get('start_ahead_hook') or 'none (the worker starts at the click)'}"]
+        if _timeline(cold):
+            notes.append(f"ours, cold job from the click: {_timeline(cold)}; in the worker: "
+                         + ", ".join(f"{k} {x:.2f}" for k, x in (cold.get("timings") or {}).items()))
+        if _phases((sc.get("warm") or {}).get("runs") or []):
+            notes.append(f"ours, warm job ({n} images): {_phases(sc['warm']['runs'])}")
+        if _phases((sc.get("warm_1") or {}).get("runs") or []):
+            notes.append(f"ours, warm job (1 image): {_phases(sc['warm_1']['runs'])}")
+        idle = sc.get("idle") or {}
+        if idle.get("worker_status"):
+            ws = idle["worker_status"]
+            notes.append(f"ours, idle worker: RSS {C.gb(ws.get('VmRSS'))} GB (shared/pinned {C.gb(ws.get('RssShmem'))} GB), "
+                         f"host RAM available {C.gb(idle.get('ram_available_after'))} GB")
+        for m, r in refs.items():
+            if r:
+                notes.append(f"reference {m}: import {r.get('import_s')} s, load {r.get('load_s')} s, runs "
+                             + ", ".join(f"{x['images']} img {x['total_s']:.2f}" for x in r.get("runs", [])))
         if spilled:
             notes.append("held in RAM (tmpfs) because the disk was full, so read warm: " + ", ".join(spilled))
         if cold.get("state") not in (None, "done"):
             notes.append(f"ours, cold job: {cold.get('state')}: {(cold.get('error') or {}).get('message')}")
+        low = (sc.get("low") or {}).get("first") or {}
+        if low.get("error"):
+            det = str(low["error"].get("details") or "").strip().splitlines()
+            notes.append(f"ours, low-VRAM job: {low['error'].get('message')} {det[-1][:300] if det else ''}")
         text += ["", f"== {title}", fmt_table(rows, header)] + [f"   {x}" for x in notes]
         md += ["", f"**{title}**", "", md_table(rows, header), ""] + [f"- {x}" for x in notes]
-        data["variants"][v] = {"summary": summary, "ours": ours, "reference": refs, "weights": weights}
     if host:
         h = (f"Host side: scripts/i2l_tab.py {_s(host.get('tab_import_s'), 3)} s, preload.py "
              f"{_s(host.get('preload_import_s'), 3)} s, install.py with nothing to do "
@@ -172,15 +261,19 @@ def build(results: str) -> tuple[str, str, dict]:
              f"{_ok(host.get('total_added_s'), 0.5)}")
         text += ["", h]
         md += ["", f"- {h}"]
-    return "\n".join(text), "\n".join(md), data
+    return "\n".join(text), "\n".join(md)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results")
+    ap.add_argument("results", nargs="+", help="a results folder, or bench.json files of earlier runs to merge")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     a = ap.parse_args()
-    text, md, data = build(a.results)
+    if len(a.results) == 1 and os.path.isdir(a.results[0]):
+        data = load_results(a.results[0])
+    else:
+        data = merge([load_results(p) if os.path.isdir(p) else C.read_json(p) for p in a.results])
+    text, md = render(data)
     print(text, flush=True)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -30,7 +30,7 @@ OURS_ARGS_CF=${OURS_ARGS_CF:---reps 2 --idle-wait 15 --no-restart --low-jobs 1}
 TINY=${BENCH_TINY:-}                            # 1: tiny random models, no reference, no cache drops
                                                 #    (a quick check of the harness on any machine)
 RES=$BENCH_DIR/results/$(date -u +%Y%m%d-%H%M%S)
-mkdir -p "$MODELS" "$LORA" "$RES"
+mkdir -p "$MODELS" "$LORA" "$RES" ${OUT:+"$OUT"}
 LOG=${OUT:+$OUT/log.txt}
 LOG=${LOG:-$RES/log.txt}
 exec > >(tee -a "$LOG") 2>&1
