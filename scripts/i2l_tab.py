@@ -41,8 +41,8 @@ def get_controller():
         from i2l_ext.ui.tab import Controller
         host = hosts.detect_host()
         root = hosts.models_root()
-        cfg = default_config(host=host, lora_dir=hosts.lora_dir(),
-                             models_dir=os.path.join(root, "i2L") if root else None)
+        models_dir = os.environ.get("I2L_MODELS_DIR") or (os.path.join(root, "i2L") if root else None)
+        cfg = default_config(host=host, lora_dir=hosts.lora_dir(), models_dir=models_dir)
         _config_refresh(cfg)
         _controller = Controller(cfg, hosts.make_hooks(host), host=host, config_refresh=_config_refresh)
         _controller.defaults.update(variant=hosts.opt("i2l_default_variant", "style"),

@@ -10,7 +10,6 @@ $I2L_ARTIFACTS/ui/...), with the app's log beside them.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -82,9 +81,8 @@ def browser():
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from ui_helpers import free_port
+    return free_port()
 
 
 class App:

@@ -1,0 +1,157 @@
+"""The extension inside a WebUI-shaped page (tests/ui/fake_webui.py): the script registers the
+tab and settings, jobs take the host's queue lock and call its hooks, Interrupt stops a job,
+Send to txt2img fills the prompt and switches tab, and the Lora cards are refreshed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from ui_helpers import ROOT, free_port, name_state, progress, shot, type_name, upload, wait_count, wait_finished
+
+
+class FakeWebUI:
+    def __init__(self, python, tmp_dir, tiny_models, worker_python, artifacts, pause):
+        self.root = os.path.join(tmp_dir, "webui")
+        self.lora_dir = os.path.join(self.root, "models", "Lora")
+        os.makedirs(self.lora_dir)
+        self.log_path = os.path.join(tmp_dir, "host-calls.jsonl")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/"
+        env = dict(os.environ, PYTHONPATH="", FAKE_WEBUI_LOG=self.log_path, FAKE_WEBUI_ROOT=self.root,
+                   I2L_PYTHON=worker_python, I2L_MODELS_DIR=tiny_models, I2L_LANG="en",
+                   I2L_PAUSE_BEFORE_WRITE=str(pause), GRADIO_ANALYTICS_ENABLED="False")
+        self.out = open(os.path.join(artifacts, "fake-webui.log"), "w")
+        self.proc = subprocess.Popen([python, os.path.join(ROOT, "tests", "ui", "fake_webui.py"), ROOT, str(port)],
+                                     cwd=self.root, env=env, stdout=self.out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, open(self.out.name).read()[-3000:]
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "fake WebUI did not start"
+            time.sleep(0.3)
+
+    def calls(self) -> list[dict]:
+        with open(self.log_path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def events(self) -> list[str]:
+        return [c["event"] for c in self.calls()]
+
+    def files(self):
+        return sorted(os.listdir(self.lora_dir))
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.out.close()
+
+
+@pytest.fixture(scope="module")
+def webui(ui_python, tmp_path_factory, tiny_models, worker_python, artifacts):
+    w = FakeWebUI(ui_python, str(tmp_path_factory.mktemp("webui")), tiny_models, worker_python, artifacts, pause=4)
+    yield w
+    w.stop()
+
+
+def open_our_tab(page, webui):
+    page.goto(webui.url)
+    page.wait_for_selector("#tabs")
+    page.click("#tabs button:has-text('Image to LoRA')")
+    page.wait_for_selector("#i2l_run", state="visible")
+    page.wait_for_function("() => window.i2l_ready === true")
+    page.wait_for_selector("#i2l_lib_info > div > div", state="attached")
+    page.wait_for_timeout(500)
+
+
+def test_registers_tab_and_settings(webui):
+    ev = webui.calls()
+    assert [c for c in ev if c["event"] == "ui_tabs"][0]["tabs"] == [["Image to LoRA", "i2l_tab"]]
+    keys = {c["key"] for c in ev if c["event"] == "add_option"}
+    assert {"i2l_models_dir", "i2l_worker_python", "i2l_language", "i2l_vram_profile", "i2l_free_vram"} <= keys
+    assert all(c["section"][0] == "i2l" for c in ev if c["event"] == "add_option")
+    assert "torch_imported" not in webui.events()
+
+
+def test_job_in_host(page, webui, sample_images, artifacts):
+    open_our_tab(page, webui)
+    upload(page, sample_images["images"][:2])
+    wait_count(page, 2)
+    type_name(page, "host_lora")
+    name_state(page, True, os.path.join(webui.lora_dir, "host_lora.safetensors"))
+    page.click("#i2l_run")
+    # while the job runs, a txt2img Generate waits for the queue lock
+    deadline = time.monotonic() + 120
+    while progress(page)["state"] != "running":
+        assert progress(page)["state"] not in ("done", "error", "cancelled"), page.inner_text("#i2l_notice")
+        assert time.monotonic() < deadline, page.inner_text("#i2l_notice")
+        time.sleep(0.2)
+    page.click("#tabs button:has-text('txt2img')")
+    page.click("#txt2img_generate")
+    t_click = time.time()
+    page.click("#tabs button:has-text('Image to LoRA')")
+    final, _ = wait_finished(page)
+    assert final["state"] == "done", page.inner_text("#i2l_notice")
+    assert page.is_visible("#i2l_send")                    # host-only button shown
+    shot(page, artifacts, "20-host-result")
+    assert webui.files() == ["host_lora.json", "host_lora.preview.png", "host_lora.safetensors"]
+    time.sleep(1.0)
+    calls = webui.calls()
+    ev = [c["event"] for c in calls]
+    begin = ev.index("state.begin")
+    assert ev.index("torch_gc") > begin                    # VRAM freed before the job (A1111 path)
+    assert "state.end" in ev[begin:]
+    assert "list_available_networks" in ev                  # host Lora list refreshed
+    end_t = next(c["t"] for c in calls if c["event"] == "state.end")
+    gen = [c for c in calls if c["event"] == "txt2img"]
+    assert gen and gen[0]["t"] >= end_t - 0.5 and gen[0]["t"] > t_click + 1.0   # waited for the job
+    # the page clicked the hidden Lora refresh button
+    page.click("#tabs button:has-text('txt2img')")
+    page.wait_for_function("() => gradioApp().querySelector('#txt2img_refresh_count input, "
+                           "#txt2img_refresh_count textarea').value !== '0'")
+    page.click("#tabs button:has-text('Image to LoRA')")
+    page.fill("#txt2img_prompt textarea", "") if page.is_visible("#txt2img_prompt textarea") else None
+    page.click("#i2l_send")                                # Send to txt2img: appends and switches
+    page.wait_for_selector("#txt2img_prompt textarea", state="visible")
+    page.wait_for_function("() => gradioApp().querySelector('#txt2img_prompt textarea').value"
+                           ".includes('<lora:host_lora:1>')")
+    shot(page, artifacts, "21-host-sent-to-txt2img")
+
+
+def test_interrupt_stops_job(page, webui, sample_images, artifacts):
+    open_our_tab(page, webui)
+    before = webui.files()
+    upload(page, sample_images["images"][:1])
+    wait_count(page, 1)
+    type_name(page, "interrupted")
+    name_state(page, True, "interrupted")
+    page.click("#i2l_run")
+    deadline = time.monotonic() + 120
+    while True:
+        p = progress(page)
+        if p["state"] == "running" and p["fraction"] >= 0.75:
+            break
+        assert p["state"] not in ("done", "error", "cancelled") and time.monotonic() < deadline, p
+        time.sleep(0.1)
+    page.click("#tabs button:has-text('txt2img')")
+    t0 = time.monotonic()
+    page.click("#txt2img_interrupt")
+    page.click("#tabs button:has-text('Image to LoRA')")
+    final, _ = wait_finished(page, timeout=30)
+    assert final["state"] == "cancelled"
+    assert time.monotonic() - t0 < 10
+    time.sleep(0.5)
+    assert webui.files() == before                          # nothing left behind
+    shot(page, artifacts, "22-host-interrupted")

@@ -1,0 +1,90 @@
+"""Page helpers shared by the browser tests."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NAME_INPUT = "#i2l_name input, #i2l_name textarea"
+
+
+def open_tab(page, app):
+    page.goto(app.url)
+    page.wait_for_selector("#i2l_run")
+    page.wait_for_function("() => window.i2l_ready === true")
+    # Let the page's load events finish: gradio 3 can drop an upload event fired while they run.
+    page.wait_for_selector("#i2l_models_status .i2l-models", state="attached")
+    page.wait_for_selector("#i2l_lib_info > div > div", state="attached")
+    page.wait_for_timeout(300)
+
+
+def shot(page, artifacts, name):
+    page.screenshot(path=os.path.join(artifacts, f"{name}.png"), full_page=True)
+
+
+def upload(page, paths):
+    page.set_input_files("#i2l_upload input[type=file]", paths)
+
+
+def wait_count(page, n, timeout=30_000):
+    page.wait_for_selector(f"#i2l_count [data-count='{n}']", timeout=timeout)
+
+
+def type_name(page, name):
+    page.fill(NAME_INPUT, name)
+
+
+def name_state(page, ok: bool, contains: str = "", timeout=15_000):
+    """Wait for the as-you-type check to say ok / not ok (and mention ``contains``)."""
+    page.wait_for_function(
+        """([ok, contains]) => {
+            const el = window.i2l_app().querySelector('#i2l_name_msg .i2l-name');
+            return el && el.dataset.ok === ok && el.textContent.includes(contains);
+        }""", arg=[str(int(ok)), contains], timeout=timeout)
+    return page.inner_text("#i2l_name_msg .i2l-name")
+
+
+def progress(page) -> dict:
+    el = page.query_selector("#i2l_progress .i2l-progress")
+    if el is None:
+        return {"state": None}
+    return {"state": el.get_attribute("data-state"), "phase": el.get_attribute("data-phase"),
+            "fraction": float(el.get_attribute("data-fraction") or 0)}
+
+
+def wait_finished(page, timeout=300, on_poll=None) -> tuple[dict, list[dict]]:
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = progress(page)
+        seen.append(p)
+        if on_poll:
+            on_poll(p)
+        if p["state"] in ("done", "error", "cancelled"):
+            return p, seen
+        time.sleep(0.25)
+    raise AssertionError(f"job did not finish in {timeout} s; last progress {seen[-1:]}")
+
+
+def textbox_value(page, elem_id) -> str:
+    return page.eval_on_selector(f"#{elem_id} input, #{elem_id} textarea", "e => e.value")
+
+
+def make_lora(page, app, images, name):
+    upload(page, images)
+    wait_count(page, len(images))
+    type_name(page, name)
+    name_state(page, True, name)
+    page.click("#i2l_run")
+    final, seen = wait_finished(page)
+    assert final["state"] == "done", page.inner_text("#i2l_notice")
+    return seen
