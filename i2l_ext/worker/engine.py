@@ -160,7 +160,6 @@ class Engine:
         self._bias = None           # (key, state dict)
         self._checked: dict = {}    # file key -> (hash, shapes) of headers already read
         self._files: dict[str, WeightFile] = {}   # path -> weights read into page-locked RAM
-        self._by_storage: dict[int, WeightFile] = {}
         self._lock = threading.RLock()             # a job and a prefetch never load at the same time
 
     # ------------------------------------------------------------------ public
@@ -184,8 +183,9 @@ class Engine:
         self._models.clear()
         self._processor = None
         self._bias = None
+        for wf in self._files.values():
+            wf.release()
         self._files.clear()
-        self._by_storage.clear()
         import gc
         gc.collect()
         if torch.cuda.is_available():
@@ -415,6 +415,7 @@ class Engine:
 
     def _keep_only(self, roles, plan, profile, dtype, dev):
         """Drop cached models this job does not use, or that were loaded differently."""
+        before = len(self._models)
         for role in list(self._models):
             m = self._models[role]
             if role not in roles or m.key != self._cache_key(role, plan[role], profile, dtype, dev):
@@ -425,15 +426,15 @@ class Engine:
             self._processor = None
         keep = {path for r, p in plan.items() for path in p["paths"]} if (
             dev == "cuda" and profile in PINNED_PROFILES) else set()
+        dropped = len(self._models) != before
         for path in [p for p in self._files if p not in keep]:
-            wf = self._files.pop(path)
-            if wf.buffer is not None:
-                self._by_storage.pop(wf.buffer.untyped_storage().data_ptr(), None)
-            wf.release()
-        import gc
-        gc.collect()
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+            self._files.pop(path).release()
+            dropped = True
+        if dropped:
+            import gc
+            gc.collect()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
 
     @staticmethod
     def _cache_key(role, p, profile, dtype, dev):
@@ -484,6 +485,8 @@ class Engine:
     # ------------------------------------------------------------------ page-locked weights
 
     def _weight_file(self, path: str) -> WeightFile:
+        """The page-locked copy of a file (created on first use; read in order by ``read_ahead``,
+        or at once when a model needs it first)."""
         wf = self._files.get(path)
         if wf is None:
             try:
@@ -491,15 +494,56 @@ class Engine:
             except ValueError as e:
                 raise I2LError(I2LError.WEIGHTS_INVALID, f"{path} is not a safetensors file ({e}).",
                                "Delete it and download the models again.") from None
-            wf.start()
             self._files[path] = wf
-            self._by_storage[wf.buffer.untyped_storage().data_ptr()] = wf
         return wf
 
     def _wait_tensor(self, t) -> None:
-        wf = self._by_storage.get(t.untyped_storage().data_ptr())
-        if wf is not None:
-            wf.wait(t.data_ptr() - wf.buffer.data_ptr() + t.numel() * t.element_size())
+        for wf in self._files.values():
+            if wf.contains(t):
+                wf.wait_for(t)
+                return
+
+    def read_ahead(self, paths: list[str]) -> None:
+        """Start reading files into page-locked RAM, one after the other in the order given, when
+        there is a GPU to feed and the RAM to hold them."""
+        if vram.device() != "cuda":
+            return
+        total = sum(os.path.getsize(p) for p in paths if p not in self._files)
+        ram = vram.available_ram()
+        if ram is not None and total + vram.RAM_MARGIN > ram:
+            self.log("info", "Not enough free RAM to hold the weights; they will be read as they are used.")
+            return
+        with self._lock:
+            files = []
+            for p in paths:
+                try:
+                    files.append(self._weight_file(p))
+                except I2LError:
+                    continue            # the job reports it
+        threading.Thread(target=self._read_in_order, args=(files,), daemon=True, name="i2l-read-ahead").start()
+
+    @staticmethod
+    def _read_in_order(files) -> None:
+        for wf in files:
+            try:
+                wf.start()
+                wf.wait()
+            except BaseException:
+                return
+
+    @staticmethod
+    def import_models() -> None:
+        """Import the model code ahead of the first job (it takes seconds; the reads go on meanwhile)."""
+        try:
+            import diffsynth.core.loader  # noqa: F401
+            import diffsynth.configs.model_configs  # noqa: F401
+            import diffsynth.core.data.operators  # noqa: F401
+            import diffsynth.models.siglip2_image_encoder  # noqa: F401
+            import diffsynth.models.dinov3_image_encoder  # noqa: F401
+            import diffsynth.models.qwen_image_image2lora  # noqa: F401
+            import diffsynth.utils.state_dict_converters.dino_v3  # noqa: F401
+        except Exception:
+            pass               # the job itself reports a broken install
 
     @contextmanager
     def _stream(self, role):
@@ -531,24 +575,10 @@ class Engine:
                 return
             self._keep_only(set(roles), plan, profile, dtype, dev)
             order = [r for r in LOAD_ORDER if r in plan]
-            # Files are read one after the other in the order they are used, so the first
-            # encoder is complete as early as possible.
-            paths = [path for r in order for path in plan[r]["paths"]]
-            threading.Thread(target=self._read_in_order, args=(paths,), daemon=True,
-                             name="i2l-prefetch").start()
+            self.read_ahead([path for r in order for path in plan[r]["paths"]])
             for role in order:
                 self._load(role, plan[role], profile, dtype, dev)
         self.log("info", f"Reading the {variant.label} weights ahead ({catalog.human_size(needed)}).")
-
-    def _read_in_order(self, paths) -> None:
-        for path in paths:
-            wf = self._files.get(path)
-            if wf is None:
-                return
-            try:
-                wf.wait()
-            except BaseException:
-                return
 
     @staticmethod
     def _to_host(lora: dict) -> dict:

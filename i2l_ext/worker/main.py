@@ -85,6 +85,26 @@ def _classify(exc: BaseException) -> I2LError:
                     traceback.format_exc())
 
 
+class _Background:
+    """A function run in a thread whose exception comes back at ``join``."""
+
+    def __init__(self, fn):
+        self.error = None
+
+        def run():
+            try:
+                fn()
+            except BaseException as e:
+                self.error = e
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self, swallow: bool = False) -> None:
+        self.thread.join()
+        if self.error is not None and not swallow:
+            raise self.error
+
+
 def run_job(engine, job_id: str, spec: dict) -> dict:
     from .. import images as images_mod, output
     t0 = time.monotonic()
@@ -99,25 +119,31 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
     engine.log = log
     warnings: list[str] = []
     pictures = []
+    side = None
     try:
-        for i, path in enumerate(spec["images"]):
-            im, notes = images_mod.load_image(path)
+        for im, notes in images_mod.load_images(spec["images"]):
             pictures.append(im)
             for n in notes:
                 log("warning", n)
             warnings += notes
+
+        # The card and the preview are written while the engine works.
+        def extras():
+            output.write_preview(plan, pictures)
+            output.write_card(plan, spec.get("card") or output.card_data())
+        side = _Background(extras)
         info = engine.run(spec, pictures, progress)
         pause = float(os.environ.get("I2L_PAUSE_BEFORE_WRITE", "0") or 0)   # lets tests stop a job here
         if pause:
             log("debug", f"pausing {pause} s before writing")
             time.sleep(pause)
-        progress("write", 1, 3, "Writing the card and preview")
-        output.write_preview(plan, pictures)
-        output.write_card(plan, spec.get("card") or output.card_data())
-        progress("write", 2, 3, "Moving the files into place")
+        progress("write", 1, 2, "Moving the files into place")
+        side.join()
         output.commit(plan)
-        progress("write", 3, 3, "Done")
+        progress("write", 2, 2, "Done")
     except BaseException:
+        if side is not None:
+            side.join(swallow=True)
         output.cleanup(plan)
         raise
     finally:
@@ -130,21 +156,21 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
     return result
 
 
-def _early_readahead() -> None:
-    """Files named in ``I2L_PREFETCH`` (a JSON list) start coming into the page cache before torch imports."""
+def _warm_up(engine) -> None:
+    """Right after hello: start reading the files named in ``I2L_PREFETCH`` (a JSON list, in order
+    of use) into page-locked RAM, and import the model code, both in the background."""
+    import json
     raw = os.environ.get("I2L_PREFETCH")
     if raw:
-        import json
-        from .weights import readahead
         try:
-            readahead([p for p in json.loads(raw) if os.path.isfile(p)])
-        except ValueError:
-            pass
+            engine.read_ahead([p for p in json.loads(raw) if os.path.isfile(p)])
+        except (ValueError, OSError) as e:
+            send({"type": "log", "job": None, "level": "debug", "message": f"read-ahead skipped: {e}"})
+    threading.Thread(target=engine.import_models, daemon=True, name="i2l-imports").start()
 
 
 def main() -> None:
     _claim_stdout()
-    _early_readahead()
     try:
         send(_hello())
     except Exception as e:
@@ -152,6 +178,7 @@ def main() -> None:
         sys.exit(3)
     from .engine import Engine
     engine = Engine(log=lambda level, message: send({"type": "log", "job": None, "level": level, "message": message}))
+    _warm_up(engine)
     for raw in sys.stdin.buffer:
         msg = protocol.decode(raw)
         if msg is None:
@@ -165,10 +192,12 @@ def main() -> None:
             send(_stats())
             continue
         if msg["type"] == "prefetch":
-            try:
-                engine.prefetch(msg["spec"])
-            except BaseException as e:   # a prefetch that fails is only a missed head start
-                send({"type": "log", "job": None, "level": "debug", "message": f"prefetch skipped: {e}"})
+            def prefetch(spec=msg["spec"]):
+                try:
+                    engine.prefetch(spec)
+                except BaseException as e:   # a prefetch that fails is only a missed head start
+                    send({"type": "log", "job": None, "level": "debug", "message": f"prefetch skipped: {e}"})
+            threading.Thread(target=prefetch, daemon=True, name="i2l-prefetch").start()
             continue
         if msg["type"] != "job":
             continue

@@ -3,15 +3,18 @@
 The big parts of every i2L model are long lists of identical layers (40 DINOv3 layers, 40
 SigLIP2 layers, 240 decoder blocks, 28+32 Qwen2.5-VL layers). ``Streamer`` keeps the small parts
 on the GPU for the duration of a call and copies each layer in just before it runs, on a
-separate CUDA stream, while the previous layer computes; the layer's GPU copy is dropped right
-after. Peak VRAM is a couple of layers plus activations; host-to-GPU copies from page-locked
-memory run at PCIe speed and mostly hide behind compute.
+separate CUDA stream, while the previous layer computes. Layers land in a small ring of fixed
+GPU buffers that are reused over and over, so VRAM stays at a few layers plus activations and the
+allocator's cache does not grow. Host-to-GPU copies from page-locked memory run at PCIe speed and
+mostly hide behind compute.
 """
 from __future__ import annotations
 
 import torch
 
 MIN_LAYERS = 4
+RING = 3            # layer buffers: one computing, one or two being filled
+ALIGN = 256
 
 
 def layer_lists(model: torch.nn.Module, min_share: float = 0.05) -> list[torch.nn.ModuleList]:
@@ -40,79 +43,88 @@ def _param_slots(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     return slots
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
 class Streamer:
     """``with Streamer(model, "cuda", wait=...): model(...)`` — see the module docstring.
 
-    ``wait(tensor)`` is called before a host tensor is first copied, so weights that are still
-    being read from disk are waited for, layer by layer, instead of all at once.
+    ``wait(tensor)`` is called before a host tensor is copied, so weights still being read from
+    disk are waited for layer by layer instead of all at once. ``layered=False`` moves the whole
+    model to the GPU for the call instead (fastest, most VRAM) and takes it off afterwards.
     """
 
-    def __init__(self, model: torch.nn.Module, device, wait=None, dtype: torch.dtype | None = None,
-                 layered: bool = True):
+    def __init__(self, model: torch.nn.Module, device, wait=None, layered: bool = True):
         self.model = model
         self.device = torch.device(device)
         self.wait = wait or (lambda t: None)
-        self.dtype = dtype
-        # layered=False: the whole model goes to the GPU for the call and leaves it after.
         self.layers: list[torch.nn.Module] = [l for lst in layer_lists(model) for l in lst] if layered else []
         streamed = {id(p) for l in self.layers for p in l.parameters()}
         self.resident = [(m, n) for (m, n) in _param_slots(model) if id(getattr(m, n)) not in streamed]
         self._slots = [_param_slots(l) for l in self.layers]
         self._host: dict[tuple[int, str], torch.Tensor] = {}
-        self._gpu: dict[int, list] = {}
-        self._events: dict[int, torch.cuda.Event] = {}
+        self._resident_gpu: list[torch.Tensor] = []
+        self._ring: list[torch.Tensor] = []
+        self._in_slot: dict[int, int] = {}           # layer -> ring slot holding it
+        self._ready: dict[int, torch.cuda.Event] = {}
+        self._free: dict[int, torch.cuda.Event] = {}   # slot -> event: compute done with it
         self._hooks = []
         self._buffers = []
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.bytes_copied = 0
 
-    # -- moving parameters ----------------------------------------------------------------------
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        self.wait(t)
-        g = torch.empty(t.shape, dtype=self.dtype or t.dtype, device=self.device)
-        g.copy_(t, non_blocking=True)
-        self.bytes_copied += t.numel() * t.element_size()
-        return g
-
-    def _swap_in(self, slots, key_prefix) -> list:
-        moved = []
-        for mod, name in slots:
-            p = getattr(mod, name)
-            self._host[(id(mod), name)] = p.data
-            p.data = self._to_device(p.data)
-            moved.append(p.data)
-        return moved
-
-    def _swap_out(self, slots) -> None:
-        for mod, name in slots:
-            p = getattr(mod, name)
-            p.data = self._host.pop((id(mod), name))
-
+    # -- copies -------------------------------------------------------------------------------
     def _fetch(self, i: int) -> None:
-        if i >= len(self.layers) or i in self._gpu:
+        """Copy layer ``i`` into its ring slot on the copy stream (no-op if there already)."""
+        if i >= len(self.layers) or i in self._in_slot:
             return
+        slot = i % len(self._ring)
+        buf = self._ring[slot]
         with torch.cuda.stream(self.copy_stream):
-            self._gpu[i] = self._swap_in(self._slots[i], i)
+            if slot in self._free:                       # the layer that used the slot is done
+                self.copy_stream.wait_event(self._free.pop(slot))
+            off = 0
+            for mod, name in self._slots[i]:
+                p = getattr(mod, name)
+                host = p.data
+                self.wait(host)
+                n = _nbytes(host)
+                view = buf[off:off + n].view(host.dtype).view(host.shape)
+                view.copy_(host, non_blocking=True)
+                self._host[(id(mod), name)] = host
+                p.data = view
+                off += _aligned(n)
+                self.bytes_copied += n
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
-        self._events[i] = ev
+        self._ready[i] = ev
+        self._in_slot[i] = slot
 
-    # -- hooks ------------------------------------------------------------------------------
+    def _restore(self, i: int) -> None:
+        for mod, name in self._slots[i]:
+            getattr(mod, name).data = self._host.pop((id(mod), name))
+        slot = self._in_slot.pop(i)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._free[slot] = ev
+
+    # -- hooks --------------------------------------------------------------------------------
     def _pre(self, i):
         def hook(module, args, kwargs=None):
-            if i not in self._gpu and i not in self._events:
-                self._fetch(i)
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(self._events.pop(i))
-            for g in self._gpu[i]:
-                g.record_stream(compute)
-            self._fetch(i + 1)           # the next layer's copy overlaps this layer's compute
+            self._fetch(i)
+            torch.cuda.current_stream(self.device).wait_event(self._ready.pop(i))
+            for j in range(i + 1, min(i + len(self._ring), len(self.layers))):
+                self._fetch(j)          # the next layers' copies overlap this layer's compute
         return hook
 
     def _post(self, i):
         def hook(module, args, output):
-            self._swap_out(self._slots[i])
-            self._gpu.pop(i, None)
+            self._restore(i)
         return hook
 
     def layer(self, i: int):
@@ -121,30 +133,41 @@ class Streamer:
 
         class _Use:
             def __enter__(self_inner):
-                if streamer.device.type == "cuda":
+                if streamer.layers:
                     streamer._pre(i)(streamer.layers[i], ())
                 return streamer.layers[i]
 
             def __exit__(self_inner, *exc):
-                if streamer.device.type == "cuda":
+                if streamer.layers:
                     streamer._post(i)(streamer.layers[i], (), None)
         return _Use()
 
+    # -- context ------------------------------------------------------------------------------
     def __enter__(self) -> "Streamer":
         if self.device.type != "cuda":
-            for _, t in self._iter_host_tensors():
-                self.wait(t)
+            for mod, name in _param_slots(self.model):
+                self.wait(getattr(mod, name).data)
             return self
-        self._swap_in(self.resident, "resident")
+        for mod, name in self.resident:
+            p = getattr(mod, name)
+            self.wait(p.data)
+            self._host[(id(mod), name)] = p.data
+            p.data = p.data.to(self.device, non_blocking=True)
+            self.bytes_copied += _nbytes(p.data)
         for mod in self.model.modules():
             for name, b in mod.named_buffers(recurse=False):
                 if b is not None and b.device != self.device:
                     self._buffers.append((mod, name, b))
                     mod._buffers[name] = b.to(self.device, non_blocking=True)
-        for i, layer in enumerate(self.layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._pre(i)))
-            self._hooks.append(layer.register_forward_hook(self._post(i)))
-        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        if self.layers:
+            size = max(sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots) for slots in self._slots)
+            self._ring = [torch.empty(size, dtype=torch.uint8, device=self.device)
+                          for _ in range(min(RING, len(self.layers)))]
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            for i, layer in enumerate(self.layers):
+                self._hooks.append(layer.register_forward_pre_hook(self._pre(i)))
+                self._hooks.append(layer.register_forward_hook(self._post(i)))
+            self._fetch(0)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -153,15 +176,16 @@ class Streamer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for i in list(self._gpu):
-            self._swap_out(self._slots[i])
-        self._gpu.clear()
-        self._events.clear()
-        self._swap_out(self.resident)
+        for i in list(self._in_slot):
+            self._restore(i)
+        self._ready.clear()
+        compute = torch.cuda.current_stream(self.device)
+        if self.copy_stream is not None:
+            compute.wait_stream(self.copy_stream)
+        for mod, name in self.resident:
+            getattr(mod, name).data = self._host.pop((id(mod), name))
         for mod, name, b in self._buffers:
             mod._buffers[name] = b
         self._buffers.clear()
-
-    def _iter_host_tensors(self):
-        for mod, name in _param_slots(self.model):
-            yield name, getattr(mod, name).data
+        self._free.clear()
+        self._ring = []          # freed on the compute stream, which waited for the copies

@@ -28,10 +28,22 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def vram_cap() -> int | None:
+    """``I2L_VRAM_CAP_GB`` (set for low-VRAM tests and benchmarks) in bytes."""
+    cap = float(os.environ.get("I2L_VRAM_CAP_GB", "0") or 0)
+    return int(cap * GiB) if cap > 0 else None
+
+
 def free_vram() -> tuple[int, int] | None:
+    """(free, total) bytes of VRAM for this process, within the cap when one is set."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
+    cap = vram_cap()
+    if cap is not None:
+        total = min(total, cap)
+        free = min(free, max(0, cap - torch.cuda.memory_reserved()))
+    return free, total
 
 
 def choose_profile(requested: str, needed_bytes: int, resident_bytes: int = 0, dev: str | None = None) -> str:

@@ -2,7 +2,7 @@
 
 A ``WeightFile`` reads a whole file with several reader threads into one host buffer (page-locked
 when CUDA is there, so copies to the GPU run at full speed and overlap with compute). Tensors
-are zero-copy views into that buffer. Reading starts as soon as it is asked for; a consumer that
+are zero-copy views into that buffer, so a model built on them needs no second copy. Reading starts as soon as it is asked for; a consumer that
 needs a tensor before its bytes have arrived waits just for those bytes, so encoding can begin
 while later files are still being read.
 
@@ -72,27 +72,44 @@ class WeightFile:
         self._chunks_done: set[int] = set()
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self._registered = False
 
     # -- reading -----------------------------------------------------------------------------
-    def start(self) -> "WeightFile":
+    def allocate(self) -> "WeightFile":
+        """The host buffer, page-locked in place (no rounding up, unlike torch's pinned allocator)."""
         import torch
-        if self.buffer is not None:
+        with self._cond:
+            if self.buffer is not None:
+                return self
+            buf = torch.empty(self.nbytes, dtype=torch.uint8)
+            if self.pin and torch.cuda.is_available() and self.nbytes:
+                try:
+                    rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), self.nbytes, 0)
+                    self._registered = int(getattr(rc, "value", rc)) == 0
+                except Exception:      # no page-locked memory to spare: plain RAM still works
+                    self._registered = False
+            self.buffer = buf
             return self
-        self.started = time.monotonic()
-        buf = torch.empty(self.nbytes, dtype=torch.uint8)
-        if self.pin and torch.cuda.is_available():
-            try:
-                buf = buf.pin_memory()
-            except RuntimeError:      # not enough page-locked memory: plain RAM still works
-                pass
-        self.buffer = buf
-        n_chunks = max(1, -(-self.nbytes // CHUNK))
-        self._next = 0
-        self._n_chunks = n_chunks
-        for i in range(min(READERS, n_chunks)):
-            t = threading.Thread(target=self._reader, daemon=True, name=f"i2l-read-{i}")
-            self._threads.append(t)
+
+    def start(self) -> "WeightFile":
+        """Begin reading (allocating first if needed); returns at once."""
+        self.allocate()
+        with self._cond:
+            if self._threads:
+                return self
+            self.started = time.monotonic()
+            n_chunks = max(1, -(-self.nbytes // CHUNK))
+            self._next = 0
+            self._n_chunks = n_chunks
+            for i in range(min(READERS, n_chunks)):
+                t = threading.Thread(target=self._reader, daemon=True, name=f"i2l-read-{i}")
+                self._threads.append(t)
+            threads = list(self._threads)
+        for t in threads:
             t.start()
+        if self.nbytes == 0:
+            with self._cond:
+                self.finished = time.monotonic()
         return self
 
     def _take(self) -> int | None:
@@ -137,7 +154,7 @@ class WeightFile:
 
     def wait(self, upto: int | None = None) -> None:
         """Block until the first ``upto`` bytes of the data section (all of it by default) are read."""
-        if self.buffer is None:
+        if not self._threads:
             self.start()
         upto = self.nbytes if upto is None else upto
         with self._cond:
@@ -154,10 +171,19 @@ class WeightFile:
     def shapes(self) -> dict:
         return {k: (tuple(v["shape"]), v["dtype"]) for k, v in self.header.items()}
 
+    def contains(self, t) -> bool:
+        if self.buffer is None:
+            return False
+        base = self.buffer.data_ptr()
+        return base <= t.data_ptr() < base + self.nbytes
+
+    def wait_for(self, t) -> None:
+        """Wait for the bytes behind tensor ``t`` (a view of this file's buffer)."""
+        self.wait(t.data_ptr() - self.buffer.data_ptr() + t.numel() * t.element_size())
+
     def tensor(self, key: str):
         import torch
-        if self.buffer is None:
-            self.start()
+        self.allocate()
         info = self.header[key]
         a, b = info["data_offsets"]
         dtype = getattr(torch, _DTYPES[info["dtype"]])
@@ -175,46 +201,23 @@ class WeightFile:
         return {k: self.tensor(k) for k in self.header}
 
     def release(self) -> None:
-        self.buffer = None
-
-
-class WeightSet:
-    """Several files, read one after the other in the order they will be used."""
-
-    def __init__(self, paths: list[str], pin: bool = True):
-        self.files = {p: WeightFile(p, pin=pin) for p in paths}
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "WeightSet":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="i2l-prefetch")
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        for wf in self.files.values():
+        """Give the memory back (after the readers are done with it)."""
+        with self._cond:
+            self._next = getattr(self, "_n_chunks", 0)      # hand out no more chunks
+        for t in self._threads:
+            t.join()
+        buf, self.buffer = self.buffer, None
+        if buf is not None and self._registered:
+            import torch
             try:
-                wf.start()
-                wf.wait()
-            except BaseException:
-                return      # the consumer sees the error when it waits on that file
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files.values())
-
-
-def readahead(paths: list[str]) -> threading.Thread:
-    """Pull files into the OS page cache with plain reads; needs no torch, so it can run while torch imports."""
-    def run():
-        buf = bytearray(CHUNK)
-        for p in paths:
-            try:
-                with open(p, "rb", buffering=0) as f:
-                    while f.readinto(buf):
-                        pass
-            except OSError:
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+            except Exception:
                 pass
-    t = threading.Thread(target=run, daemon=True, name="i2l-readahead")
-    t.start()
-    return t
+            self._registered = False
+
+    def __del__(self):
+        try:
+            if self._registered:
+                self.release()
+        except Exception:
+            pass
