@@ -294,7 +294,7 @@ def main() -> int:
     ap.add_argument("--images", required=True)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default="auto")
-    ap.add_argument("--low-profile", default="disk")
+    ap.add_argument("--low-profile", default="cpu_offload")
     ap.add_argument("--cap-gb", type=float, default=8.0)
     ap.add_argument("--click-delay", type=float, default=5.0)
     ap.add_argument("--reps", type=int, default=3)
