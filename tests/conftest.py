@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers import ROOT, make_image  # noqa: E402
 
 
 def _worker_python() -> str | None:
@@ -37,19 +39,6 @@ def tiny_models(worker_python, tmp_path_factory) -> str:
     subprocess.run([worker_python, "-m", "i2l_ext.worker.tiny", d], check=True, cwd=ROOT,
                    env=dict(os.environ, PYTHONPATH=ROOT))
     return d
-
-
-def make_image(path, size=(96, 64), mode="RGB", color=(200, 30, 60), fmt=None, **save):
-    from PIL import Image
-    im = Image.new(mode, size, color if mode in ("RGB", "RGBA", "CMYK") else 128)
-    if mode == "RGB":
-        # a little structure so encoders see more than a flat colour
-        for x in range(0, size[0], 8):
-            for y in range(0, size[1], 8):
-                if (x + y) // 8 % 2:
-                    im.putpixel((x, y), (x * 2 % 256, y * 3 % 256, 90))
-    im.save(str(path), format=fmt, **save)
-    return str(path)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from i2l_ext import envsetup
 from i2l_ext.envsetup import hostinstall, installer, layout
 from i2l_ext.errors import I2LError

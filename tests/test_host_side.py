@@ -6,7 +6,7 @@ import sys
 
 from i2l_ext import protocol
 from i2l_ext.errors import I2LError
-from conftest import ROOT
+from helpers import ROOT
 
 HOST_MODULES = ["i2l_ext", "i2l_ext.cli", "i2l_ext.service", "i2l_ext.supervisor", "i2l_ext.output",
                 "i2l_ext.images", "i2l_ext.catalog", "i2l_ext.config", "i2l_ext.protocol"]

@@ -8,7 +8,7 @@ from PIL import Image
 
 from i2l_ext.errors import I2LError
 from i2l_ext.images import MAX_PIXELS, collect_images, inspect_images, load_image
-from conftest import make_image
+from helpers import make_image
 
 
 def bad(fn, *a):

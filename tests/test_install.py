@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from i2l_ext.envsetup import layout
 
 HOST_SPEC = ["torch==2.14.1", "torchvision==0.29.1", "transformers==4.46.1"]
@@ -144,7 +144,7 @@ def test_install_py_builds_worker_env_without_touching_the_host(host_python, tmp
     models = str(tmp_path / "tiny-models")
     r = _run([wpy, "-m", "i2l_ext.worker.tiny", models], env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    from conftest import make_image
+    from helpers import make_image
     from i2l_ext.config import Config
     from i2l_ext.envsetup import find_worker_python
     from i2l_ext.service import JobRequest, Service

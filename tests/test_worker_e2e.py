@@ -18,7 +18,7 @@ from i2l_ext import catalog
 from i2l_ext.config import Config
 from i2l_ext.errors import I2LError
 from i2l_ext.service import JobRequest, Service
-from conftest import ROOT, make_image
+from helpers import ROOT, make_image
 
 
 def gone(pid, timeout=10.0):
