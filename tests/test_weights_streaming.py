@@ -96,13 +96,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("layered", [True, False])
-def test_streamed_equals_resident(tmp_path, layered):
+@pytest.mark.parametrize("layered,from_file", [(True, True), (False, True), (True, False)])
+def test_streamed_equals_resident(tmp_path, layered, from_file):
+    """from_file: parameters are views of one page-locked file buffer (one copy per layer);
+    otherwise each parameter has its own storage (one copy per tensor)."""
     p = tmp_path / "w.safetensors"
     _write(p, n_layers=12, dim=1024)
     wf = weights.WeightFile(str(p), pin=True).start()
     net = Net(n_layers=12, dim=1024).to(torch.bfloat16)
-    net.load_state_dict(wf.state_dict(), assign=True)
+    net.load_state_dict(wf.state_dict() if from_file else load_file(str(p)), assign=True)
     x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
     ref_net = Net(n_layers=12, dim=1024).to(torch.bfloat16)
     ref_net.load_state_dict(load_file(str(p)))

@@ -70,6 +70,7 @@ class Streamer:
         self._host: dict[tuple[int, str], torch.Tensor] = {}
         self._resident_gpu: list[torch.Tensor] = []
         self._ring: list[torch.Tensor] = []
+        self._spans: list = []
         self._in_slot: dict[int, int] = {}           # layer -> ring slot holding it
         self._ready: dict[int, torch.cuda.Event] = {}
         self._free: dict[int, torch.cuda.Event] = {}   # slot -> event: compute done with it
@@ -79,6 +80,25 @@ class Streamer:
         self.bytes_copied = 0
 
     # -- copies -------------------------------------------------------------------------------
+    def _span(self, i: int):
+        """(host bytes, base pointer) when layer ``i``'s parameters lie together in one host buffer
+        (they do in a safetensors file: a layer's tensors are stored side by side), so the layer
+        moves with one copy; None otherwise."""
+        hosts = [getattr(m, n).data for m, n in self._slots[i]]
+        if not hosts:
+            return None
+        storage = hosts[0].untyped_storage()
+        if any(h.untyped_storage().data_ptr() != storage.data_ptr() or not h.is_contiguous() for h in hosts):
+            return None
+        base = min(h.data_ptr() for h in hosts)
+        end = max(h.data_ptr() + _nbytes(h) for h in hosts)
+        if end - base > 1.25 * sum(_nbytes(h) for h in hosts) + 4096:
+            return None
+        if any((h.data_ptr() - base) % h.element_size() for h in hosts):
+            return None
+        src = torch.empty(0, dtype=torch.uint8).set_(storage, base - storage.data_ptr(), (end - base,))
+        return src, base
+
     def _fetch(self, i: int) -> None:
         """Copy layer ``i`` into its ring slot on the copy stream (no-op if there already)."""
         if i >= len(self.layers) or i in self._in_slot:
@@ -88,8 +108,20 @@ class Streamer:
         with torch.cuda.stream(self.copy_stream):
             if slot in self._free:                       # the layer that used the slot is done
                 self.copy_stream.wait_event(self._free.pop(slot))
+            span = self._spans[i]
+            if span is not None:
+                src, base = span
+                self.wait(src)
+                buf[:src.numel()].copy_(src, non_blocking=True)
+                self.bytes_copied += src.numel()
+                for mod, name in self._slots[i]:
+                    p = getattr(mod, name)
+                    host = p.data
+                    off = host.data_ptr() - base
+                    self._host[(id(mod), name)] = host
+                    p.data = buf[off:off + _nbytes(host)].view(host.dtype).view(host.shape)
             off = 0
-            for mod, name in self._slots[i]:
+            for mod, name in (self._slots[i] if span is None else ()):
                 p = getattr(mod, name)
                 host = p.data
                 self.wait(host)
@@ -160,7 +192,10 @@ class Streamer:
                     self._buffers.append((mod, name, b))
                     mod._buffers[name] = b.to(self.device, non_blocking=True)
         if self.layers:
-            size = max(sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots) for slots in self._slots)
+            self._spans = [self._span(i) for i in range(len(self.layers))]
+            size = max(_aligned(span[0].numel()) if span is not None else
+                       sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots)
+                       for span, slots in zip(self._spans, self._slots))
             self._ring = [torch.empty(size, dtype=torch.uint8, device=self.device)
                           for _ in range(min(RING, len(self.layers)))]
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -188,4 +223,5 @@ class Streamer:
             mod._buffers[name] = b
         self._buffers.clear()
         self._free.clear()
+        self._spans = []
         self._ring = []          # freed on the compute stream, which waited for the copies
