@@ -24,6 +24,7 @@ class Config:
     start_timeout: float = 600.0
     idle_timeout: float = 600.0           # a warm worker idle this long is shut down (0: at once)
     keep_warm: bool = True
+    prewarm: bool = True                  # start the worker and read weights when the tab opens
     worker_env: dict = field(default_factory=dict)   # extra environment for the worker process
 
 

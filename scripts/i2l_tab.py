@@ -31,6 +31,7 @@ def _config_refresh(cfg):
     cfg.offline = bool(hosts.opt("i2l_offline", False))
     cfg.idle_timeout = 60.0 * float(hosts.opt("i2l_keep_warm_minutes", 10) or 0)
     cfg.keep_warm = cfg.idle_timeout > 0
+    cfg.prewarm = bool(hosts.opt("i2l_prewarm", True))
 
 
 def get_controller():
@@ -79,6 +80,7 @@ def on_ui_settings():
     add("i2l_key_format", "diffusers", t("settings_keys"), gr.Radio, {"choices": ["diffusers", "kohya"]})
     add("i2l_free_vram", True, t("settings_free_vram"))
     add("i2l_keep_warm_minutes", 10, t("settings_keep_warm"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
+    add("i2l_prewarm", True, t("settings_prewarm"))
     add("i2l_offline", False, t("settings_offline"))
 
 

@@ -3,6 +3,23 @@ from __future__ import annotations
 
 
 def cmd_serve(args) -> int:
+    from . import appenv
+    if not appenv.has_gradio():
+        # No gradio here (a plain Python, or the worker's environment): run in the app's own one.
+        import os
+        import subprocess
+        import sys
+        from ..config import EXT_ROOT
+        py = appenv.ensure_app_env()
+        worker = args.worker_python
+        if not worker:
+            from ..envsetup import find_worker_python
+            worker = find_worker_python()
+        argv = [a for a in sys.argv[1:]]
+        if "--python" not in argv:
+            argv += ["--python", worker]
+        env = dict(os.environ, PYTHONPATH=EXT_ROOT)
+        return subprocess.call([py, "-m", "i2l_ext"] + argv, env=env)
     from .app import serve
     return serve(host=args.host, port=args.port, lora_dir=args.lora_dir, models_dir=args.models_dir,
                  worker_python=args.worker_python, offline=args.offline, lang=args.lang, open_browser=args.open)

@@ -111,6 +111,14 @@ class Controller:
     def clear_images(self):
         return [], [], None, self.count_text([]), ""
 
+    def prewarm(self, variant, vram, bias):
+        """When the tab opens or the variant changes: start the worker and begin reading weights,
+        so the click finds them (nothing happens while a job runs or when weights are missing)."""
+        self.refresh_config()
+        if getattr(self.config, "prewarm", True):
+            self.service.prewarm(variant or "style", bool(bias) if variant == "coarse-fine" else None,
+                                 vram or "auto")
+
     def check_name(self, name, subfolder, overwrite):
         name = (name or "").strip("\n")
         if not name:
@@ -480,7 +488,10 @@ def build(ctl: Controller):
         for evt in (rename_evt, delete_evt):
             evt.then(None, None, None, **compat.js("() => { if (window.i2l_refreshLoraCards) i2l_refreshLoraCards(); return []; }"))
 
-    loaders = [(ctl.library_refresh, None, lib_outputs)]
+    for comp in (variant, vram):
+        comp.change(ctl.prewarm, [variant, vram, bias], None, queue=False, show_progress="hidden")
+
+    loaders = [(ctl.library_refresh, None, lib_outputs), (ctl.prewarm, [variant, vram, bias], None)]
     loaders += panels.env_banner_loaders(ctl, env_banner, env_row, repair_btn, log)
     loaders += models
     return loaders

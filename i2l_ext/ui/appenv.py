@@ -1,0 +1,69 @@
+"""The standalone app's own Python environment, for machines without a WebUI.
+
+gradio can't share the worker's environment (gradio 4.40 needs huggingface_hub < 1, diffsynth
+needs 2.x), so ``serve`` makes ``<extension>/.venv-app`` on first use, from
+``requirements-app.txt``, and runs itself there. A stamp with the requirements' hash is written
+only after a complete install, so a half-made environment is never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+from ..config import EXT_ROOT
+from ..errors import I2LError
+
+REQUIREMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements-app.txt")
+
+
+def app_env_dir() -> str:
+    return os.environ.get("I2L_APP_ENV") or os.path.join(EXT_ROOT, ".venv-app")
+
+
+def app_python(env_dir: str | None = None) -> str:
+    env_dir = env_dir or app_env_dir()
+    if os.name == "nt":
+        return os.path.join(env_dir, "Scripts", "python.exe")
+    return os.path.join(env_dir, "bin", "python")
+
+
+def _wanted() -> str:
+    with open(REQUIREMENTS, "rb") as f:
+        return hashlib.sha256(f.read() + sys.version.encode()).hexdigest()
+
+
+def ensure_app_env(log=print) -> str:
+    """The app environment's interpreter, made or updated if needed (pip output shown live)."""
+    env_dir = app_env_dir()
+    py = app_python(env_dir)
+    stamp = os.path.join(env_dir, "i2l-app-stamp")
+    want = _wanted()
+    try:
+        with open(stamp) as f:
+            if f.read().strip() == want and os.path.exists(py):
+                return py
+    except OSError:
+        pass
+    log(f"Setting up the app's environment in {env_dir} (gradio; about 300 MB, once)")
+    if os.path.exists(stamp):
+        os.unlink(stamp)
+    steps = ([sys.executable, "-m", "venv", env_dir],
+             [py, "-m", "pip", "install", "--disable-pip-version-check", "-r", REQUIREMENTS])
+    for cmd in steps:
+        if cmd[0] == py and not os.path.exists(py):
+            break
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            raise I2LError(I2LError.ENVIRONMENT, f"Setting up the app's environment failed at: {' '.join(cmd)}",
+                           f"Check the network (or PIP_INDEX_URL) and run the same command again; "
+                           f"to start over, delete {env_dir}.")
+    with open(stamp, "w") as f:
+        f.write(want)
+    return py
+
+
+def has_gradio() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("gradio") is not None
