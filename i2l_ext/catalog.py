@@ -162,8 +162,8 @@ class Variant:
     label: str
     purpose: str
     decoders: tuple[str, ...]
-    vram_gb: float          # peak with the default profile
-    low_vram_gb: float      # peak with the low-VRAM profile
+    vram_gb: float          # peak VRAM (driver's figure) streaming from RAM, the default when RAM holds the weights
+    low_vram_gb: float      # peak with the disk profile, used when RAM is short (DiffSynth's own streaming)
     bias_default: bool = False
     roles: tuple[str, ...] = field(default=())
 
@@ -182,13 +182,13 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {v.key: v for v in [
     Variant("style", "Style", "Captures the look (palette, brushwork, lighting) and leaves the content free.",
-            ("style",), vram_gb=13, low_vram_gb=8),
+            ("style",), vram_gb=3, low_vram_gb=13),
     Variant("coarse-fine", "Coarse + Fine (+ Bias)", "Captures style and content: subjects, layout, details.",
-            ("coarse", "fine"), vram_gb=24, low_vram_gb=8, bias_default=True),
+            ("coarse", "fine"), vram_gb=10, low_vram_gb=24, bias_default=True),
     Variant("coarse", "Coarse", "Style and content at a coarse level; lighter than Coarse + Fine.",
-            ("coarse",), vram_gb=20, low_vram_gb=8),
+            ("coarse",), vram_gb=10, low_vram_gb=20),
     Variant("fine", "Fine", "Adds 1024x1024 detail; meant to go with Coarse.",
-            ("fine",), vram_gb=20, low_vram_gb=8),
+            ("fine",), vram_gb=10, low_vram_gb=20),
 ]}
 
 
