@@ -33,15 +33,7 @@ if ROOT not in sys.path:
 
 from i2l_ext import catalog  # noqa: E402
 
-# role -> diffsynth's model name in diffsynth/configs/model_configs.py
-DS_NAMES = {
-    "siglip2": "siglip2_image_encoder",
-    "dinov3": "dinov3_image_encoder",
-    "text_encoder": "qwen_image_text_encoder",
-    "style": "qwen_image_image2lora_style",
-    "coarse": "qwen_image_image2lora_coarse",
-    "fine": "qwen_image_image2lora_fine",
-}
+from i2l_ext.worker.engine import DS_NAMES  # noqa: E402  role -> diffsynth model name
 SETS = {
     "style": ["siglip2", "dinov3", "style"],
     "coarse-fine": ["siglip2", "dinov3", "text_encoder", "processor", "coarse", "fine", "bias"],

@@ -12,6 +12,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from . import output
 from .errors import I2LError, bad_input
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -189,18 +190,8 @@ def rename(lora_dir: str, relpath: str, new_name: str) -> LoraEntry:
 
 
 def _move_no_replace(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)          # fails if dst exists: no race can make us overwrite
-    except FileExistsError:
-        raise I2LError(I2LError.OUTPUT, f"{os.path.basename(dst)} already exists; nothing was renamed.",
-                       "Choose another name.") from None
-    except OSError:
-        if os.path.lexists(dst):
-            raise I2LError(I2LError.OUTPUT, f"{os.path.basename(dst)} already exists; nothing was renamed.",
-                           "Choose another name.") from None
-        os.rename(src, dst)
-        return
-    os.unlink(src)
+    output.move_no_replace(src, dst, I2LError(I2LError.OUTPUT, f"{os.path.basename(dst)} already exists; "
+                                              "nothing was renamed.", "Choose another name."))
 
 
 def delete(lora_dir: str, relpath: str) -> list[str]:

@@ -185,22 +185,27 @@ def write_preview(plan: OutputPlan, images: list) -> None:
         os.fsync(f.fileno())
 
 
+def move_no_replace(src: str, dst: str, taken: I2LError) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (then raise ``taken``); atomic where hard
+    links work, so no race can make it overwrite."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise taken from None
+    except OSError:                # file systems without hard links
+        if os.path.lexists(dst):
+            raise taken from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
 def _place(src: str, dst: str, overwrite: bool) -> None:
     if overwrite:
         os.replace(src, dst)
         return
-    try:
-        os.link(src, dst)          # atomic, and fails if dst exists
-    except FileExistsError:
-        raise I2LError(I2LError.OUTPUT, f"{dst} appeared while the LoRA was being made; it was left alone.",
-                       "Choose another name, or allow overwriting.") from None
-    except OSError:                # file systems without hard links
-        if os.path.exists(dst):
-            raise I2LError(I2LError.OUTPUT, f"{dst} already exists; it was left alone.",
-                           "Choose another name, or allow overwriting.") from None
-        os.rename(src, dst)
-        return
-    os.unlink(src)
+    move_no_replace(src, dst, I2LError(I2LError.OUTPUT, f"{dst} appeared while the LoRA was being made; "
+                                       "it was left alone.", "Choose another name, or allow overwriting."))
 
 
 def commit(plan: OutputPlan) -> None:
