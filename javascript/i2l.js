@@ -72,6 +72,17 @@
     };
 
     // Hand image files to the tab's upload box, as if they had been dropped there.
+    // In a WebUI: when the Image to LoRA tab is opened, start the worker and begin reading weights.
+    if (typeof window.onUiTabChange === "function") {
+        window.onUiTabChange(function () {
+            const current = typeof window.get_uiCurrentTabContent === "function" ? window.get_uiCurrentTabContent() : null;
+            if (current && current.id === "tab_i2l_tab") {
+                const button = window.i2l_app().querySelector("#i2l_prewarm");
+                if (button) button.click();
+            }
+        });
+    }
+
     window.i2l_addFiles = function (files) {
         const input = window.i2l_app().querySelector("#i2l_upload input[type=file]");
         if (!input || !files || !files.length) return false;

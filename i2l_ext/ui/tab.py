@@ -491,7 +491,14 @@ def build(ctl: Controller):
     for comp in (variant, vram):
         comp.change(ctl.prewarm, [variant, vram, bias], None, queue=False, show_progress="hidden")
 
-    loaders = [(ctl.library_refresh, None, lib_outputs), (ctl.prewarm, [variant, vram, bias], None)]
+    loaders = [(ctl.library_refresh, None, lib_outputs)]
+    if host_only:
+        # In a WebUI the page loads with txt2img in front: the worker starts only when this tab is
+        # opened (javascript/i2l.js clicks this hidden button), never merely because the page loaded.
+        prewarm_btn = gr.Button("prewarm", visible=False, elem_id="i2l_prewarm")
+        prewarm_btn.click(ctl.prewarm, [variant, vram, bias], None, queue=False, show_progress="hidden")
+    else:
+        loaders.append((ctl.prewarm, [variant, vram, bias], None))
     loaders += panels.env_banner_loaders(ctl, env_banner, env_row, repair_btn, log)
     loaders += models
     return loaders
