@@ -208,8 +208,21 @@ def _place(src: str, dst: str, overwrite: bool) -> None:
                                        "it was left alone.", "Choose another name, or allow overwriting."))
 
 
+def _usual_mode(path: str) -> None:
+    """Give a file the permissions a new file normally gets (some writers create 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.chmod(path, 0o666 & ~mask)
+    except OSError:
+        pass
+
+
 def commit(plan: OutputPlan) -> None:
     """Rename the finished temporary files into place: sidecars first, the LoRA last."""
+    for tmp in plan.tmp_paths:
+        if os.path.exists(tmp):
+            _usual_mode(tmp)
     placed = []
     try:
         for tmp, final in ((plan.tmp_preview, plan.preview), (plan.tmp_sidecar, plan.sidecar),

@@ -69,8 +69,11 @@ def test_commit_places_everything_and_never_clobbers(lora_dir):
     open(plan.tmp_path, "wb").write(b"lora")
     output.write_card(plan, output.card_data("d", "act", 0.8, "qwen"))
     output.write_preview(plan, [Image.new("RGB", (50, 30), (9, 9, 9))] * 3)
+    os.chmod(plan.tmp_path, 0o600)          # as some writers create it
     output.commit(plan)
     assert sorted(os.listdir(lora_dir)) == ["x.json", "x.preview.png", "x.safetensors"]
+    mask = os.umask(0); os.umask(mask)
+    assert os.stat(plan.path).st_mode & 0o777 == 0o666 & ~mask   # readable like any new file
     import json
     card = json.load(open(plan.sidecar))
     assert card["sd version"] == "qwen" and card["preferred weight"] == 0.8 and card["activation text"] == "act"
