@@ -123,8 +123,8 @@ def nbytes(shape) -> int:
     return 2 * math.prod(shape)
 
 
-def write_safetensors(path: str, shapes: dict, gen: Gen) -> int:
-    """A bf16 safetensors file with these tensors, written one tensor at a time. Returns its size."""
+def _header(shapes: dict) -> tuple[list, bytes, int]:
+    """(tensor names in file order, the padded JSON header, bytes of data) for a bf16 file."""
     names = sorted(shapes)
     header, off = {}, 0
     for k in names:
@@ -133,7 +133,12 @@ def write_safetensors(path: str, shapes: dict, gen: Gen) -> int:
         off += n
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return names, raw + b" " * ((8 - len(raw) % 8) % 8), off
+
+
+def write_safetensors(path: str, shapes: dict, gen: Gen) -> int:
+    """A bf16 safetensors file with these tensors, written one tensor at a time. Returns its size."""
+    names, raw, off = _header(shapes)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".part"
     with open(tmp, "wb") as f:
@@ -147,15 +152,8 @@ def write_safetensors(path: str, shapes: dict, gen: Gen) -> int:
 
 
 def file_size_for(shapes: dict) -> int:
-    names = sorted(shapes)
-    header, off = {}, 0
-    for k in names:
-        n = nbytes(shapes[k])
-        header[k] = {"dtype": "BF16", "shape": list(shapes[k]), "data_offsets": [off, off + n]}
-        off += n
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return 8 + len(raw) + ((8 - len(raw) % 8) % 8) + off
+    _, raw, off = _header(shapes)
+    return 8 + len(raw) + off
 
 
 def header_shapes(path: str) -> dict | None:
