@@ -62,6 +62,16 @@ def service(worker_python, tiny_models, lora_dir):
     s.shutdown()
 
 
+@pytest.fixture
+def paused_service(worker_python, tiny_models, lora_dir):
+    """A service whose worker pauses 30 s before writing, so a test can act mid-job."""
+    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python,
+                 worker_env={"I2L_PAUSE_BEFORE_WRITE": "30"})
+    s = Service(cfg)
+    yield s
+    s.shutdown()
+
+
 def read_header(path):
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
@@ -116,55 +126,45 @@ def test_coarse_fine_bias_end_to_end(service, images, lora_dir):
     assert a2 == {16}
 
 
-def test_cancel_mid_run_leaves_nothing(worker_python, tiny_models, lora_dir, images):
-    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python,
-                 worker_env={"I2L_PAUSE_BEFORE_WRITE": "30"})
-    service = Service(cfg)
-    try:
-        job = service.start(JobRequest(images=images, name="cancelled", variant="style"))
-        for ev in job.events(timeout=120):
-            if ev["type"] == "log" and "pausing" in ev.get("message", ""):
-                break
-            if ev["type"] == "progress" and ev["phase"] == "merge":
-                break
-        pid = service.worker_pid()
-        assert pid
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        service.cancel()
-        assert job.wait(15)
-        assert time.monotonic() - t0 < 10
-        assert job.state == "cancelled"
-        assert os.listdir(lora_dir) == []
-        assert gone(pid) and group_members(pid) == []
-    finally:
-        service.shutdown()
+def test_cancel_mid_run_leaves_nothing(paused_service, lora_dir, images):
+    service = paused_service
+    job = service.start(JobRequest(images=images, name="cancelled", variant="style"))
+    for ev in job.events(timeout=120):
+        if ev["type"] == "log" and "pausing" in ev.get("message", ""):
+            break
+        if ev["type"] == "progress" and ev["phase"] == "merge":
+            break
+    pid = service.worker_pid()
+    assert pid
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    service.cancel()
+    assert job.wait(15)
+    assert time.monotonic() - t0 < 10
+    assert job.state == "cancelled"
+    assert os.listdir(lora_dir) == []
+    assert gone(pid) and group_members(pid) == []
 
 
-def test_worker_killed_mid_run(worker_python, tiny_models, lora_dir, images):
-    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python,
-                 worker_env={"I2L_PAUSE_BEFORE_WRITE": "30"})
-    service = Service(cfg)
-    try:
-        job = service.start(JobRequest(images=images, name="killed", variant="style"))
-        for ev in job.events(timeout=120):
-            if ev["type"] == "progress" and ev["phase"] in ("decode", "merge"):
-                break
-        pid = service.worker_pid()
-        time.sleep(1.0)
-        os.kill(pid, signal.SIGKILL)
-        assert job.wait(20)
-        assert job.state == "error"
-        assert job.error.code == I2LError.WORKER_CRASHED and "SIGKILL" in job.error.message
-        assert job.error.fix
-        assert os.listdir(lora_dir) == []
-        assert gone(pid)
-        # the service recovers: the next job starts a fresh worker
-        service.config.worker_env = {}
-        job2 = service.run(JobRequest(images=images[:1], name="after", variant="style"))
-        assert job2.state == "done", job2.error
-    finally:
-        service.shutdown()
+def test_worker_killed_mid_run(paused_service, lora_dir, images):
+    service = paused_service
+    job = service.start(JobRequest(images=images, name="killed", variant="style"))
+    for ev in job.events(timeout=120):
+        if ev["type"] == "progress" and ev["phase"] in ("decode", "merge"):
+            break
+    pid = service.worker_pid()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    assert job.wait(20)
+    assert job.state == "error"
+    assert job.error.code == I2LError.WORKER_CRASHED and "SIGKILL" in job.error.message
+    assert job.error.fix
+    assert os.listdir(lora_dir) == []
+    assert gone(pid)
+    # the service recovers: the next job starts a fresh worker
+    service.config.worker_env = {}
+    job2 = service.run(JobRequest(images=images[:1], name="after", variant="style"))
+    assert job2.state == "done", job2.error
 
 
 def test_missing_weights_named(worker_python, tmp_path, lora_dir, images):
@@ -221,17 +221,12 @@ def test_pickle_weight_file_refused(worker_python, broken_models, lora_dir, imag
         service.shutdown()
 
 
-def test_busy_second_job_refused(worker_python, tiny_models, lora_dir, images):
-    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python,
-                 worker_env={"I2L_PAUSE_BEFORE_WRITE": "30"})
-    service = Service(cfg)
-    try:
-        service.start(JobRequest(images=images, name="one", variant="style"))
-        with pytest.raises(I2LError) as e:
-            service.start(JobRequest(images=images, name="two", variant="style"))
-        assert e.value.code == I2LError.BUSY
-    finally:
-        service.shutdown()
+def test_busy_second_job_refused(paused_service, lora_dir, images):
+    paused_service.start(JobRequest(images=images, name="one", variant="style"))
+    with pytest.raises(I2LError) as e:
+        paused_service.start(JobRequest(images=images, name="two", variant="style"))
+    assert e.value.code == I2LError.BUSY
+    paused_service.shutdown()
     assert os.listdir(lora_dir) == []
 
 
