@@ -135,6 +135,60 @@ def queue_lock():
         return None
 
 
+class LockWaiter:
+    """Takes ``lock`` from a thread of its own with a plain blocking ``acquire()``.
+
+    The WebUIs' queue lock is a ``FIFOLock`` (``modules/fifo_lock.py``) whose ``acquire`` takes no
+    ``timeout``; a blocking call from a thread keeps its first-come order and lets the page be told
+    "waiting" meanwhile. ``wait(t)`` is True once the lock is held (by this waiter, for the caller);
+    ``abandon()`` gives it back, now or as soon as the thread gets it, if the caller stops waiting.
+    """
+
+    def __init__(self, lock):
+        self.lock = lock
+        self._got = threading.Event()
+        self._mutex = threading.Lock()
+        self._abandoned = False
+        self._error: BaseException | None = None
+        threading.Thread(target=self._take, daemon=True, name="i2l-queue-wait").start()
+
+    def _take(self) -> None:
+        try:
+            self.lock.acquire()
+        except BaseException as e:      # never hold anything on failure
+            self._error = e
+            self._got.set()
+            return
+        with self._mutex:
+            if self._abandoned:
+                _release(self.lock)
+                return
+            self._got.set()
+
+    def wait(self, timeout: float) -> bool:
+        if not self._got.wait(timeout):
+            return False
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def abandon(self) -> None:
+        with self._mutex:
+            if self._abandoned:
+                return
+            self._abandoned = True
+            held = self._got.is_set() and self._error is None
+        if held:
+            _release(self.lock)
+
+
+def _release(lock) -> None:
+    try:
+        lock.release()
+    except RuntimeError:
+        pass
+
+
 def release_when_done(job, lock) -> None:
     """Hold ``lock`` (already acquired) until ``job`` ends, from a thread of its own, so a page
     closed mid-run can never leave the WebUI locked."""

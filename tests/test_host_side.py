@@ -37,3 +37,40 @@ def test_error_round_trip():
     back = I2LError.from_dict(json.loads(json.dumps(e.to_dict())))
     assert (back.code, back.message, back.fix, back.details) == (e.code, e.message, e.fix, e.details)
     assert "Fix: Pick" in str(back)
+
+
+class _NoTimeoutLock:
+    """Shaped like the WebUIs' FIFOLock: ``acquire(blocking=True)`` takes no timeout."""
+
+    def __init__(self):
+        import threading
+        self._lock = threading.Lock()
+
+    def acquire(self, blocking=True):
+        return self._lock.acquire(blocking)
+
+    def release(self):
+        self._lock.release()
+
+
+def test_lock_waiter_with_a_lock_that_takes_no_timeout():
+    import time
+    from i2l_ext.hosts import LockWaiter
+    lock = _NoTimeoutLock()
+    assert lock.acquire()                       # a txt2img generation holds the lock
+    w = LockWaiter(lock)
+    assert w.wait(0.2) is False                 # still waiting, and the caller is not blocked
+    lock.release()
+    assert w.wait(5) is True                    # the waiter now holds it for the caller
+    assert lock.acquire(blocking=False) is False
+    lock.release()
+
+    assert lock.acquire()
+    w = LockWaiter(lock)
+    assert w.wait(0.1) is False
+    w.abandon()                                 # the page went away while waiting
+    lock.release()
+    time.sleep(0.2)                             # the waiter takes it and hands it straight back
+    assert lock.acquire(blocking=False) is True
+    lock.release()
+    w.abandon()                                 # twice is harmless

@@ -211,17 +211,22 @@ class Controller:
             if not self._waiting.acquire(blocking=False):
                 yield out(notice=error_html(t("err_queued"), t("fix_busy"), I2LError.BUSY))
                 return
+            waiter = hosts.LockWaiter(lock)     # the WebUIs' FIFOLock.acquire takes no timeout
+            got = False
             try:
                 first = True
-                while not lock.acquire(timeout=0.5):
+                while not waiter.wait(0.5):
                     if first:
                         yield out(notice="", progress=self.progress_html(waiting=True), result_vis=hidden)
                         first = False
                     if self.service.busy:
                         yield out(notice=error_html(t("err_busy"), t("fix_busy"), I2LError.BUSY))
                         return
+                got = True
             finally:
                 self._waiting.release()
+                if not got:                      # page closed or another job started: don't keep the lock
+                    waiter.abandon()
         try:
             job = self.service.start(req)
         except I2LError as e:

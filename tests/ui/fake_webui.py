@@ -84,7 +84,27 @@ module("modules.script_callbacks", on_ui_tabs=lambda f: callbacks.setdefault("ui
        on_ui_settings=lambda f: callbacks.setdefault("ui_settings", f))
 shared = module("modules.shared", opts=Options(), OptionInfo=OptionInfo, state=State(),
                 cmd_opts=types.SimpleNamespace(lora_dir=os.path.join(WEBUI, "models", "Lora")))
-queue_lock = threading.Lock()
+
+
+class QueueLock:
+    """Shaped like the WebUIs' FIFOLock (modules/fifo_lock.py): ``acquire(blocking=True)`` takes no timeout."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self, blocking=True):
+        return self._lock.acquire(blocking)
+
+    def release(self):
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+queue_lock = QueueLock()
 module("modules.call_queue", queue_lock=queue_lock)
 module("modules.paths", models_path=os.path.join(WEBUI, "models"))
 module("modules.sd_models", model_data=types.SimpleNamespace(sd_model=None),
