@@ -177,6 +177,7 @@ class Bench:
     def cold(self) -> Service:
         dropped = self.drop()
         t_tab = C.now()
+        wall_tab = time.time()
         svc = Service(self.config())
         hook = None
         for name in PREPARE_HOOKS:
@@ -192,7 +193,7 @@ class Bench:
         delay = C.now() - t_tab
         rec = self.job(svc, self.request(), keep_events=True)
         rec.update({"page_cache_dropped": dropped, "start_ahead_hook": hook, "hook_call_s": round(t_hook, 3),
-                    "click_after_tab_load_s": round(delay, 3),
+                    "click_after_tab_load_s": round(delay, 3), "tab_load_unix": round(wall_tab, 3),
                     "from_tab_load_s": round(delay + rec["from_click_s"], 3)})
         self.out["scenarios"]["cold"] = rec
         return svc

@@ -48,6 +48,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFSYNTH_SKIP
 $PY -c "import torch, diffsynth.pipelines.qwen_image, diffsynth.utils.lora, transformers, safetensors.torch
 from transformers import Qwen2VLProcessor
 import i2l_ext.service, i2l_ext.worker.main, i2l_ext.worker.engine" || { say "the worker's packages do not import"; exit 1; }
+# What the product's install does last: list the code files a job loads, for its cold starts.
+$PY -m i2l_ext.worker --record-code || say "(the worker's code files were not listed)"
 git rev-parse HEAD > "$RES/commit.txt" 2>/dev/null || true
 git status --short > "$RES/dirty.txt" 2>/dev/null || true
 

@@ -178,3 +178,19 @@ def _pool_map(fn, items):
     with ThreadPoolExecutor(max_workers=min(8, len(items), (os.cpu_count() or 2))) as pool:
         futures = [pool.submit(fn, i) for i in items]
         return [f.result() for f in futures]     # re-raises the first failure in input order
+
+
+def crop_and_resize(image, height: int, width: int):
+    """Scale ``image`` (PIL) so it covers ``height`` x ``width``, then cut that size from its middle.
+
+    The preprocessing of DiffSynth's i2L units (its ``ImageCropAndResize``): bilinear resize of
+    the PIL image to the covering size, rounded, then a centred crop whose offsets are rounded."""
+    from PIL import Image
+    w, h = image.size
+    scale = max(width / w, height / h)
+    rw, rh = round(w * scale), round(h * scale)
+    if (rw, rh) != (w, h):
+        image = image.resize((rw, rh), Image.BILINEAR)
+    top = int(round((rh - height) / 2.0))
+    left = int(round((rw - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))

@@ -420,3 +420,34 @@ def test_wrong_bias(tiny_dir, images, tmp_path):
                "transformer_blocks.0.attn.to_q.lora_B.default.weight": torch.zeros(3072, 4)}, p)
     err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID, variant="coarse-fine", bias=True)
     assert p in err.message
+
+
+# ----------------------------------------------------------------------------- lean start-up
+
+def test_crop_and_resize_matches_diffsynth(images):
+    from diffsynth.core.data.operators import ImageCropAndResize
+    from i2l_ext.images import crop_and_resize
+    for im in list(images) + [images[0].resize((1023, 377)), images[1].resize((64, 2000))]:
+        for h, w in ((1024, 1024), (224, 224), (512, 768)):
+            want = np.asarray(ImageCropAndResize(height=h, width=w)(im))
+            got = np.asarray(crop_and_resize(im, h, w))
+            assert got.shape == want.shape and np.array_equal(got, want), (im.size, h, w)
+
+
+def test_model_code_imports_without_the_rest_of_diffsynth():
+    """The engine's imports skip diffsynth's pipelines, hub clients and attention backends; asking
+    the package for anything else still gets the whole package."""
+    import subprocess
+    code = (
+        "import sys\n"
+        "from i2l_ext.worker import lightimport\n"
+        "lightimport.import_model_code()\n"
+        "heavy = [m for m in ('modelscope', 'diffsynth.pipelines', 'diffsynth.core.attention', 'diffsynth.core.loader.config') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "import diffsynth\n"
+        "from diffsynth import ModelConfig\n"
+        "from diffsynth.core import load_model\n"
+        "from diffsynth.pipelines.qwen_image import QwenImagePipeline\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -124,3 +124,62 @@ def test_streamed_equals_resident(tmp_path, layered, from_file):
         assert peak < 5 * layer        # a couple of layers, never the 12
     else:
         assert peak >= 12 * layer
+
+
+# ----------------------------------------------------------------------------- before torch
+
+def test_weight_file_reads_without_torch_then_pins_in_place(tmp_path):
+    """The buffer is plain anonymous memory (reading needs no torch); the torch view shares it."""
+    p = tmp_path / "w.safetensors"
+    sd = _write(p, n_layers=3)
+    wf = weights.WeightFile(str(p), pin=True).allocate()
+    assert wf._buffer is None                      # no torch tensor made just to read
+    wf.start().wait()
+    addr = wf.buffer.data_ptr()
+    wf.pin_memory()                                # a no-op without CUDA, page-locks with it
+    assert wf.buffer.data_ptr() == addr            # in place: views stay valid
+    for k, v in sd.items():
+        assert torch.equal(wf.tensor(k), v), k
+    wf.release()
+    assert wf.buffer is None and not wf.ready
+
+
+def test_early_reads_need_a_gpu_and_the_ram(tmp_path, monkeypatch):
+    from i2l_ext.worker import warmstart
+    p = tmp_path / "w.safetensors"
+    sd = _write(p)
+    monkeypatch.setattr(warmstart, "gpu_likely", lambda: False)
+    assert warmstart.start_reads([str(p)]) == []
+    monkeypatch.setattr(warmstart, "gpu_likely", lambda: True)
+    monkeypatch.setattr(warmstart, "available_ram", lambda: os.path.getsize(p) + weights.RAM_MARGIN - 1)
+    assert warmstart.start_reads([str(p)]) == []
+    monkeypatch.setattr(warmstart, "available_ram", lambda: 1 << 50)
+    gate = threading.Event()
+    files = warmstart.start_reads([str(p), str(tmp_path / "missing.safetensors")], after=gate)
+    assert [f.path for f in files] == [str(p)]
+    assert files[0].done_bytes == 0                # waits for the code files first
+    gate.set()
+    files[0].wait()
+    for k, v in sd.items():
+        assert torch.equal(files[0].tensor(k), v), k
+
+
+def test_code_files_recorded_and_read_back(tmp_path):
+    """After imports, the libraries and byte-code used are listed (torch's own library first),
+    for this interpreter only, and reading them in the background finishes."""
+    import json
+    import sys
+    from i2l_ext.worker import warmstart
+    where = str(tmp_path / "code.json")
+    assert warmstart.record_code(where) == where
+    files = warmstart.code_files(where)
+    assert files and all(os.path.isfile(f) for f in files)
+    assert "torch" in os.path.basename(files[0]) and ".so" in files[0] or os.name == "nt"
+    assert any(f.endswith(".pyc") and f"{os.sep}torch{os.sep}" in f for f in files)
+    assert not any(f.startswith(str(tmp_path)) for f in files)
+    assert warmstart.warm_code(where=where).wait(120)
+    data = json.load(open(where))
+    data["python"] = sys.executable + "-other"
+    json.dump(data, open(where, "w"))
+    assert warmstart.code_files(where) == []        # another interpreter's list is not used
+    assert warmstart.warm_code(where=where).is_set()

@@ -299,7 +299,18 @@ class Installer:
         cons = self.write_constraints(info["purelib"], host if use_host else None)
         self.install_packages(normal, cons)
         result = self.verify(normal, use_host, host, info["purelib"])
+        self.record_code()
         return self.finish(key, info, use_host, host, result, t0)
+
+    def record_code(self) -> None:
+        """List the code files a job uses, so the worker's cold starts read them ahead (best effort)."""
+        self.set_step("warm-up", "Listing the files the worker loads, for faster cold starts")
+        code = ("import sys; sys.path.insert(0, %r); from i2l_ext.worker.main import record_code_main; "
+                "sys.exit(record_code_main())" % EXT_ROOT)
+        try:
+            self.run([self.py, "-c", code], "warm-up", timeout=600)
+        except StepFailed as e:
+            self.say(f"{PREFIX} (skipped listing the worker's files: {e.message})")
 
     def create_venv(self) -> None:
         self.set_step("create", f"Creating the venv with {sys.version.split()[0]} ({self.host_python})")

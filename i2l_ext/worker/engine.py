@@ -26,9 +26,12 @@ import torch
 
 from .. import catalog, lora_format
 from ..errors import I2LError
-from . import tiny, vram
+from ..images import crop_and_resize
+from . import lightimport, tiny, vram
 from .streaming import Streamer
 from .weights import WeightFile
+
+lightimport.install()
 
 PHASES = ("load", "encode", "decode", "merge", "write")
 MAX_HEADER = 100 * 1024 * 1024
@@ -51,6 +54,17 @@ def _import(dotted: str):
     import importlib
     mod, _, name = dotted.rpartition(".")
     return getattr(importlib.import_module(mod), name)
+
+
+def build_model(cls, config: dict, state_dict: dict, converter, dtype, device: str):
+    """A model on its weights, as diffsynth's ``load_model`` builds one without VRAM management:
+    made without initialising its parameters, the (converted) state dict assigned, then moved."""
+    from diffsynth.core.vram.initialization import skip_model_initialization
+    with skip_model_initialization():
+        model = cls(**(config or {}))
+    sd = converter(state_dict) if converter is not None else dict(state_dict)
+    model.load_state_dict(sd, assign=True)
+    return model.to(dtype=dtype, device=device).eval()
 
 
 def real_model_config(role: str) -> dict:
@@ -252,8 +266,7 @@ class Engine:
             n = len(images)
             steps = 2 + ("coarse" in plan) + ("fine" in plan)
             progress("encode", 0, steps, f"Encoding {n} image{'s' * (n != 1)}")
-            from diffsynth.core.data.operators import ImageCropAndResize
-            hi = [ImageCropAndResize(height=1024, width=1024)(im) for im in images]
+            hi = [crop_and_resize(im, 1024, 1024) for im in images]
             with self._stream("siglip2"):
                 x_sig = self._encode_siglip(hi, dtype, dev)
             progress("encode", 1, steps, "SigLIP2 done")
@@ -265,7 +278,7 @@ class Engine:
             step = 2
             with self._stream("text_encoder") if "text_encoder" in plan else nullcontext():
                 if "coarse" in plan:
-                    lo = [ImageCropAndResize(height=28 * 8, width=28 * 8)(im) for im in images]
+                    lo = [crop_and_resize(im, 28 * 8, 28 * 8) for im in images]
                     residual["coarse"] = self._encode_qwenvl(lo, dtype, dev, TEXT_ENCODER_CHUNK["coarse"])
                     step += 1
                     progress("encode", step, steps, "Qwen2.5-VL 224x224 done")
@@ -444,7 +457,6 @@ class Engine:
         key = self._cache_key(role, p, profile, dtype, dev)
         if role in self._models and self._models[role].key == key:
             return
-        from diffsynth.core.loader import load_model
         paths = p["paths"] if len(p["paths"]) > 1 else p["paths"][0]
         t = time.monotonic()
         vc = vram.vram_config(profile, dtype, dev) if dev == "cuda" else None
@@ -460,12 +472,13 @@ class Engine:
                 if any(t.dtype != dtype for t in sd.values()):
                     for wf in files:       # a dtype change copies: wait for all bytes first
                         wf.wait()
-                model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype, device="cpu",
-                                   state_dict_converter=p["converter"], state_dict=sd)
+                model = build_model(p["cls"], p["config"], sd, p["converter"], dtype, "cpu")
             elif vc is None:
-                model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype,
-                                   device=dev, state_dict_converter=p["converter"])
+                from diffsynth.core.loader.file import load_state_dict
+                sd = load_state_dict(paths, dtype, dev)
+                model = build_model(p["cls"], p["config"], sd, p["converter"], dtype, dev)
             else:
+                from diffsynth.core.loader.model import load_model      # the disk profile only
                 module_map = self._module_map(p["module_map_name"])
                 model = load_model(p["cls"], paths, p["config"], torch_dtype=dtype, device=dev,
                                    state_dict_converter=p["converter"], use_disk_map=True, module_map=module_map,
@@ -495,7 +508,35 @@ class Engine:
                 raise I2LError(I2LError.WEIGHTS_INVALID, f"{path} is not a safetensors file ({e}).",
                                "Delete it and download the models again.") from None
             self._files[path] = wf
+            if vram.device() == "cuda":
+                self._pin_later([wf])
         return wf
+
+    def adopt(self, files: list[WeightFile]) -> None:
+        """Files whose reading began before torch was imported (``warmstart``): kept and
+        page-locked in place when there is a GPU, dropped otherwise."""
+        if not files:
+            return
+        if vram.device() != "cuda":
+            for wf in files:
+                wf.release()
+            return
+        with self._lock:
+            for wf in files:
+                self._files.setdefault(wf.path, wf)
+        self._pin_later(files)
+
+    @staticmethod
+    def _pin_later(files: list[WeightFile]) -> None:
+        def run():
+            from .warmstart import trace
+            for wf in files:
+                try:
+                    ok = wf.pin_memory()
+                    trace(f"pinned {os.path.basename(wf.path)}: {ok}")
+                except Exception:
+                    pass
+        threading.Thread(target=run, daemon=True, name="i2l-pin").start()
 
     def _wait_tensor(self, t) -> None:
         for wf in self._files.values():
@@ -535,13 +576,9 @@ class Engine:
     def import_models() -> None:
         """Import the model code ahead of the first job (it takes seconds; the reads go on meanwhile)."""
         try:
-            import diffsynth.core.loader  # noqa: F401
-            import diffsynth.configs.model_configs  # noqa: F401
-            import diffsynth.core.data.operators  # noqa: F401
-            import diffsynth.models.siglip2_image_encoder  # noqa: F401
-            import diffsynth.models.dinov3_image_encoder  # noqa: F401
-            import diffsynth.models.qwen_image_image2lora  # noqa: F401
-            import diffsynth.utils.state_dict_converters.dino_v3  # noqa: F401
+            lightimport.import_model_code()
+            from .warmstart import trace
+            trace("imports: model code ready")
         except Exception:
             pass               # the job itself reports a broken install
 
@@ -579,6 +616,8 @@ class Engine:
             for role in order:
                 self._load(role, plan[role], profile, dtype, dev)
         self.log("info", f"Reading the {variant.label} weights ahead ({catalog.human_size(needed)}).")
+        from .warmstart import trace
+        trace("prefetch: models built on the weights")
 
     @staticmethod
     def _to_host(lora: dict) -> dict:
@@ -692,7 +731,6 @@ class Engine:
     def _encode_qwenvl(self, images, dtype, dev, chunk):
         """The Coarse / Fine residual: Qwen2.5-VL hidden states of the edit prompt with the image,
         first 64 tokens dropped (as QwenImageUnit_Image2LoRAEncode.encode_prompt_edit)."""
-        from diffsynth.pipelines.qwen_image import QwenImageUnit_Image2LoRAEncode
         te = self._models["text_encoder"].model
         vram.onload(te)
         proc = self._processor[1]
@@ -702,7 +740,6 @@ class Engine:
                     "with the original input where appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
                     "<|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
         drop_idx = 64
-        extract = QwenImageUnit_Image2LoRAEncode.extract_masked_hidden
         outs = []
         for s in range(0, len(images), chunk):
             part = images[s:s + chunk]
@@ -711,7 +748,8 @@ class Engine:
             hidden = te(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
                         pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,
                         output_hidden_states=True)[-1]
-            for e in extract(None, hidden, inputs.attention_mask):
+            for h, m in zip(hidden, inputs.attention_mask):       # each prompt's real tokens
+                e = h[m.bool()]
                 outs.append(e[drop_idx:].to(dtype=dtype, device=dev).reshape(1, -1))
         lengths = {o.shape[1] for o in outs}
         if len(lengths) != 1:
@@ -735,11 +773,35 @@ class Engine:
 
     @staticmethod
     def _decode_block(block, x, residual, n, out) -> None:
+        """One decoder block for every image, in a handful of kernels: the block's first
+        projections (they all read the same embedding) as one product, the second ones as one
+        batched product where their shapes agree. The same arithmetic as the block's modules."""
+        F = torch.nn.functional
         r = None
         pr = block.proj_residual
         if pr is not None:
-            h = pr.proj_in(residual.reshape(n, pr.length, pr.in_dim))
-            r = pr.proj_out(h.reshape(n, 1, pr.length * pr.mid_dim)).reshape(n, -1)
+            h = F.linear(residual.reshape(n, pr.length, pr.in_dim), pr.proj_in.weight, pr.proj_in.bias)
+            r = F.linear(h.reshape(n, pr.length * pr.mid_dim), pr.proj_out.weight, pr.proj_out.bias)
+        mlps = [m for layer in block.layers for m in (layer.proj_a, layer.proj_b)]
+        if any(m.proj_in.bias is not None or m.proj_out.bias is not None for m in mlps):
+            return Engine._decode_block_plain(block, x, r, n, out)
+        c = mlps[0].proj_in.weight.shape[0]
+        h = (x @ torch.cat([m.proj_in.weight for m in mlps]).T).view(n, len(mlps), c)
+        if r is not None:
+            h = h + r.reshape(n, 1, c)
+        w_out = [m.proj_out.weight for m in mlps]
+        if all(w.shape == w_out[0].shape for w in w_out):
+            y = torch.bmm(h.transpose(0, 1), torch.stack(w_out).transpose(1, 2))     # [2L, n, out]
+            res = [y[j] for j in range(len(mlps))]
+        else:
+            res = [h[:, j] @ w.T for j, w in enumerate(w_out)]
+        for j, ((name, a_dim, b_dim), layer) in enumerate(zip(block.lora_patterns, block.layers)):
+            a = res[2 * j].reshape(n, layer.rank, a_dim)
+            b = res[2 * j + 1].reshape(n, b_dim, layer.rank)
+            out[f"transformer_blocks.{block.block_id}.{name}.lora_A.default.weight"] = (a, b)
+
+    @staticmethod
+    def _decode_block_plain(block, x, r, n, out) -> None:
         for (name, a_dim, b_dim), layer in zip(block.lora_patterns, block.layers):
             a = layer.proj_a(x, r).view(n, layer.rank, a_dim)
             b = layer.proj_b(x, r).view(n, b_dim, layer.rank)

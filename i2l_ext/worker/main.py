@@ -156,29 +156,84 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
     return result
 
 
-def _warm_up(engine) -> None:
-    """Right after hello: start reading the files named in ``I2L_PREFETCH`` (a JSON list, in order
-    of use) into page-locked RAM, and import the model code, both in the background."""
+def _prefetch_list() -> list[str]:
+    """The files named in ``I2L_PREFETCH`` (a JSON list, in order of use)."""
     import json
-    raw = os.environ.get("I2L_PREFETCH")
-    if raw:
+    try:
+        return [p for p in json.loads(os.environ.get("I2L_PREFETCH") or "[]") if isinstance(p, str)]
+    except ValueError:
+        return []
+
+
+def _start_early() -> list:
+    """Before torch: warm the code files, then read the weights named in ``I2L_PREFETCH``."""
+    from . import warmstart
+    warmstart.trace("worker started")
+    code = warmstart.warm_code()
+    try:
+        return warmstart.start_reads(_prefetch_list(), after=code)
+    except OSError:
+        return []
+
+
+def _warm_up(engine, early: list) -> None:
+    """Right after hello: the early reads handed to the engine (page-locked in place now that CUDA
+    is up), anything left read ahead, and the model code imported, all in the background."""
+    engine.adopt(early)
+    paths = [p for p in _prefetch_list() if os.path.isfile(p)]
+    if paths:
         try:
-            engine.read_ahead([p for p in json.loads(raw) if os.path.isfile(p)])
+            engine.read_ahead(paths)
         except (ValueError, OSError) as e:
             send({"type": "log", "job": None, "level": "debug", "message": f"read-ahead skipped: {e}"})
     threading.Thread(target=engine.import_models, daemon=True, name="i2l-imports").start()
 
 
+def _record_code() -> None:
+    from . import warmstart
+    try:
+        warmstart.record_code()
+    except Exception:
+        pass
+
+
+def record_code_main() -> int:
+    """``python -m i2l_ext.worker --record-code``: do what a job does first (imports, the GPU's
+    math libraries) and list the code files used, so the next cold start reads them ahead. Run
+    once after the environment is installed; every job on the GPU refreshes the list."""
+    import torch
+    from . import lightimport, warmstart
+    lightimport.import_model_code()
+    from transformers import DINOv3ViTImageProcessor, Siglip2ImageProcessor  # noqa: F401
+    if torch.cuda.is_available():
+        with torch.no_grad():
+            a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+            (a @ a).sum().item()
+            img = torch.randn(1, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+            torch.nn.functional.conv2d(img, torch.randn(8, 3, 16, 16, device="cuda", dtype=torch.bfloat16), stride=16)
+            q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.bfloat16)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().item()
+    where = warmstart.record_code()
+    print(where or "the list of code files could not be written", file=sys.stderr)
+    return 0 if where else 1
+
+
 def main() -> None:
+    if "--record-code" in sys.argv[1:]:
+        sys.exit(record_code_main())
     _claim_stdout()
+    early = _start_early()
     try:
         send(_hello())
     except Exception as e:
         send({"type": "error", "job": None, "error": _classify(e).to_dict()})
         sys.exit(3)
+    from .warmstart import trace
+    trace("hello: torch imported, CUDA up")
     from .engine import Engine
     engine = Engine(log=lambda level, message: send({"type": "log", "job": None, "level": level, "message": message}))
-    _warm_up(engine)
+    _warm_up(engine, early)
+    recorded = False
     for raw in sys.stdin.buffer:
         msg = protocol.decode(raw)
         if msg is None:
@@ -203,8 +258,13 @@ def main() -> None:
             continue
         job_id = msg.get("job")
         try:
+            trace("job: received")
             result = run_job(engine, job_id, msg["spec"])
+            trace(f"job: done {result.get('timings')}")
             send({"type": "result", "job": job_id, "result": result})
+            if not recorded and result.get("device", "cpu") != "cpu":
+                recorded = True        # the code this job used, read ahead at the next cold start
+                threading.Thread(target=_record_code, daemon=True, name="i2l-record").start()
         except BaseException as e:   # report, then keep serving
             err = _classify(e)
             send({"type": "error", "job": job_id, "error": err.to_dict()})

@@ -59,32 +59,8 @@ def choose_profile(requested: str, needed_bytes: int, resident_bytes: int = 0, d
     return "cpu_offload" if ram is None or needed_bytes + RAM_MARGIN <= ram + resident_bytes else "disk"
 
 
-RAM_MARGIN = int(4 * GiB)
-
-
-def available_ram() -> int | None:
-    """Bytes of RAM the system can still give (MemAvailable on Linux, ullAvailPhys on Windows)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if os.name == "nt":
-        import ctypes
-
-        class MemoryStatus(ctypes.Structure):
-            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
-                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
-                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
-                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
-                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
-        st = MemoryStatus()
-        st.dwLength = ctypes.sizeof(MemoryStatus)
-        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
-            return int(st.ullAvailPhys)
-    return None
+# Host RAM: measured without torch (the worker reads weights before torch is imported).
+from .weights import RAM_MARGIN, available_ram  # noqa: E402,F401
 
 
 def vram_config(profile: str, dtype: torch.dtype, dev: str) -> dict | None:

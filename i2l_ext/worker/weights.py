@@ -12,6 +12,7 @@ unpickled.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import threading
@@ -65,7 +66,8 @@ class WeightFile:
         self.header, self.data_start = read_header(path)
         self.nbytes = os.path.getsize(path) - self.data_start
         self.pin = pin
-        self.buffer = None               # torch.uint8 tensor holding the data section
+        self._mm = None                  # anonymous memory holding the data section (no torch needed)
+        self._buffer = None              # the same bytes as a torch.uint8 tensor, made on first use
         self.done_bytes = 0              # contiguous bytes ready from the start of the data section
         self.error: BaseException | None = None
         self.started = self.finished = None
@@ -76,20 +78,41 @@ class WeightFile:
 
     # -- reading -----------------------------------------------------------------------------
     def allocate(self) -> "WeightFile":
-        """The host buffer, page-locked in place (no rounding up, unlike torch's pinned allocator)."""
-        import torch
+        """The host buffer: anonymous memory of exactly the data's size. Needs no torch, so
+        reading can begin before torch is imported; ``pin`` page-locks it in place later."""
         with self._cond:
-            if self.buffer is not None:
-                return self
-            buf = torch.empty(self.nbytes, dtype=torch.uint8)
-            if self.pin and torch.cuda.is_available() and self.nbytes:
-                try:
-                    rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), self.nbytes, 0)
-                    self._registered = int(getattr(rc, "value", rc)) == 0
-                except Exception:      # no page-locked memory to spare: plain RAM still works
-                    self._registered = False
-            self.buffer = buf
-            return self
+            if self._mm is None:
+                self._mm = mmap.mmap(-1, max(1, self.nbytes))
+        return self
+
+    @property
+    def buffer(self):
+        """The data section as a torch.uint8 tensor sharing the host buffer (None before ``allocate``)."""
+        if self._buffer is None and self._mm is not None:
+            import torch
+            with self._cond:
+                if self._buffer is None and self._mm is not None:
+                    self._buffer = (torch.frombuffer(self._mm, dtype=torch.uint8, count=self.nbytes)
+                                    if self.nbytes else torch.empty(0, dtype=torch.uint8))
+        return self._buffer
+
+    def pin_memory(self) -> bool:
+        """Page-lock the host buffer in place when CUDA is there (no rounding up, unlike torch's
+        pinned allocator), so copies to the GPU run at full speed. Safe while reads go on."""
+        import torch
+        self.allocate()
+        with self._cond:
+            if self._registered or not self.pin or not self.nbytes or not torch.cuda.is_available():
+                return self._registered
+        buf = self.buffer
+        try:
+            rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), self.nbytes, 0)
+            ok = int(getattr(rc, "value", rc)) == 0
+        except Exception:      # no page-locked memory to spare: plain RAM still works
+            ok = False
+        with self._cond:
+            self._registered = ok
+        return ok
 
     def start(self) -> "WeightFile":
         """Begin reading (allocating first if needed); returns at once."""
@@ -121,7 +144,7 @@ class WeightFile:
             return i
 
     def _reader(self) -> None:
-        view = memoryview(self.buffer.numpy())
+        view = memoryview(self._mm)
         try:
             with open(self.path, "rb", buffering=0) as f:
                 while True:
@@ -165,14 +188,14 @@ class WeightFile:
 
     @property
     def ready(self) -> bool:
-        return self.buffer is not None and self.done_bytes >= self.nbytes
+        return self._mm is not None and self.done_bytes >= self.nbytes
 
     # -- tensors -----------------------------------------------------------------------------
     def shapes(self) -> dict:
         return {k: (tuple(v["shape"]), v["dtype"]) for k, v in self.header.items()}
 
     def contains(self, t) -> bool:
-        if self.buffer is None:
+        if self._mm is None:
             return False
         base = self.buffer.data_ptr()
         return base <= t.data_ptr() < base + self.nbytes
@@ -206,7 +229,7 @@ class WeightFile:
             self._next = getattr(self, "_n_chunks", 0)      # hand out no more chunks
         for t in self._threads:
             t.join()
-        buf, self.buffer = self.buffer, None
+        buf, self._buffer = self._buffer, None
         if buf is not None and self._registered:
             import torch
             try:
@@ -214,6 +237,7 @@ class WeightFile:
             except Exception:
                 pass
             self._registered = False
+        self._mm = None          # freed once no tensor views it any more
 
     def __del__(self):
         try:
@@ -221,3 +245,31 @@ class WeightFile:
                 self.release()
         except Exception:
             pass
+
+
+RAM_MARGIN = 4 * 1024 ** 3
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the system can still give (MemAvailable on Linux, ullAvailPhys on Windows)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if os.name == "nt":
+        import ctypes
+
+        class MemoryStatus(ctypes.Structure):
+            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+        st = MemoryStatus()
+        st.dwLength = ctypes.sizeof(MemoryStatus)
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
+            return int(st.ullAvailPhys)
+    return None
