@@ -6,13 +6,15 @@ Hugging Face: ``HEAD/GET /{repo}/resolve/{rev}/{path}`` (``X-Repo-Commit``, ``ET
 ``X-Linked-Etag``/``X-Linked-Size`` for LFS files), ``GET /api/models/{repo}/tree/{rev}[/{dir}]``,
 ``GET /api/models/{repo}[/revision/{rev}]``. ModelScope: ``GET /api/v1/models/{repo}/repo/files``,
 ``GET /api/v1/models/{repo}/repo?Revision=&FilePath=``, ``GET /api/v1/models/{repo}/revisions``,
-``GET /api/v1/models/{repo}``. Every request is recorded; faults can be injected per file.
+``GET /api/v1/models/{repo}``. Every request is recorded; faults can be injected per file, and a
+file can stall part way (``stall_at``) until the test releases it, as a hung connection does.
 """
 from __future__ import annotations
 
 import hashlib
 import http.server
 import json
+import os
 import re
 import threading
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -27,6 +29,9 @@ class HubStub:
         self.requests: list[dict] = []
         self.drop_after: dict[str, list[int]] = {}   # path -> byte counts: drop the connection after that many, once each
         self.corrupt: dict[str, int] = {}            # path -> how many times to serve wrong bytes
+        self.stall_at: dict[str, int] = {}           # path -> byte: stop sending there (once) until ``release``
+        self.stalled = threading.Event()             # set when a stall begins
+        self.release = threading.Event()             # set to let stalled transfers go on (and on exit)
         self.lock = threading.Lock()
         stub = self
 
@@ -57,6 +62,7 @@ class HubStub:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -216,11 +222,25 @@ class HubStub:
         h.end_headers()
         if head:
             return
-        drop = None
+        drop = stall = None
         with self.lock:
             cuts = self.drop_after.get(path) or []
             if cuts and start < cuts[0] < start + len(data):
                 drop = cuts.pop(0) - start
+            at = self.stall_at.get(path)
+            if at is not None and start <= at < start + len(data):
+                stall = at - start
+                del self.stall_at[path]
+        if stall is not None:
+            h.wfile.write(data[:stall])
+            h.wfile.flush()
+            self.stalled.set()
+            self.release.wait(300)
+            try:
+                h.wfile.write(data[stall:])
+            except OSError:
+                pass                     # the client gave up on this connection meanwhile
+            return
         if drop is None:
             h.wfile.write(data)
             return
@@ -232,3 +252,20 @@ class HubStub:
             h.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def repos_from_folder(root: str, repos) -> dict[str, dict[str, bytes]]:
+    """The files of each repository in ``repos`` found under ``root`` in the models-folder layout
+    (``<root>/<org>/<name>/<path>``), to serve a real model set (the tiny one) from the stub."""
+    out: dict[str, dict[str, bytes]] = {}
+    for repo in sorted(set(repos)):
+        base = os.path.join(root, *repo.split("/"))
+        files: dict[str, bytes] = {}
+        for dirpath, _, names in os.walk(base):
+            for n in names:
+                full = os.path.join(dirpath, n)
+                with open(full, "rb") as f:
+                    files[os.path.relpath(full, base).replace(os.sep, "/")] = f.read()
+        if files:
+            out[repo] = files
+    return out

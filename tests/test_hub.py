@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -242,6 +243,32 @@ def test_cancel_keeps_the_part_and_a_new_task_resumes(stub, models_dir):
     assert task2.progress()["state"] == "done"
     assert_same(repo_file(models_dir, ENCODERS_REPO, path), make_repos()[ENCODERS_REPO][path])
     assert stub.ranges(path)[-1] == f"bytes={kept}-"
+
+
+def test_cancel_while_the_connection_hangs_is_immediate(stub, models_dir):
+    path = "DINOv3-7B/model.safetensors"
+    stub.stall_at[path] = 4000              # the hub stops sending part way and keeps the connection open
+    task = hub.DownloadTask(models_dir, "style", source=hf(stub), reserve=0).start()
+    assert stub.stalled.wait(30)
+    deadline = time.monotonic() + 10
+    while task.progress()["file_done"] < 4000:      # the bytes that came are counted, not a whole chunk later
+        assert time.monotonic() < deadline, task.progress()
+        time.sleep(0.02)
+    time.sleep(hub.download.STALLED_S + 0.5)
+    p = task.progress()
+    assert p["state"] == "downloading" and p["speed"] == 0 and p["eta"] is None   # no made-up time left
+    t0 = time.monotonic()
+    task.cancel()
+    assert task.wait(5), "Cancel waited for the hung connection"
+    assert time.monotonic() - t0 < 2
+    assert task.error is not None and task.error.code == I2LError.CANCELLED
+    assert os.path.getsize(repo_file(models_dir, ENCODERS_REPO, path) + ".part") == 4000
+    assert not os.path.exists(repo_file(models_dir, ENCODERS_REPO, path))
+    stub.release.set()
+    task2 = hub.DownloadTask(models_dir, "style", source=hf(stub), reserve=0).start()
+    assert task2.wait(30) and task2.error is None, task2.error
+    assert_same(repo_file(models_dir, ENCODERS_REPO, path), make_repos()[ENCODERS_REPO][path])
+    assert stub.ranges(path)[-1] == "bytes=4000-"
 
 
 def test_corrupted_file_is_detected_and_fetched_again(stub, models_dir):

@@ -32,6 +32,7 @@ from .sources import Source, get_source, load_settings, offline_from_env, search
 LOCK_NAME = ".i2l-download.lock"
 LOCK_STALE_S = 120.0
 PART = ".part"
+STALLED_S = 3.0            # no byte for this long: the progress shows no speed and no time left
 
 
 def offline_error(what: str = "download model files") -> I2LError:
@@ -53,10 +54,14 @@ class Progress:
         self._t = time.monotonic()
         self._mark = (self._t, 0)
         self._last_emit = 0.0
+        self._last_bytes = self._t
 
     def snapshot(self) -> dict:
         with self.lock:
-            return dict(self.state)
+            snap = dict(self.state)
+        if snap["state"] == "downloading" and time.monotonic() - self._last_bytes > STALLED_S:
+            snap.update(speed=0.0, eta=None)         # nothing is arriving: no made-up time left
+        return snap
 
     def set(self, force: bool = True, **kw) -> None:
         with self.lock:
@@ -65,12 +70,14 @@ class Progress:
 
     def start_bytes(self, done: int) -> None:
         with self.lock:
-            self._mark = (time.monotonic(), done)
+            self._last_bytes = time.monotonic()
+            self._mark = (self._last_bytes, done)
             self.state.update(done=done, speed=0.0, eta=None)
 
     def add(self, n: int) -> None:
         now = time.monotonic()
         with self.lock:
+            self._last_bytes = now
             s = self.state
             s["done"] += n
             s["file_done"] += n
@@ -158,6 +165,15 @@ class Downloader:
         self.timeout, self.chunk, self.reserve = timeout, chunk, reserve
         self._listings: dict[str, list[RemoteFile]] = {}
         self.log: list[str] = []
+        self._active = None        # the response being read, closed by ``cancel``
+
+    def cancel(self) -> None:
+        """Stop the download: at once, even while a read waits on a connection that has gone quiet
+        (its socket is shut down; what arrived stays in the ``.part``)."""
+        self.cancel_event.set()
+        resp = self._active
+        if resp is not None:
+            _shutdown(resp)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _source(self) -> Source:
@@ -303,6 +319,8 @@ class Downloader:
             try:
                 headers = {"Range": f"bytes={have}-"} if have else {}
                 with open_url(rf.url, headers, self.timeout) as resp:
+                    self._active = resp
+                    read = getattr(resp, "read1", resp.read)   # what has arrived, not a whole chunk
                     start = 0
                     if have and resp.status == 206:
                         start = _content_range_start(resp.headers.get("Content-Range"))
@@ -314,7 +332,7 @@ class Downloader:
                     with open(part, "ab" if have else "wb") as f:
                         while True:
                             self._check_cancel()
-                            buf = resp.read(self.chunk)
+                            buf = read(self.chunk)
                             if not buf:
                                 break
                             f.write(buf)
@@ -327,6 +345,7 @@ class Downloader:
                                 break
                         f.flush()
                         os.fsync(f.fileno())
+                self._check_cancel()                 # a cancelled read may have ended like a short file
                 if have >= rf.size:
                     return hasher
                 raise http.client.IncompleteRead(b"", rf.size - have)
@@ -337,10 +356,13 @@ class Downloader:
                     raise http_error(e, self._source(), rf.url) from None
                 err: BaseException = e
             except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError, OSError) as e:
+                self._check_cancel()                 # a cancelled read ends like a dropped connection
                 if getattr(e, "errno", None) == errno.ENOSPC:
                     raise I2LError(I2LError.DOWNLOAD, f"The disk holding {self.models_dir} is full; {part} is kept "
                                    "and the next download resumes it.", "Free some space and download again.") from None
                 err = e
+            finally:
+                self._active = None
             fails += 1
             if fails > self.retries:
                 raise network_error(err, self._source(), rf.url)
@@ -348,6 +370,17 @@ class Downloader:
             self.progress.set(message=f"Connection trouble, resuming {rf.path} at {human_size(have)} (retry {fails})")
             if self.cancel_event.wait(min(30.0, self.backoff * 2 ** (fails - 1))):
                 self._check_cancel()
+
+
+def _shutdown(resp) -> None:
+    """Shut the socket under an ``http.client`` response down, from another thread: a read blocked
+    on it returns. (The plain socket's shutdown, also for TLS, so the reader's TLS state is left alone.)"""
+    sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+    if isinstance(sock, socket.socket):
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _content_range_start(value: str | None) -> int:

@@ -55,7 +55,7 @@ class DownloadTask:
         return snap
 
     def cancel(self) -> None:
-        self.cancel_event.set()
+        self.downloader.cancel()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
