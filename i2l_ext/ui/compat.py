@@ -68,6 +68,36 @@ def file_component(**kwargs):
     return gr.File(**kwargs)
 
 
+def dropdown(pairs, value=None, **kwargs):
+    """A Dropdown of ``(label, value)`` pairs. 4.x takes the pairs as they are; 3.41 knows only
+    strings (it would show and return the pair's text), so there it lists the labels and a handler
+    maps what it receives back with ``dropdown_value``."""
+    pairs = list(pairs)
+    if GR4:
+        return gr.Dropdown(choices=pairs, value=value, **kwargs)
+    return gr.Dropdown(choices=[label for label, _ in pairs], value=dropdown_label(pairs, value), **kwargs)
+
+
+def dropdown_label(pairs, value):
+    return next((label for label, v in pairs if v == value), value)
+
+
+def dropdown_value(pairs, received):
+    """The value of the pair a Dropdown from ``dropdown`` sent (its label on 3.41, its value on 4.x)."""
+    for label, v in pairs:
+        if received == v:
+            return v
+    for label, v in pairs:
+        if received == label:
+            return v
+    return received
+
+
+def dropdown_set(pairs, value):
+    """An update that selects ``value`` in a Dropdown from ``dropdown``."""
+    return gr.update(value=value if GR4 else dropdown_label(pairs, value))
+
+
 def select_index(evt) -> int | None:
     """The index from a gr.SelectData (an int, or [row, col] for tables)."""
     if evt is None:

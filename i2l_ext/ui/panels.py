@@ -131,24 +131,33 @@ def _progress_html(p: dict | None, variant: str | None) -> str:
         return ""
     done, total = p.get("done") or p.get("bytes") or 0, p.get("total") or 0
     pct = int(100 * done / total) if total else 0
-    text = f"{variant or ''}: {catalog.human_size(done)} / {catalog.human_size(total)} ({pct}%)"
-    if p.get("speed"):
-        text += f" · {catalog.human_size(p['speed'])}/s"
-    if p.get("eta"):
-        text += f" · {t('eta', s=int(p['eta']))}"
-    if p.get("file"):
-        text += f" · {p['file']}"
-    if p.get("message"):
-        text += f" · {p['message']}"
     state = p.get("state", "running")
+    label = catalog.VARIANTS[variant].label if variant in catalog.VARIANTS else (variant or "")
+    text = f"{label}: {catalog.human_size(done)} / {catalog.human_size(total)} ({pct}%)"
+    if state == "downloading":
+        if p.get("speed"):
+            text += f" · {catalog.human_size(p['speed'])}/s"
+        if p.get("eta"):
+            text += f" · {t('eta', s=int(p['eta']))}"
     err = p.get("error")
     tail = ""
-    if isinstance(err, dict):
-        fix = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(err.get("fix", ""))}</div>' if err.get("fix") else ""
-        tail = f'<div class="i2l-error" data-code="{esc(err.get("code", ""))}">{esc(err.get("message", ""))}{fix}</div>'
-    return (f'<div class="i2l-progress" data-state="{esc(state)}"><div class="i2l-bar i2l-bar-{esc(state)}">'
-            f'<div class="i2l-bar-fill" style="width:{pct}%"></div></div><div class="i2l-progress-text">{esc(text)}</div>'
-            f"</div>{tail}")
+    if state == "error" and isinstance(err, dict):
+        tail = error_html(err)
+    elif p.get("message"):
+        text += f" · {p['message']}"
+    return (f'<div class="i2l-progress" data-state="{esc(state)}" data-variant="{esc(variant or "")}" '
+            f'data-done="{int(done)}" data-total="{int(total)}" data-fraction="{(done / total if total else 0):.3f}">'
+            f'<div class="i2l-bar i2l-bar-{esc(state)}"><div class="i2l-bar-fill" style="width:{pct}%"></div></div>'
+            f'<div class="i2l-progress-text">{esc(text)}</div></div>{tail}')
+
+
+def error_html(err) -> str:
+    """An ``I2LError`` (or its dict) as the tab shows errors."""
+    if isinstance(err, I2LError):
+        err = err.to_dict()
+    fix = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(err.get("fix"))}</div>' if err.get("fix") else ""
+    return (f'<div class="i2l-error" data-code="{esc(err.get("code", ""))}"><div class="i2l-error-msg">'
+            f'{esc(err.get("message", ""))}</div>{fix}</div>')
 
 
 def _source_choices():
@@ -159,64 +168,99 @@ def _source_choices():
     return [(labels.get(n, n), n) for n in hub.SOURCE_NAMES], hub
 
 
-def models_panel(ctl):
-    choices, hub = _source_choices()
-    current, endpoint = None, ""
-    if hub is not None:
-        try:
-            settings = hub.load_settings(ctl.config.models_dir)
-            current, endpoint = settings.get("source"), settings.get("endpoint") or ""
-        except Exception:
-            pass
-    with gr.Accordion(t("models_title"), open=False, elem_id="i2l_models"):
-        status = gr.HTML("", elem_id="i2l_models_status")
-        with gr.Row():
-            which = gr.Dropdown(choices=[(v.label, v.key) for v in catalog.VARIANTS.values()], value="style",
-                                label=t("models_variant"), elem_id="i2l_models_variant")
-            source = gr.Dropdown(choices=choices, value=current if choices else None, label=t("models_source"),
-                                 elem_id="i2l_models_source", visible=bool(choices))
-            mirror = gr.Textbox(value=endpoint, label=t("models_mirror"), placeholder="https://hf-mirror.com",
-                                elem_id="i2l_models_mirror", lines=1, max_lines=1, visible=bool(choices))
-        with gr.Row():
-            dl_btn = gr.Button(t("download"), elem_id="i2l_download", size="sm", variant="primary")
-            dl_cancel = gr.Button(t("cancel_download"), elem_id="i2l_download_cancel", size="sm")
-            refresh = gr.Button(t("refresh"), elem_id="i2l_models_refresh", size="sm")
-        dl_progress = gr.HTML("", elem_id="i2l_download_progress")
+class ModelsPanel:
+    """The Models accordion: what is present per variant, and one download at a time (shared by
+    every page). ``download`` is also what the tab's "Download now" runs after a job found weights
+    missing; it yields ``Step``s, which each caller shows in its own components."""
 
-    def download(variant, source_name, mirror_url):
+    class Step:
+        def __init__(self, progress: str, finished: bool = False, ok: bool = False, error=None, started=False,
+                     arrived: bool = False):
+            self.progress, self.finished, self.ok, self.error, self.started = progress, finished, ok, error, started
+            self.arrived = arrived        # a file was put in place since the last step: the status changed
+
+    def __init__(self, ctl):
+        self.ctl = ctl
+        self.source_choices, hub = _source_choices()
+        current, endpoint = None, ""
+        if hub is not None:
+            try:
+                settings = hub.load_settings(ctl.config.models_dir)
+                current, endpoint = settings.get("source"), settings.get("endpoint") or ""
+            except Exception:
+                pass
+        self.variants = [(v.label, v.key) for v in catalog.VARIANTS.values()]
+        has_hub = bool(self.source_choices)
+        with gr.Accordion(t("models_title"), open=False, elem_id="i2l_models") as self.accordion:
+            self.status = gr.HTML("", elem_id="i2l_models_status")
+            with gr.Row():
+                self.which = compat.dropdown(self.variants, "style", label=t("models_variant"),
+                                             elem_id="i2l_models_variant")
+                self.source = compat.dropdown(self.source_choices, current if has_hub else None,
+                                              label=t("models_source"), elem_id="i2l_models_source", visible=has_hub)
+                self.mirror = gr.Textbox(value=endpoint, label=t("models_mirror"), placeholder="https://hf-mirror.com",
+                                         elem_id="i2l_models_mirror", lines=1, max_lines=1, visible=has_hub)
+            with gr.Row():
+                dl_btn = gr.Button(t("download"), elem_id="i2l_download", size="sm", variant="primary")
+                dl_cancel = gr.Button(t("cancel_download"), elem_id="i2l_download_cancel", size="sm")
+                refresh = gr.Button(t("refresh"), elem_id="i2l_models_refresh", size="sm")
+            self.progress = gr.HTML("", elem_id="i2l_download_progress")
+
+        def panel_download(variant, source_name, mirror_url):
+            for step in self.download(variant, None, source_name, mirror_url):
+                yield (self.html() if step.finished or step.arrived else compat.update()), step.progress
+
+        dl_btn.click(panel_download, [self.which, self.source, self.mirror], [self.status, self.progress],
+                     **compat.event_kwargs(concurrent=True, show_progress="hidden"))
+        dl_cancel.click(self.cancel, None, None, queue=False)
+        refresh.click(self.html, None, self.status)
+
+    def loaders(self):
+        return [(self.html, None, [self.status])]
+
+    def html(self) -> str:
+        return models_html(self.ctl)
+
+    def download(self, variant, bias, source_name, mirror_url):
+        """Start downloading what ``variant`` lacks and follow it to the end."""
+        variant = compat.dropdown_value(self.variants, variant) or "style"
+        source_name = compat.dropdown_value(self.source_choices, source_name)
         hub = _module("i2l_ext.hub")
         if hub is None or not hasattr(hub, "DownloadTask"):
-            yield compat.update(), f'<div class="i2l-error">{esc(t("hub_missing"))}</div>'
+            err = I2LError(I2LError.INTERNAL, t("hub_missing"))
+            yield self.Step(error_html(err), finished=True, error=err)
             return
         task = Downloads.task
         if task is not None and task.is_alive():
-            yield compat.update(), f'<div class="i2l-error" data-code="busy">{esc(t("download_busy"))}</div>'
+            err = I2LError(I2LError.BUSY, t("download_busy"), t("fix_busy"))
+            yield self.Step(error_html(err), finished=True, error=err)
             return
+        ctl = self.ctl
         try:
             src = None
             if source_name:
-                src = hub.get_source(source_name, (mirror_url or "").strip() or None)
+                mirror_url = (mirror_url or "").strip()
+                src = hub.get_source(source_name, mirror_url or None)
                 hub.save_settings(ctl.config.models_dir, source=source_name,
-                                  endpoint=(mirror_url or "").strip() if source_name == "custom" else None)
-            task = hub.DownloadTask(ctl.config.models_dir, variant, source=src,
+                                  endpoint=mirror_url if source_name == "custom" else None)
+            task = hub.DownloadTask(ctl.config.models_dir, variant, bias=bias, source=src,
                                     search_dirs=list(ctl.config.search_dirs), offline=ctl.config.offline or None).start()
         except I2LError as e:
-            fix = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(e.fix)}</div>' if e.fix else ""
-            yield compat.update(), f'<div class="i2l-error" data-code="{esc(e.code)}">{esc(e.message)}{fix}</div>'
+            yield self.Step(error_html(e), finished=True, error=e)
             return
         Downloads.task, Downloads.variant = task, variant
-        while not task.wait(1.0):
-            yield compat.update(), _progress_html(task.progress(), variant)
-        yield models_html(ctl), _progress_html(task.progress(), variant)
+        p = task.progress()
+        yield self.Step(_progress_html(p, variant), started=True)
+        index = p.get("file_index")
+        while not task.wait(0.5):
+            p = task.progress()
+            yield self.Step(_progress_html(p, variant), arrived=p.get("file_index") != index)
+            index = p.get("file_index")
+        yield self.Step(_progress_html(task.progress(), variant), finished=True, ok=task.error is None,
+                        error=task.error)
 
+    @staticmethod
     def cancel():
         task = Downloads.task
         if task is not None:
             task.cancel()
-        return compat.update()
-
-    dl_btn.click(download, [which, source, mirror], [status, dl_progress],
-                 **compat.event_kwargs(concurrent=True, show_progress="hidden"))
-    dl_cancel.click(cancel, None, None, queue=False)
-    refresh.click(lambda: models_html(ctl), None, status)
-    return [(lambda: models_html(ctl), None, [status])]

@@ -432,7 +432,7 @@ def build(ctl: Controller):
                     with gr.Row():
                         copy_btn = gr.Button(t("copy"), elem_id="i2l_copy", size="sm")
                         send_btn = gr.Button(t("send_txt2img"), elem_id="i2l_send", size="sm", visible=host_only)
-        models = panels.models_panel(ctl)
+        models = panels.ModelsPanel(ctl)
         with gr.Accordion(t("lib_title"), open=True, elem_id="i2l_library"):
             lib_rel = gr.State([])
             lib_sel = gr.State(None)
@@ -505,6 +505,6 @@ def build(ctl: Controller):
     else:
         loaders.append((ctl.prewarm, [variant, vram, bias], None))
     loaders += panels.env_banner_loaders(ctl, env_banner, env_row, repair_btn, log)
-    loaders += models
+    loaders += models.loaders()
     return loaders
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
+
+from ui_helpers import start_app, stop_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHROMIUM = os.environ.get("I2L_CHROMIUM", "/usr/bin/chromium")
@@ -78,68 +78,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-def _free_port() -> int:
-    from ui_helpers import free_port
-    return free_port()
-
-
-class App:
-    def __init__(self, url: str, lora_dir: str, proc: subprocess.Popen, log_path: str):
-        self.url, self.lora_dir, self.proc, self.log_path = url, lora_dir, proc, log_path
-
-    def files(self) -> list[str]:
-        """Every file under the Lora folder, hidden and partial ones included."""
-        out = []
-        for dirpath, _, filenames in os.walk(self.lora_dir):
-            out += [os.path.relpath(os.path.join(dirpath, f), self.lora_dir) for f in filenames]
-        return sorted(out)
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-
-def start_app(python: str, tmp_dir: str, models_dir: str, worker_python: str, artifacts: str, tag: str,
-              lang: str = "en", extra_env: dict | None = None) -> App:
-    lora_dir = os.path.join(tmp_dir, "Lora")
-    os.makedirs(lora_dir, exist_ok=True)
-    port = _free_port()
-    log_path = os.path.join(artifacts, f"server-{tag}.log")
-    env = dict(os.environ, PYTHONPATH=ROOT, I2L_LANG=lang, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False",
-               HOME=os.environ.get("HOME", tmp_dir))
-    env.update(extra_env or {})
-    log = open(log_path, "w", encoding="utf-8")
-    proc = subprocess.Popen([python, "-m", "i2l_ext", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--lora-dir", lora_dir, "--models-dir", models_dir, "--python", worker_python,
-                             "--lang", lang], cwd=tmp_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            raise RuntimeError(f"the app exited with {proc.returncode}:\n" + open(log_path).read()[-3000:])
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the app did not answer within 120 s:\n" + open(log_path).read()[-3000:])
-        time.sleep(0.3)
-    return App(url, lora_dir, proc, log_path)
-
-
-def stop_app(app: App) -> None:
-    app.proc.terminate()
-    try:
-        app.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        app.proc.kill()
-        app.proc.wait(5)
 
 
 @pytest.fixture(scope="module")
