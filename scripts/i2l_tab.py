@@ -63,15 +63,18 @@ def on_ui_tabs():
 def on_ui_settings():
     import gradio as gr
     from modules import shared
-    from i2l_ext import i18n
+    from i2l_ext import hosts, i18n
     from i2l_ext.catalog import VARIANTS
 
+    i18n.set_language(hosts.host_language())      # settings are built before the tab: same language
+    t = i18n.t
+    section = (SECTION[0], t("settings_section"))
+
     def add(key, default, label, component=None, args=None):
-        info = shared.OptionInfo(default, label, component, args, section=SECTION) if component else \
-            shared.OptionInfo(default, label, section=SECTION)
+        info = shared.OptionInfo(default, label, component, args, section=section) if component else \
+            shared.OptionInfo(default, label, section=section)
         shared.opts.add_option(key, info)
 
-    t = i18n.t
     add("i2l_models_dir", "", t("settings_models_dir"))
     add("i2l_worker_python", "", t("settings_worker_python"))
     add("i2l_language", "auto", t("settings_language"), gr.Radio, {"choices": ["auto"] + i18n.available()})
