@@ -219,6 +219,7 @@ class ModelsPanel:
         return [(self.html, None, [self.status])]
 
     def html(self) -> str:
+        self.ctl.refresh_config()       # the models folder may have changed in the WebUI's settings
         return models_html(self.ctl)
 
     def download(self, variant, bias, source_name, mirror_url):
@@ -236,6 +237,7 @@ class ModelsPanel:
             yield self.Step(error_html(err), finished=True, error=err)
             return
         ctl = self.ctl
+        ctl.refresh_config()            # download into the folder the settings name now
         try:
             src = None
             if source_name:
