@@ -389,8 +389,8 @@ def resolve_files(variant, models_dir: str, bias: bool | None = None, search_dir
         looked = [models_dir] + [os.path.abspath(os.path.expanduser(str(d))) for d in search_dirs or () if d]
         message = (f"The {v.label} variant needs {len(missing)} model file(s) that are not on this computer:\n"
                    + "\n".join(lines) + "\nLooked in: " + "; ".join(looked))
-        fix = (f"Download them (about {human_size(total)}) with `python -m i2l_ext models download {v.key}`"
-               + ("" if bias is None else (" --bias" if bias else " --no-bias"))
+        flag = "" if bias is None or bool(bias) == v.bias_default else (" --bias" if bias else " --no-bias")
+        fix = (f"Download them (about {human_size(total)}) with `python -m i2l_ext models download {v.key}{flag}`"
                + " or the Models panel of the Image to LoRA tab; or add a folder that already holds them "
                  "(a DiffSynth models folder, a Hugging Face cache) as a search folder.")
         details = json.dumps({"variant": v.key, "bias": bias, "models_dir": models_dir, "missing": missing})

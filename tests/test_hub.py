@@ -487,7 +487,10 @@ def test_missing_files_are_named_exactly_with_the_fix(models_dir, tmp_path):
     assert "model-00001-of-00002" not in err.message
     assert "Qwen-Image-i2L-Coarse.safetensors" in err.message and "about 15.9 GB" in err.message
     assert models_dir in err.message and str(tmp_path / "elsewhere") in err.message
-    assert "python -m i2l_ext models download coarse" in err.fix and "Models panel" in err.fix
+    assert "`python -m i2l_ext models download coarse`" in err.fix and "Models panel" in err.fix
+    with pytest.raises(I2LError) as e:            # a flag only where it changes what is fetched, inside the command
+        catalog.resolve_files("coarse-fine", models_dir, bias=False)
+    assert "`python -m i2l_ext models download coarse-fine --no-bias`" in e.value.fix
     details = json.loads(err.details)
     assert details["variant"] == "coarse"
     assert {m["role"] for m in details["missing"]} == {"siglip2", "dinov3", "text_encoder", "processor", "coarse"}

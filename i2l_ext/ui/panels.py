@@ -175,8 +175,9 @@ class ModelsPanel:
 
     class Step:
         def __init__(self, progress: str, finished: bool = False, ok: bool = False, error=None, started=False,
-                     arrived: bool = False):
+                     arrived: bool = False, p: dict | None = None):
             self.progress, self.finished, self.ok, self.error, self.started = progress, finished, ok, error, started
+            self.p = p                    # the download's progress snapshot (None before it started)
             self.arrived = arrived        # a file was put in place since the last step: the status changed
 
     def __init__(self, ctl):
@@ -216,7 +217,21 @@ class ModelsPanel:
         refresh.click(self.html, None, self.status)
 
     def loaders(self):
-        return [(self.html, None, [self.status])]
+        return [(self.load, None, [self.status, self.source, self.mirror])]
+
+    def load(self):
+        """On page load: the status, and the source remembered for the models folder (the command
+        line's `models source` may have changed it since the page was built)."""
+        source, mirror = compat.update(), compat.update()
+        hub = _module("i2l_ext.hub")
+        if hub is not None and self.source_choices:
+            try:
+                settings = hub.load_settings(self.ctl.config.models_dir)
+                source = compat.dropdown_set(self.source_choices, settings.get("source"))
+                mirror = compat.update(value=settings.get("endpoint") or "")
+            except Exception:
+                pass
+        return self.html(), source, mirror
 
     def html(self) -> str:
         self.ctl.refresh_config()       # the models folder may have changed in the WebUI's settings
@@ -252,14 +267,14 @@ class ModelsPanel:
             return
         Downloads.task, Downloads.variant = task, variant
         p = task.progress()
-        yield self.Step(_progress_html(p, variant), started=True)
+        yield self.Step(_progress_html(p, variant), started=True, p=p)
         index = p.get("file_index")
         while not task.wait(0.5):
             p = task.progress()
-            yield self.Step(_progress_html(p, variant), arrived=p.get("file_index") != index)
+            yield self.Step(_progress_html(p, variant), arrived=p.get("file_index") != index, p=p)
             index = p.get("file_index")
-        yield self.Step(_progress_html(task.progress(), variant), finished=True, ok=task.error is None,
-                        error=task.error)
+        p = task.progress()
+        yield self.Step(_progress_html(p, variant), finished=True, ok=task.error is None, error=task.error, p=p)
 
     @staticmethod
     def cancel():

@@ -190,8 +190,16 @@ class Controller:
         hidden = compat.update(visible=False)
 
         def out(notice=keep, progress=keep, log=keep, result_vis=keep, preview=keep, info=keep, prompt=keep,
-                name_msg=keep, lib=keep):
-            return [notice, progress, log, result_vis, preview, info, prompt, name_msg, lib]
+                name_msg=keep, lib=keep, fetch=hidden, missing=None):
+            # fetch / missing: the "Download now" offer, made only when the job found weights missing
+            return [notice, progress, log, result_vis, preview, info, prompt, name_msg, lib, fetch, missing]
+
+        def failed(e: I2LError, **kw):
+            if e.code != I2LError.WEIGHTS_MISSING:
+                return out(notice=err_of(e), **kw)
+            v = catalog.get_variant(req.variant)
+            missing = {"variant": v.key, "bias": v.bias_default if req.bias is None else bool(req.bias)}
+            return out(notice=err_of(e), fetch=compat.update(visible=True), missing=missing, **kw)
 
         self.refresh_config()
         req = self.request(images, folder, variant, name, subfolder, overwrite, weight, activation, description,
@@ -232,7 +240,7 @@ class Controller:
         except I2LError as e:
             if lock is not None:
                 lock.release()
-            yield out(notice=err_of(e), progress=self.progress_html())
+            yield failed(e, progress=self.progress_html())
             return
         except Exception:
             if lock is not None:
@@ -266,7 +274,40 @@ class Controller:
                       log=log_text, name_msg=name_msg)
         else:
             e = job.error or I2LError(I2LError.INTERNAL, t("err_unknown"))
-            yield out(notice=err_of(e), progress=self.progress_html(job), log=log_text, name_msg=name_msg)
+            yield failed(e, progress=self.progress_html(job), log=log_text, name_msg=name_msg)
+
+    def fetch_missing(self, models, missing, source_name, mirror_url):
+        """Generator for "Download now" after a job found weights missing: the Models panel's own
+        download, for the variant (and Bias choice) that job needed, followed in the panel and,
+        briefly, in the notice; once the files are here the notice says the job can run again."""
+        keep = compat.update()
+
+        def out(status=keep, progress=keep, which=keep, accordion=keep, notice=keep, fetch=keep):
+            return [status, progress, which, accordion, notice, fetch]
+
+        if not missing:
+            yield out(fetch=compat.update(visible=False))
+            return
+        variant = missing.get("variant") or "style"
+        label = catalog.VARIANTS[variant].label if variant in catalog.VARIANTS else variant
+        for step in models.download(variant, missing.get("bias"), source_name, mirror_url):
+            p = step.p or {}
+            pct = int(100 * (p.get("done") or 0) / p["total"]) if p.get("total") else 0
+            running = notice_html(t("fetch_running", variant=label, pct=pct), "info")
+            if step.started:
+                yield out(progress=step.progress, which=compat.dropdown_set(models.variants, variant),
+                          accordion=compat.update(open=True), notice=running, fetch=compat.update(visible=False))
+            elif not step.finished:
+                yield out(status=models.html() if step.arrived else keep, progress=step.progress, notice=running)
+            elif step.ok:
+                yield out(status=models.html(), progress=step.progress,
+                          notice=notice_html(t("fetch_done", variant=label), "ok"), fetch=compat.update(visible=False))
+            else:
+                e = step.error or I2LError(I2LError.INTERNAL, t("err_unknown"))
+                notice = (notice_html(t("fetch_cancelled", variant=label), "warn") if e.code == I2LError.CANCELLED
+                          else err_of(e))
+                yield out(status=models.html(), progress=step.progress, accordion=compat.update(open=True),
+                          notice=notice, fetch=compat.update(visible=True))
 
     def cancel(self):
         if self.service.cancel():
@@ -420,6 +461,9 @@ def build(ctl: Controller):
                     run_btn = gr.Button(t("make"), variant="primary", elem_id="i2l_run")
                     cancel_btn = gr.Button(t("cancel"), variant="stop", elem_id="i2l_cancel")
                 notice = gr.HTML("", elem_id="i2l_notice")
+                with gr.Row(visible=False, elem_id="i2l_fetch_row") as fetch_row:
+                    fetch_btn = gr.Button(t("download_now"), variant="primary", elem_id="i2l_download_now", size="sm")
+                missing_state = gr.State(None)
                 progress = gr.HTML(ctl.progress_html(), elem_id="i2l_progress")
                 log = gr.Textbox(label=t("log_label"), lines=8, max_lines=8, interactive=False, elem_id="i2l_log")
                 with gr.Column(visible=False, elem_id="i2l_result") as result_col:
@@ -465,7 +509,8 @@ def build(ctl: Controller):
 
     run_inputs = [images_state, folder, variant, name, subfolder, overwrite, weight, activation, description, vram,
                   key_format, bias]
-    run_outputs = [notice, progress, log, result_col, result_preview, result_info, result_prompt, name_msg, lib_gallery]
+    run_outputs = [notice, progress, log, result_col, result_preview, result_info, result_prompt, name_msg, lib_gallery,
+                   fetch_row, missing_state]
     run_evt = run_btn.click(ctl.run, run_inputs, run_outputs,
                             **compat.event_kwargs(concurrent=True, show_progress="hidden"))
     if host_only:
@@ -473,6 +518,12 @@ def build(ctl: Controller):
     run_evt.then(ctl.library_refresh, None, [lib_gallery, lib_rel, lib_sel, lib_info, lib_prompt, lib_new_name,
                                              confirm_row])
     cancel_btn.click(ctl.cancel, None, notice, queue=False)
+    def fetch(missing, source_name, mirror_url):
+        yield from ctl.fetch_missing(models, missing, source_name, mirror_url)
+
+    fetch_btn.click(fetch, [missing_state, models.source, models.mirror],
+                    [models.status, models.progress, models.which, models.accordion, notice, fetch_row],
+                    **compat.event_kwargs(concurrent=True, show_progress="hidden"))
 
     copy_js = "(p) => { if (window.i2l_copy) i2l_copy(p, '%s'); return []; }"
     send_js = "(p) => { if (window.i2l_sendToTxt2img) i2l_sendToTxt2img(p); return []; }"

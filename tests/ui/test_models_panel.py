@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from ui_helpers import open_tab, shot, start_app, stop_app
+from ui_helpers import (name_state, open_tab, shot, start_app, stop_app, type_name, upload, wait_count,
+                        wait_finished)
 
 STYLE = "Qwen-Image-i2L-Style.safetensors"
 MIRROR_LABEL = "A mirror (custom endpoint)"
@@ -178,3 +179,59 @@ def test_download_cancel_resume(page, hub_app, hub, tiny_models, artifacts):
     with open(os.path.join(hub_app.models_dir, ".i2l-hub.json"), encoding="utf-8") as f:
         settings = json.load(f)
     assert settings["source"] == "custom" and settings["endpoint"] == hub.url
+
+
+def test_weights_missing_offers_download_now(page, hub_app, hub, tiny_models, sample_images, artifacts):
+    from i2l_ext import hub as hub_mod
+    reset_models(hub_app, hub, tiny_models)
+    # the source as `python -m i2l_ext models source custom --endpoint URL` leaves it; the page shows it
+    hub_mod.save_settings(hub_app.models_dir, source="custom", endpoint=hub.url)
+    open_tab(page, hub_app)
+    upload(page, sample_images["images"][:2])
+    wait_count(page, 2)
+    type_name(page, "after_download")
+    name_state(page, True, "after_download")
+    assert not page.is_visible("#i2l_download_now")
+    page.click("#i2l_run")
+    page.wait_for_selector("#i2l_notice .i2l-error[data-code='weights_missing']")
+    assert "`python -m i2l_ext models download style`" in page.inner_text("#i2l_notice")
+    page.wait_for_selector("#i2l_download_now", state="visible")
+    assert not page.is_visible("#i2l_download")             # the Models panel is still closed
+    shot(page, artifacts, "34-weights-missing")
+    before = len(hub.requests)
+
+    page.click("#i2l_download_now")                          # one click: the panel's download, for Style
+    page.wait_for_selector("#i2l_download", state="visible")  # the panel opened to show it
+    page.wait_for_selector("#i2l_download_progress .i2l-progress[data-variant='style']")
+    assert page.eval_on_selector("#i2l_models_variant input", "e => e.value") == "Style"
+    assert page.eval_on_selector("#i2l_models_source input", "e => e.value") == MIRROR_LABEL
+    p = wait_dl(page, ("done", "error", "cancelled"))
+    assert p["state"] == "done", p
+    page.wait_for_selector("#i2l_notice .i2l-notice-ok")
+    assert "Make LoRA" in page.inner_text("#i2l_notice")
+    page.wait_for_selector("#i2l_download_now", state="hidden")
+    page.wait_for_selector("#i2l_models_status tr[data-variant='style'][data-ready='1']")
+    assert len(hub.requests) > before                         # it came from the hub the settings name
+    assert_nothing_partial(hub_app.models_dir, hub)
+    shot(page, artifacts, "35-downloaded-now")
+
+    page.click("#i2l_run")                                    # and the job runs now
+    final, _ = wait_finished(page)
+    assert final["state"] == "done", page.inner_text("#i2l_notice")
+    assert not page.is_visible("#i2l_download_now")
+    assert "after_download.safetensors" in hub_app.files()
+
+
+def test_download_now_is_offered_only_for_missing_weights(page, hub_app, hub, tiny_models, sample_images):
+    reset_models(hub_app, hub, tiny_models)
+    open_tab(page, hub_app)
+    upload(page, sample_images["images"][:1])
+    wait_count(page, 1)
+    type_name(page, "missing_first")
+    name_state(page, True, "missing_first")
+    page.click("#i2l_run")
+    page.wait_for_selector("#i2l_download_now", state="visible")
+    type_name(page, "bad/name")                                # another error takes the offer away
+    page.click("#i2l_run")
+    page.wait_for_selector("#i2l_notice .i2l-error[data-code='bad_input']")
+    page.wait_for_selector("#i2l_download_now", state="hidden")
