@@ -59,8 +59,8 @@ def test_partial_wait_returns_before_the_end(tmp_path, monkeypatch):
     gate = threading.Event()
     real_take = wf._take
 
-    def slow_take():
-        i = real_take()
+    def slow_take(reader=0):
+        i = real_take(reader)
         if i is not None and i > 2:
             gate.wait(5)
         return i
@@ -172,14 +172,51 @@ def test_code_files_recorded_and_read_back(tmp_path):
     from i2l_ext.worker import warmstart
     where = str(tmp_path / "code.json")
     assert warmstart.record_code(where) == where
-    files = warmstart.code_files(where)
+    items = warmstart.code_files(where)
+    files = [p for p, _ in items]
     assert files and all(os.path.isfile(f) for f in files)
-    assert "torch" in os.path.basename(files[0]) and ".so" in files[0] or os.name == "nt"
     assert any(f.endswith(".pyc") and f"{os.sep}torch{os.sep}" in f for f in files)
     assert not any(f.startswith(str(tmp_path)) for f in files)
+    if os.name != "nt":
+        # shared libraries come first, torch's own first of all, as the parts this process touched
+        path, ranges = items[0]
+        assert f"{os.sep}torch{os.sep}" in path and ".so" in path
+        size = os.path.getsize(path)
+        assert ranges and all(0 <= a < size and n > 0 for a, n in ranges)
+        assert sum(n for _, n in ranges) < size          # not the whole library
+        libs = [(p, r) for p, r in items if r is not None]
+        assert [p for p, _ in items[:len(libs)]] == [p for p, _ in libs]
     assert warmstart.warm_code(where=where).wait(120)
     data = json.load(open(where))
     data["python"] = sys.executable + "-other"
     json.dump(data, open(where, "w"))
     assert warmstart.code_files(where) == []        # another interpreter's list is not used
     assert warmstart.warm_code(where=where).is_set()
+
+
+def test_one_reader_until_full_speed(tmp_path, monkeypatch):
+    """While the worker starts (imports reading many small files) a file is read by one thread;
+    the others join once full speed is allowed."""
+    p = tmp_path / "w.safetensors"
+    sd = _write(p, n_layers=24, dim=256)
+    monkeypatch.setattr(weights, "CHUNK", 4096)
+    readers_seen = set()
+    wf = weights.WeightFile(str(p), pin=False)
+    real_take = wf._take
+
+    def take(reader=0):
+        i = real_take(reader)
+        if i is not None:
+            readers_seen.add(reader)
+        return i
+    wf._take = take
+    weights.FULL_SPEED.clear()
+    try:
+        wf.start()
+        wf.wait(64 * 4096)
+        assert readers_seen == {0}
+    finally:
+        weights.FULL_SPEED.set()
+    wf.wait()
+    for k, v in sd.items():
+        assert torch.equal(wf.tensor(k), v), k

@@ -164,6 +164,7 @@ class _Model:
 
 
 PINNED_PROFILES = ("gpu", "cpu_offload")
+IMPORTS_DONE = threading.Event()       # set once ``import_models`` has run (pinning waits for it)
 
 
 class Engine:
@@ -259,6 +260,7 @@ class Engine:
         if bias:
             self._load_bias(plan["bias"], dev)
         progress("load", len(model_roles) + 1, len(model_roles) + 1, "Models ready")
+        IMPORTS_DONE.set()           # the model code is imported by now, whoever imported it
         lap("load")
 
         with torch.no_grad():
@@ -528,10 +530,14 @@ class Engine:
 
     @staticmethod
     def _pin_later(files: list[WeightFile]) -> None:
+        """Page-lock each file once it is read and the model code is imported (both compete
+        for the CPU at a cold start; copies from plain RAM work meanwhile, only slower)."""
         def run():
             from .warmstart import trace
+            IMPORTS_DONE.wait(300)
             for wf in files:
                 try:
+                    wf.wait()
                     ok = wf.pin_memory()
                     trace(f"pinned {os.path.basename(wf.path)}: {ok}")
                 except Exception:
@@ -581,6 +587,10 @@ class Engine:
             trace("imports: model code ready")
         except Exception:
             pass               # the job itself reports a broken install
+        finally:
+            IMPORTS_DONE.set()
+            from . import weights
+            weights.FULL_SPEED.set()
 
     @contextmanager
     def _stream(self, role):

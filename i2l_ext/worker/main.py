@@ -167,9 +167,11 @@ def _prefetch_list() -> list[str]:
 
 def _start_early() -> list:
     """Before torch: warm the code files, then read the weights named in ``I2L_PREFETCH``."""
-    from . import warmstart
+    from . import warmstart, weights
+    warmstart.watch_opens()
     warmstart.trace("worker started")
     code = warmstart.warm_code()
+    weights.FULL_SPEED.clear()          # until the model code is imported (Engine.import_models)
     try:
         return warmstart.start_reads(_prefetch_list(), after=code)
     except OSError:
@@ -201,8 +203,9 @@ def record_code_main() -> int:
     """``python -m i2l_ext.worker --record-code``: do what a job does first (imports, the GPU's
     math libraries) and list the code files used, so the next cold start reads them ahead. Run
     once after the environment is installed; every job on the GPU refreshes the list."""
-    import torch
     from . import lightimport, warmstart
+    warmstart.watch_opens()
+    import torch
     lightimport.import_model_code()
     from transformers import DINOv3ViTImageProcessor, Siglip2ImageProcessor  # noqa: F401
     if torch.cuda.is_available():

@@ -95,6 +95,22 @@ def _manifest_paths() -> list[str]:
     return out
 
 
+_opened: dict[str, None] = {}        # files and folders the worker's Python code opened, in order
+
+
+def watch_opens() -> None:
+    """Note every file Python opens for reading and every folder it lists (metadata lookups,
+    data files, imports), so ``record_code`` can list them too."""
+    def hook(event, args):
+        if event == "open":
+            path, mode = args[0], args[1]
+            if isinstance(path, str) and (mode is None or "r" in str(mode)) and "w" not in str(mode or ""):
+                _opened.setdefault(path, None)
+        elif event in ("os.listdir", "os.scandir") and args and isinstance(args[0], str):
+            _opened.setdefault(args[0] + os.sep, None)
+    sys.addaudithook(hook)
+
+
 def _roots() -> list[str]:
     roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix) if p}
     for p in sys.path:
@@ -103,49 +119,87 @@ def _roots() -> list[str]:
     return sorted(roots)
 
 
-def _mapped_files() -> list[str]:
-    """Shared libraries this process has mapped (Linux), in address order."""
-    out, seen = [], set()
+PAGE = 4096
+GAP = 64            # touched pages closer than this are read as one range
+
+
+def _touched_ranges() -> dict[str, list[list[int]]]:
+    """For each file this process has mapped (Linux): the byte ranges of it whose pages the
+    process actually touched (present in its page table), merged into few sequential reads."""
+    pages: dict[str, set[int]] = {}
     try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].startswith("/"):
-                    path = parts[5].strip()
-                    if path not in seen and not path.endswith(" (deleted)"):
-                        seen.add(path)
-                        out.append(path)
+        maps = open("/proc/self/maps").read().splitlines()
+        pm = open("/proc/self/pagemap", "rb", buffering=0)
     except OSError:
-        pass
+        return {}
+    with pm:
+        for line in maps:
+            parts = line.split(None, 5)
+            if len(parts) < 6 or not parts[5].startswith("/") or parts[5].endswith(" (deleted)"):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            off = int(parts[2], 16)
+            n = (hi - lo) // PAGE
+            try:
+                pm.seek(lo // PAGE * 8)
+                raw = pm.read(n * 8)
+            except (OSError, OverflowError):
+                continue
+            got = pages.setdefault(parts[5].strip(), set())
+            first = off // PAGE
+            for i in range(len(raw) // 8):
+                if raw[i * 8 + 7] & 0x80:            # bit 63: page present
+                    got.add(first + i)
+    out = {}
+    for path, ps in pages.items():
+        ranges: list[list[int]] = []
+        for pg in sorted(ps):
+            if ranges and pg - ranges[-1][1] <= GAP:
+                ranges[-1][1] = pg + 1
+            else:
+                ranges.append([pg, pg + 1])
+        out[path] = [[a * PAGE, (b - a) * PAGE] for a, b in ranges]
     return out
 
 
 def record_code(where: str | None = None) -> str | None:
-    """Write the list of code files this process has used (after a job has run). Returns where."""
+    """Write the list of code this process has used (after a job has run): the touched parts of
+    its shared libraries and its byte-code files. Returns where it was written."""
     roots = _roots()
 
     def ours(p):
         rp = os.path.realpath(p)
         return any(rp.startswith(r + os.sep) for r in roots) and os.path.isfile(rp)
 
-    files, seen = [], set()
-    libs = [p for p in _mapped_files() if ours(p)]
-    mods = []
+    touched = {os.path.realpath(p): r for p, r in _touched_ranges().items() if ours(p)}
+    libs = sorted(touched, key=lambda p: (f"{os.sep}torch{os.sep}" not in p, f"{os.sep}nvidia{os.sep}" not in p))
+    items, seen = [], set()
+    for p in libs:
+        if touched[p]:
+            seen.add(p)
+            items.append([p, touched[p]])
     for m in list(sys.modules.values()):
         d = getattr(m, "__dict__", None)
         if not isinstance(d, dict):
             continue
         f = d.get("__cached__") or d.get("__file__")
         if isinstance(f, str) and ours(f):
-            mods.append(f)
-    # The libraries that ``import torch`` maps come first: they are needed first and are the bulk.
-    libs.sort(key=lambda p: (f"{os.sep}torch{os.sep}" not in p, f"{os.sep}nvidia{os.sep}" not in p))
-    for p in libs + mods:
-        rp = os.path.realpath(p)
-        if rp not in seen:
+            rp = os.path.realpath(f)
+            if rp not in seen:
+                seen.add(rp)
+                items.append([rp, None])          # the whole file
+    for f in list(_opened):
+        rp = os.path.realpath(f)
+        if rp in seen:
+            continue
+        if f.endswith(os.sep):
+            if os.path.isdir(rp) and any(rp == r or rp.startswith(r + os.sep) for r in roots):
+                seen.add(rp)
+                items.append([rp + os.sep, None])        # a folder: listed again
+        elif ours(f):
             seen.add(rp)
-            files.append(rp)
-    data = {"python": sys.executable, "files": files}
+            items.append([rp, None])
+    data = {"python": sys.executable, "files": items}
     for path in [where] if where else _manifest_paths():
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -159,55 +213,76 @@ def record_code(where: str | None = None) -> str | None:
     return None
 
 
-def code_files(where: str | None = None) -> list[str]:
+def code_files(where: str | None = None) -> list[tuple[str, list | None]]:
+    """(path, byte ranges or None for the whole file) from this interpreter's list."""
     for path in [where] if where else _manifest_paths():
         try:
             with open(path) as f:
                 data = json.load(f)
         except (OSError, ValueError):
             continue
-        if data.get("python") == sys.executable and isinstance(data.get("files"), list):
-            return [p for p in data["files"] if isinstance(p, str)]
+        if data.get("python") != sys.executable or not isinstance(data.get("files"), list):
+            continue
+        out = []
+        for item in data["files"]:
+            if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
+                out.append((item[0], item[1] if isinstance(item[1], list) else None))
+        return out
     return []
 
 
-def warm_code(readers: int = 2, where: str | None = None) -> threading.Event:
-    """Read the recorded code files into the page cache in the background; the event is set when done."""
+def warm_code(readers: int = 4, where: str | None = None) -> threading.Event:
+    """Read the listed code into the page cache in the background; the event is set when done."""
     done = threading.Event()
-    files, total = [], 0
-    for p in code_files(where):
+    items, total = [], 0
+    for p, ranges in code_files(where):
         try:
             size = os.path.getsize(p)
         except OSError:
             continue
-        if total + size > MAX_CODE_BYTES:
+        if p.endswith(os.sep):
+            items.append((p, None))
+            continue
+        ranges = [[0, size]] if ranges is None else [[a, min(n, size - a)] for a, n in ranges if a < size]
+        n = sum(r[1] for r in ranges)
+        if total + n > MAX_CODE_BYTES:
             break
-        files.append(p)
-        total += size
-    if not files:
+        items.append((p, ranges))
+        total += n
+    if not items:
         done.set()
         return done
     lock = threading.Lock()
-    queue = iter(files)
+    queue = iter(items)
     left = [readers]
 
     def run():
         buf = bytearray(_READ)
+        view = memoryview(buf)
         while True:
             with lock:
-                p = next(queue, None)
-            if p is None:
+                item = next(queue, None)
+            if item is None:
                 break
+            p, ranges = item
             try:
+                if ranges is None and p.endswith(os.sep):
+                    os.listdir(p)
+                    continue
                 with open(p, "rb", buffering=0) as f:
-                    while f.readinto(buf):
-                        pass
+                    for a, n in ranges:
+                        f.seek(a)
+                        while n > 0:
+                            got = f.readinto(view[:min(n, _READ)])
+                            if not got:
+                                break
+                            n -= got
             except OSError:
                 continue
         with lock:
             left[0] -= 1
             if left[0] == 0:
-                trace(f"code: read {len(files)} files ({total / 2 ** 30:.2f} GB)")
+                trace(f"code: read {len(items)} files ({total / 2 ** 20:.0f} MB)")
                 done.set()
     for i in range(readers):
         threading.Thread(target=run, daemon=True, name=f"i2l-warm-code-{i}").start()

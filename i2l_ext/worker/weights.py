@@ -19,6 +19,10 @@ import threading
 import time
 
 CHUNK = 32 << 20
+# Cleared while the worker starts: one reader per file then, so the many small reads of the
+# imports are not queued behind four big ones; set again once the model code is imported.
+FULL_SPEED = threading.Event()
+FULL_SPEED.set()
 READERS = int(os.environ.get("I2L_READ_THREADS", "4"))
 
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
@@ -74,7 +78,7 @@ class WeightFile:
         self._chunks_done: set[int] = set()
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
-        self._registered = False
+        self._registered: list[int] = []  # base addresses of the page-locked pieces
 
     # -- reading -----------------------------------------------------------------------------
     def allocate(self) -> "WeightFile":
@@ -98,20 +102,21 @@ class WeightFile:
 
     def pin_memory(self) -> bool:
         """Page-lock the host buffer in place when CUDA is there (no rounding up, unlike torch's
-        pinned allocator), so copies to the GPU run at full speed. Safe while reads go on."""
+        pinned allocator), so copies to the GPU run at full speed. One registration for the whole
+        buffer: a copy may not straddle two. Safe while reads go on."""
         import torch
         self.allocate()
         with self._cond:
             if self._registered or not self.pin or not self.nbytes or not torch.cuda.is_available():
-                return self._registered
-        buf = self.buffer
+                return bool(self._registered)
+        base = self.buffer.data_ptr()
         try:
-            rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), self.nbytes, 0)
+            rc = torch.cuda.cudart().cudaHostRegister(base, self.nbytes, 0)
             ok = int(getattr(rc, "value", rc)) == 0
         except Exception:      # no page-locked memory to spare: plain RAM still works
             ok = False
         with self._cond:
-            self._registered = ok
+            self._registered = [base] if ok else []
         return ok
 
     def start(self) -> "WeightFile":
@@ -125,7 +130,7 @@ class WeightFile:
             self._next = 0
             self._n_chunks = n_chunks
             for i in range(min(READERS, n_chunks)):
-                t = threading.Thread(target=self._reader, daemon=True, name=f"i2l-read-{i}")
+                t = threading.Thread(target=self._reader, args=(i,), daemon=True, name=f"i2l-read-{i}")
                 self._threads.append(t)
             threads = list(self._threads)
         for t in threads:
@@ -135,7 +140,9 @@ class WeightFile:
                 self.finished = time.monotonic()
         return self
 
-    def _take(self) -> int | None:
+    def _take(self, reader: int = 0) -> int | None:
+        if reader and not FULL_SPEED.is_set():
+            FULL_SPEED.wait(120)
         with self._cond:
             if self._next >= self._n_chunks or self.error is not None:
                 return None
@@ -143,12 +150,12 @@ class WeightFile:
             self._next += 1
             return i
 
-    def _reader(self) -> None:
+    def _reader(self, reader: int = 0) -> None:
         view = memoryview(self._mm)
         try:
             with open(self.path, "rb", buffering=0) as f:
                 while True:
-                    i = self._take()
+                    i = self._take(reader)
                     if i is None:
                         return
                     a = i * CHUNK
@@ -232,11 +239,12 @@ class WeightFile:
         buf, self._buffer = self._buffer, None
         if buf is not None and self._registered:
             import torch
-            try:
-                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-            except Exception:
-                pass
-            self._registered = False
+            for ptr in self._registered:
+                try:
+                    torch.cuda.cudart().cudaHostUnregister(ptr)
+                except Exception:
+                    pass
+            self._registered = []
         self._mm = None          # freed once no tensor views it any more
 
     def __del__(self):
