@@ -191,10 +191,14 @@ def _warm_up(engine, early: list) -> None:
     threading.Thread(target=engine.import_models, daemon=True, name="i2l-imports").start()
 
 
-def _record_code() -> None:
+RECORD_AFTER_S = 30.0
+
+
+def _record_code(engine) -> None:
     from . import warmstart
     try:
-        warmstart.record_code()
+        with engine._lock:             # never while a job runs
+            warmstart.record_code()
     except Exception:
         pass
 
@@ -266,8 +270,10 @@ def main() -> None:
             trace(f"job: done {result.get('timings')}")
             send({"type": "result", "job": job_id, "result": result})
             if not recorded and result.get("device", "cpu") != "cpu":
-                recorded = True        # the code this job used, read ahead at the next cold start
-                threading.Thread(target=_record_code, daemon=True, name="i2l-record").start()
+                recorded = True        # the code this job used, read ahead at the next cold start,
+                t = threading.Timer(RECORD_AFTER_S, _record_code, args=(engine,))   # listed when quiet
+                t.daemon = True
+                t.start()
         except BaseException as e:   # report, then keep serving
             err = _classify(e)
             send({"type": "error", "job": job_id, "error": err.to_dict()})

@@ -123,7 +123,16 @@ PAGE = 4096
 GAP = 64            # touched pages closer than this are read as one range
 
 
-def _touched_ranges() -> dict[str, list[list[int]]]:
+def _present(top: bytes) -> list[int]:
+    """Indices of the entries whose top byte has bit 7 set (numpy when there, it is fast)."""
+    try:
+        import numpy as np
+        return np.flatnonzero(np.frombuffer(top, dtype=np.uint8) & 0x80).tolist()
+    except ImportError:
+        return [i for i, b in enumerate(top) if b & 0x80]
+
+
+def _touched_ranges(wanted=lambda path: True) -> dict[str, list[list[int]]]:
     """For each file this process has mapped (Linux): the byte ranges of it whose pages the
     process actually touched (present in its page table), merged into few sequential reads."""
     pages: dict[str, set[int]] = {}
@@ -137,6 +146,8 @@ def _touched_ranges() -> dict[str, list[list[int]]]:
             parts = line.split(None, 5)
             if len(parts) < 6 or not parts[5].startswith("/") or parts[5].endswith(" (deleted)"):
                 continue
+            if not wanted(parts[5].strip()):      # device and driver mappings can be huge
+                continue
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             off = int(parts[2], 16)
             n = (hi - lo) // PAGE
@@ -147,9 +158,9 @@ def _touched_ranges() -> dict[str, list[list[int]]]:
                 continue
             got = pages.setdefault(parts[5].strip(), set())
             first = off // PAGE
-            for i in range(len(raw) // 8):
-                if raw[i * 8 + 7] & 0x80:            # bit 63: page present
-                    got.add(first + i)
+            top = raw[7::8]                        # the byte holding bit 63 (page present)
+            for i in _present(top):
+                got.add(first + i)
     out = {}
     for path, ps in pages.items():
         ranges: list[list[int]] = []
@@ -171,7 +182,7 @@ def record_code(where: str | None = None) -> str | None:
         rp = os.path.realpath(p)
         return any(rp.startswith(r + os.sep) for r in roots) and os.path.isfile(rp)
 
-    touched = {os.path.realpath(p): r for p, r in _touched_ranges().items() if ours(p)}
+    touched = {os.path.realpath(p): r for p, r in _touched_ranges(ours).items()}
     libs = sorted(touched, key=lambda p: (f"{os.sep}torch{os.sep}" not in p, f"{os.sep}nvidia{os.sep}" not in p))
     items, seen = [], set()
     for p in libs:
