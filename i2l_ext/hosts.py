@@ -214,6 +214,26 @@ def refresh_loras() -> bool:
         return False
 
 
+def lora_cards_refreshable(host: str | None = None) -> bool:
+    """Whether the host's Lora cards can be refreshed now (the page clicks the hidden refresh button).
+
+    AUTOMATIC1111 and reForge refresh every extra-networks page together, and their Textual
+    Inversion page needs a loaded checkpoint: without one the refresh raises and the Lora cards show
+    "Error" until the next manual Refresh (the host's own Refresh button does the same). Then the
+    page leaves the cards alone; a new LoRA still works in prompts (``refresh_loras``).
+    """
+    host = host or detect_host()
+    if host == "standalone":
+        return False
+    if host not in ("a1111", "reforge"):
+        return True
+    try:
+        from modules import sd_models
+        return getattr(sd_models.model_data, "sd_model", None) is not None     # never triggers a load
+    except Exception:
+        return True
+
+
 # -- hooks ----------------------------------------------------------------------------------------
 class WebUIHooks(HostHooks):
     """Frees the host's VRAM before a job, gives it back after (A1111), watches Interrupt."""

@@ -74,3 +74,23 @@ def test_lock_waiter_with_a_lock_that_takes_no_timeout():
     assert lock.acquire(blocking=False) is True
     lock.release()
     w.abandon()                                 # twice is harmless
+
+
+def test_lora_cards_refreshed_only_where_the_host_can(monkeypatch):
+    """A1111 / reForge refresh every extra-networks page at once, and their Textual Inversion page
+    raises with no checkpoint loaded: the page then leaves the Lora cards alone."""
+    import types
+    from i2l_ext.hosts import lora_cards_refreshable
+    model_data = types.SimpleNamespace(sd_model=None)
+    modules = types.ModuleType("modules")
+    modules.__path__ = []
+    modules.sd_models = types.ModuleType("modules.sd_models")
+    modules.sd_models.model_data = model_data
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.sd_models", modules.sd_models)
+    assert lora_cards_refreshable("a1111") is False
+    assert lora_cards_refreshable("reforge") is False
+    assert lora_cards_refreshable("forge") is True and lora_cards_refreshable("neo") is True
+    assert lora_cards_refreshable("standalone") is False
+    model_data.sd_model = object()
+    assert lora_cards_refreshable("a1111") is True

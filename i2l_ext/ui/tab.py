@@ -514,7 +514,15 @@ def build(ctl: Controller):
     run_evt = run_btn.click(ctl.run, run_inputs, run_outputs,
                             **compat.event_kwargs(concurrent=True, show_progress="hidden"))
     if host_only:
-        run_evt.then(None, None, None, **compat.js("() => { if (window.i2l_refreshLoraCards) i2l_refreshLoraCards(); return []; }"))
+        # The host's Lora cards, refreshed by the page where the host can do it now.
+        cards_ok = gr.Checkbox(value=False, visible=False, elem_id="i2l_cards_ok")
+
+        def refresh_cards_after(evt):
+            evt.then(lambda: hosts.lora_cards_refreshable(ctl.host), None, cards_ok, queue=False).then(
+                None, [cards_ok], None,
+                **compat.js("(ok) => { if (ok && window.i2l_refreshLoraCards) i2l_refreshLoraCards(); return []; }"))
+
+        refresh_cards_after(run_evt)
     run_evt.then(ctl.library_refresh, None, [lib_gallery, lib_rel, lib_sel, lib_info, lib_prompt, lib_new_name,
                                              confirm_row])
     cancel_btn.click(ctl.cancel, None, notice, queue=False)
@@ -542,7 +550,7 @@ def build(ctl: Controller):
     delete_evt = confirm_yes.click(ctl.library_delete, [lib_sel], lib_outputs[:-1] + [confirm_row])
     if host_only:
         for evt in (rename_evt, delete_evt):
-            evt.then(None, None, None, **compat.js("() => { if (window.i2l_refreshLoraCards) i2l_refreshLoraCards(); return []; }"))
+            refresh_cards_after(evt)
 
     for comp in (variant, vram):
         comp.change(ctl.prewarm, [variant, vram, bias], None, queue=False, show_progress="hidden")

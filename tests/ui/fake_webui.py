@@ -107,9 +107,25 @@ class QueueLock:
 queue_lock = QueueLock()
 module("modules.call_queue", queue_lock=queue_lock)
 module("modules.paths", models_path=os.path.join(WEBUI, "models"))
-module("modules.sd_models", model_data=types.SimpleNamespace(sd_model=None),
-       unload_model_weights=lambda m=None: record("unload_model_weights"),
-       send_model_to_device=lambda m: record("send_model_to_device"))
+
+
+class FakeModel:
+    """A checkpoint on the GPU (FAKE_WEBUI_NO_MODEL=1: none loaded, as on a WebUI with no checkpoint)."""
+    device = "cuda:0"
+
+
+def unload_model_weights(m=None):
+    m.device = "cpu"
+    record("unload_model_weights")
+
+
+def send_model_to_device(m):
+    m.device = "cuda:0"
+    record("send_model_to_device")
+
+
+module("modules.sd_models", unload_model_weights=unload_model_weights, send_model_to_device=send_model_to_device,
+       model_data=types.SimpleNamespace(sd_model=None if os.environ.get("FAKE_WEBUI_NO_MODEL") else FakeModel()))
 module("modules.devices", torch_gc=lambda: record("torch_gc"))
 for sub in ("script_callbacks", "shared", "call_queue", "paths", "sd_models", "devices"):
     setattr(modules, sub, sys.modules["modules." + sub])

@@ -112,6 +112,7 @@ def test_job_in_host(page, webui, sample_images, artifacts):
     ev = [c["event"] for c in calls]
     begin = ev.index("state.begin")
     assert ev.index("torch_gc") > begin                    # VRAM freed before the job (A1111 path)
+    assert begin < ev.index("unload_model_weights") < ev.index("send_model_to_device") < ev.index("state.end")
     assert "state.end" in ev[begin:]
     assert "list_available_networks" in ev                  # host Lora list refreshed
     end_t = next(c["t"] for c in calls if c["event"] == "state.end")
