@@ -111,8 +111,12 @@ class Host:
                                         os.path.join(self.root, "models", "Lora"))
         self.models_dir = os.environ.get("I2L_TINY_MODELS") or os.path.join(tmp, "tiny-models")
         self.settings_file = os.path.join(tmp, "config.json")
+        settings = {"i2l_models_dir": self.models_dir}
+        uid = self._version_uid()
+        if uid:
+            settings["VERSION_UID"] = uid
         with open(self.settings_file, "w", encoding="utf-8") as f:
-            json.dump({"i2l_models_dir": self.models_dir}, f)
+            json.dump(settings, f)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = os.path.join(artifacts, "host.log")
@@ -120,6 +124,17 @@ class Host:
         self.proc: subprocess.Popen | None = None
         self.log = None
         self.ready_s: float | None = None
+
+    def _version_uid(self) -> str | None:
+        """Forge Neo stops at launch, waiting for Enter, when an existing settings file lacks its
+        ``VERSION_UID`` (modules/launch_utils.py: verify_version); the settings file made here carries it."""
+        import re
+        try:
+            with open(os.path.join(self.root, "modules", "launch_utils.py"), encoding="utf-8") as f:
+                m = re.search(r"^VERSION_UID\s*(?::[^=\n]*)?=\s*[\"']([^\"']+)[\"']", f.read(), re.M)
+        except OSError:
+            return None
+        return m.group(1) if m else None
 
     def _find_extension(self) -> str:
         ext = os.environ.get("I2L_HOST_EXTENSION")
