@@ -162,6 +162,26 @@ def test_quick_state_ready_outdated_damaged_missing(tmp_path):
     assert state == "damaged" and "interpreter" in why
 
 
+def test_packages_taken_from_the_webui_are_recorded_and_a_change_there_is_outdated(tmp_path):
+    host = tmp_path / "webui-site"
+    for d in ("click-8.5.1.dist-info", "certifi-2026.10.19.post1.dist-info", "numpy-1.26.2.dist-info",
+              "torch-2.14.1.dist-info", "gradio-3.41.2.dist-info"):
+        (host / d).mkdir(parents=True)
+    env = tmp_path / "env"
+    py, site = make_stamped_env(env)
+    (site / "numpy-2.4.6.dist-info").mkdir()          # another version there: pip put the pinned one here
+    shared = layout.shared_dists(str(site), [str(host), str(host)], {"click", "certifi", "numpy", "diffsynth"})
+    assert sorted(os.path.basename(p) for p in shared) == ["certifi-2026.10.19.post1.dist-info",
+                                                          "click-8.5.1.dist-info"]
+    make_stamped_env(env, shared_dists=shared, dists=layout.dist_infos(str(site)))
+    key = layout.wanted_key(str(env))
+    assert layout.quick_state(str(env), key)[0] == "ready"
+    (host / "click-8.5.1.dist-info").rename(host / "click-7.1.2.dist-info")     # another extension's doing
+    for k in (key, None):
+        state, why, _ = layout.quick_state(str(env), k)
+        assert state == "outdated" and "click-8.5.1" in why
+
+
 def test_stamp_from_other_pins_is_outdated_for_find_worker_python(tmp_path):
     env = tmp_path / "env"
     key = dict(layout.wanted_key(str(env)), pins="old")

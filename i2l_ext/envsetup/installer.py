@@ -20,10 +20,10 @@ import sys
 import time
 
 from ..errors import I2LError
-from .layout import (EXT_ROOT, KEEP_ON_REBUILD, LOCK_NAME, LOG_NAME, PTH_NAME, REQUIREMENTS, STAMP_NAME,
-                     STATUS_NAME, TORCH_NAMES, dist_infos, find_host_torch, host_torch_usable, now_iso,
-                     pid_alive, quick_state, read_json, read_requirements, repair_command, satisfies,
-                     split_requirements, venv_python, wanted_key, worker_env_dir, write_json)
+from .layout import (EXT_ROOT, KEEP_ON_REBUILD, LOCK_NAME, LOG_NAME, PTH_NAME, REQUIREMENTS, SPECIAL_NAMES,
+                     STAMP_NAME, STATUS_NAME, TORCH_NAMES, dist_infos, find_host_torch, host_torch_usable,
+                     now_iso, pid_alive, quick_state, read_json, read_requirements, repair_command, satisfies,
+                     shared_dists, split_requirements, venv_python, wanted_key, worker_env_dir, write_json)
 
 PREFIX = "[i2L env]"
 WINDOWS_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"   # PyPI has only CPU torch for Windows
@@ -437,8 +437,13 @@ class Installer:
         torch = {"mode": "host" if use_host else "own", "version": res["modules"]["torch"].get("version"),
                  "path": os.path.dirname(os.path.dirname(res["modules"]["torch"]["file"]))}
         env_bytes = folder_size(self.env_dir)
+        shared = []
+        if use_host and host:
+            pinned = {name for name, _line in read_requirements(self.requirements)} - set(SPECIAL_NAMES)
+            shared = shared_dists(info["purelib"], [host.get("torch_dir"), host.get("torchvision_dir")], pinned)
         stamp = {"complete": True, "key": key, "python_exe": self.py, "site_packages": info["purelib"],
                  "dists": dist_infos(info["purelib"]), "check_paths": checks, "torch": torch,
+                 "shared_dists": shared,
                  "versions": {n: m.get("version") for n, m in res["modules"].items()},
                  "installed": now_iso(), "seconds": round(time.monotonic() - t0, 1), "bytes": env_bytes,
                  "downloaded": int(self.downloaded)}

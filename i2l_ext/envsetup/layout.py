@@ -24,7 +24,7 @@ LOCK_NAME = "i2l-env.lock"
 PTH_NAME = "_i2l_worker_paths.pth"     # ext root + the WebUI's torch, after the venv's own packages
 KEEP_ON_REBUILD = (STATUS_NAME, LOG_NAME, LOCK_NAME)
 
-SCHEMA = 1                             # bump when the stamp's meaning changes
+SCHEMA = 2                             # bump when the stamp's meaning changes (2: shared_dists)
 TORCH_NAMES = ("torch", "torchvision")
 SPECIAL_NAMES = ("pip",) + TORCH_NAMES
 
@@ -283,6 +283,40 @@ def dist_infos(site_dir: str) -> list[str]:
         return []
 
 
+def _dist_name(dist_info: str) -> str:
+    return canonical(dist_info[:-len(".dist-info")].rsplit("-", 1)[0])
+
+
+def shared_dists(site_dir: str, host_dirs: list[str], names: set[str]) -> list[str]:
+    """The WebUI's ``.dist-info`` folders of pinned packages the worker takes from there.
+
+    With the WebUI's torch reused, the WebUI's site-packages is on the worker's path (after the
+    worker's own), and pip installs a pinned package into the worker only when the WebUI's copy has
+    another version. The ones it took from the WebUI are recorded, so that a later change there
+    (another extension, a WebUI update) makes the environment out of date instead of silently
+    running the worker with versions it was never installed with.
+    """
+    own = {_dist_name(n) for n in dist_infos(site_dir)}
+    out = []
+    for d in dict.fromkeys(p for p in host_dirs if p):
+        for n in dist_infos(d):
+            name = _dist_name(n)
+            if name in names and name not in own:
+                out.append(os.path.join(d, n))
+                own.add(name)                   # the first one on the path is the one imported
+    return out
+
+
+def shared_change(stamp: dict) -> str | None:
+    """Why the packages taken from the WebUI no longer hold (``None`` when they do): stats only."""
+    gone = [os.path.basename(p)[:-len(".dist-info")] for p in stamp.get("shared_dists") or ()
+            if not os.path.isdir(p)]
+    if gone:
+        return ("packages it takes from the WebUI's environment changed there (%s)"
+                % ", ".join(gone[:4]) + (" ..." if len(gone) > 4 else ""))
+    return None
+
+
 def check_whole(env_dir: str, stamp: dict | None) -> str | None:
     """Why a stamped environment is not whole (``None`` when it is): stats and one listdir only."""
     if not stamp or not stamp.get("complete"):
@@ -314,6 +348,9 @@ def quick_state(env_dir: str, key: dict | None = None) -> tuple[str, str, dict |
             return "outdated", "changed since the last install: " + ", ".join(diff), stamp
     elif (stamp.get("key") or {}).get("pins") != pins_hash() or (stamp.get("key") or {}).get("schema") != SCHEMA:
         return "outdated", "the pinned requirements changed since the last install", stamp
+    changed = shared_change(stamp)
+    if changed:
+        return "outdated", changed, stamp
     why = check_whole(env_dir, stamp)
     if why:
         return "damaged", why, stamp
