@@ -125,6 +125,25 @@ def host_language() -> str | None:
     return None
 
 
+# -- the one controller of a WebUI process --------------------------------------------------------
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def webui_controller(make):
+    """The tab's controller for this WebUI process, made by ``make()`` the first time.
+
+    The WebUI's Reload UI executes ``scripts/`` again as new modules, but this package stays imported:
+    keeping the controller here means a reload reuses it and the worker it owns (with the weights that
+    worker holds in RAM) instead of starting a second one beside it.
+    """
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            _controller = make()
+        return _controller
+
+
 # -- the queue lock -------------------------------------------------------------------------------
 def queue_lock():
     """The host's lock that serialises GPU work (txt2img, img2img...), or None outside a WebUI."""
@@ -252,7 +271,7 @@ class WebUIHooks(HostHooks):
             self._began = True
         except Exception:
             self._began = False
-        if self.free_vram:
+        if opt("i2l_free_vram", self.free_vram):      # the setting as it is now, not at start
             self._free()
 
     def after_job(self) -> None:

@@ -19,7 +19,6 @@ else:
 from modules import script_callbacks  # noqa: E402
 
 SECTION = ("i2l", "Image to LoRA")
-_controller = None
 
 
 def _config_refresh(cfg):
@@ -34,22 +33,28 @@ def _config_refresh(cfg):
     cfg.prewarm = bool(hosts.opt("i2l_prewarm", True))
 
 
+def _make_controller():
+    from i2l_ext import hosts
+    from i2l_ext.config import default_config
+    from i2l_ext.ui.tab import Controller
+    host = hosts.detect_host()
+    root = hosts.models_root()
+    models_dir = os.environ.get("I2L_MODELS_DIR") or (os.path.join(root, "i2L") if root else None)
+    cfg = default_config(host=host, lora_dir=hosts.lora_dir(), models_dir=models_dir)
+    _config_refresh(cfg)
+    return Controller(cfg, hosts.make_hooks(host), host=host, config_refresh=_config_refresh)
+
+
 def get_controller():
-    global _controller
-    if _controller is None:
-        from i2l_ext import hosts
-        from i2l_ext.config import default_config
-        from i2l_ext.ui.tab import Controller
-        host = hosts.detect_host()
-        root = hosts.models_root()
-        models_dir = os.environ.get("I2L_MODELS_DIR") or (os.path.join(root, "i2L") if root else None)
-        cfg = default_config(host=host, lora_dir=hosts.lora_dir(), models_dir=models_dir)
-        _config_refresh(cfg)
-        _controller = Controller(cfg, hosts.make_hooks(host), host=host, config_refresh=_config_refresh)
-        _controller.defaults.update(variant=hosts.opt("i2l_default_variant", "style"),
-                                    vram_profile=hosts.opt("i2l_vram_profile", "auto"),
-                                    key_format=hosts.opt("i2l_key_format", "diffusers"))
-    return _controller
+    """The one controller of this WebUI process (it owns the worker). Reload UI runs this file again
+    as a new module while the ``i2l_ext`` package stays imported, so the controller is kept there: a
+    reload reuses it and its worker instead of starting a second worker beside the first."""
+    from i2l_ext import hosts
+    ctl = hosts.webui_controller(_make_controller)
+    ctl.defaults.update(variant=hosts.opt("i2l_default_variant", "style"),
+                        vram_profile=hosts.opt("i2l_vram_profile", "auto"),
+                        key_format=hosts.opt("i2l_key_format", "diffusers"))
+    return ctl
 
 
 def on_ui_tabs():

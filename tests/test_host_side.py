@@ -94,3 +94,17 @@ def test_lora_cards_refreshed_only_where_the_host_can(monkeypatch):
     assert lora_cards_refreshable("standalone") is False
     model_data.sd_model = object()
     assert lora_cards_refreshable("a1111") is True
+
+
+def test_one_controller_per_webui_process_across_reload_ui():
+    """Reload UI runs scripts/i2l_tab.py again; the controller (and its worker) must be reused."""
+    from i2l_ext import hosts
+    made = []
+    saved = hosts._controller
+    hosts._controller = None
+    try:
+        first = hosts.webui_controller(lambda: made.append(1) or object())
+        again = hosts.webui_controller(lambda: made.append(1) or object())
+        assert first is again and made == [1]
+    finally:
+        hosts._controller = saved
