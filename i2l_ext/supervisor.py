@@ -183,8 +183,9 @@ class WorkerProcess:
                 sig = signal.Signals(-code).name
             except ValueError:
                 sig = f"signal {-code}"
-            why = " The system may have run out of RAM." if sig == "SIGKILL" else ""
-            return I2LError(I2LError.WORKER_CRASHED, f"The worker process was ended by {sig}.{why}",
+            message = (f"The worker process was ended by {sig}. The system may have run out of RAM." if sig == "SIGKILL"
+                       else f"The worker process was ended by {sig}.")
+            return I2LError(I2LError.WORKER_CRASHED, message,
                             "Try again; with little RAM, pick the disk-streaming VRAM profile or use fewer images.", tail)
         return I2LError(I2LError.WORKER_CRASHED, f"The worker process stopped unexpectedly (exit code {code}).",
                         "Try again; if it keeps happening, see the log below. " + REPAIR_HINT, tail)

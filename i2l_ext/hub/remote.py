@@ -49,12 +49,12 @@ def _get_json(url: str, source: Source, timeout: float) -> tuple[object, dict]:
 
 def http_error(e: urllib.error.HTTPError, source: Source, url: str) -> I2LError:
     if e.code in (401, 403):
-        what = "refused access"
+        message = f"{source.label} refused access: {url}"
     elif e.code == 404:
-        what = "does not have it"
+        message = f"{source.label} does not have it: {url}"
     else:
-        what = f"answered HTTP {e.code}"
-    return I2LError(I2LError.DOWNLOAD, f"{source.label} {what}: {url}",
+        message = f"{source.label} answered HTTP {e.code}: {url}"
+    return I2LError(I2LError.DOWNLOAD, message,
                     "Try another source (Models panel, or --source modelscope | modelscope-intl | huggingface | "
                     "--endpoint URL for a mirror).", f"HTTP {e.code} {e.reason}")
 

@@ -15,6 +15,7 @@ import gradio as gr
 from .. import catalog
 from ..errors import I2LError
 from ..i18n import t
+from ..messages import localize, localize_error
 from . import compat
 
 
@@ -42,7 +43,8 @@ def env_state(ctl) -> tuple[bool, str]:
     if st.get("ok"):
         return True, ""
     cmd = st.get("repair_command") or "python -m i2l_ext env repair"
-    detail = " ".join(x for x in (st.get("message"), st.get("error") if st.get("error") != st.get("message") else "") if x)
+    detail = " ".join(localize(x) for x in (st.get("message"), st.get("error") if st.get("error") != st.get("message")
+                                             else "") if x)
     return False, (f'<div class="i2l-banner" data-ok="0" data-state="{esc(st.get("state", ""))}">'
                    f'<b>{esc(t("env_not_ok"))}</b> {esc(detail)}'
                    f'<div class="i2l-fix">{esc(t("env_fix"))} <code>{esc(cmd)}</code></div></div>')
@@ -75,7 +77,7 @@ def env_banner_loaders(ctl, banner, row, repair_btn, log):
         ok, text = env_state(ctl)
         if "error" in box:
             e = box["error"]
-            msg = e.message if isinstance(e, I2LError) else str(e)
+            msg = localize(e.message) if isinstance(e, I2LError) else str(e)
             lines.append(t("env_repair_failed", error=msg))
         yield text, compat.update(visible=not ok), "\n".join(lines[-300:])
 
@@ -119,7 +121,7 @@ def models_html(ctl) -> str:
             state = f'<span class="i2l-ok">&#10003; {esc(t("models_ready"))}</span>'
         else:
             state = (f'<span class="i2l-missing">{esc(t("models_missing", size=catalog.human_size(r["bytes"])))}</span>'
-                     f'<div class="i2l-missing-files">{esc(", ".join(r["missing"]))}</div>')
+                     f'<div class="i2l-missing-files">{esc(", ".join(localize(m) for m in r["missing"]))}</div>')
         rows.append(f'<tr data-variant="{esc(r["key"])}" data-ready="{int(r["ready"])}"><th>{esc(r["label"])}</th>'
                     f"<td>{state}</td></tr>")
     return (f'<div class="i2l-models"><div class="i2l-models-dir">{esc(t("models_dir"))} '
@@ -136,7 +138,7 @@ def _progress_html(p: dict | None, variant: str | None) -> str:
     text = f"{label}: {catalog.human_size(done)} / {catalog.human_size(total)} ({pct}%)"
     if state == "downloading":
         if p.get("speed"):
-            text += f" · {catalog.human_size(p['speed'])}/s"
+            text += f" · {t('speed', size=catalog.human_size(p['speed']))}"
         if p.get("eta"):
             text += f" · {t('eta', s=int(p['eta']))}"
     err = p.get("error")
@@ -144,7 +146,7 @@ def _progress_html(p: dict | None, variant: str | None) -> str:
     if state == "error" and isinstance(err, dict):
         tail = error_html(err)
     elif p.get("message"):
-        text += f" · {p['message']}"
+        text += f" · {localize(p['message'])}"
     return (f'<div class="i2l-progress" data-state="{esc(state)}" data-variant="{esc(variant or "")}" '
             f'data-done="{int(done)}" data-total="{int(total)}" data-fraction="{(done / total if total else 0):.3f}">'
             f'<div class="i2l-bar i2l-bar-{esc(state)}"><div class="i2l-bar-fill" style="width:{pct}%"></div></div>'
@@ -153,8 +155,7 @@ def _progress_html(p: dict | None, variant: str | None) -> str:
 
 def error_html(err) -> str:
     """An ``I2LError`` (or its dict) as the tab shows errors."""
-    if isinstance(err, I2LError):
-        err = err.to_dict()
+    err = localize_error(err)
     fix = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(err.get("fix"))}</div>' if err.get("fix") else ""
     return (f'<div class="i2l-error" data-code="{esc(err.get("code", ""))}"><div class="i2l-error-msg">'
             f'{esc(err.get("message", ""))}</div>{fix}</div>')
@@ -165,7 +166,11 @@ def _source_choices():
     if hub is None or not hasattr(hub, "SOURCE_NAMES"):
         return [], None
     labels = getattr(hub, "LABELS", {})
-    return [(labels.get(n, n), n) for n in hub.SOURCE_NAMES], hub
+    out = []
+    for n in hub.SOURCE_NAMES:
+        label = t(f"source_{n}")
+        out.append((labels.get(n, n) if label == f"source_{n}" else label, n))
+    return out, hub
 
 
 class ModelsPanel:
@@ -222,6 +227,7 @@ class ModelsPanel:
     def load(self):
         """On page load: the status, and the source remembered for the models folder (the command
         line's `models source` may have changed it since the page was built)."""
+        self.ctl.refresh_config()
         source, mirror = compat.update(), compat.update()
         hub = _module("i2l_ext.hub")
         if hub is not None and self.source_choices:

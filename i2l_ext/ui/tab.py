@@ -16,6 +16,7 @@ import gradio as gr
 from .. import catalog, hosts, library
 from ..errors import I2LError
 from ..i18n import t
+from ..messages import localize, localize_log_line
 from ..service import JobRequest, Service
 from . import compat, panels
 
@@ -30,9 +31,8 @@ def esc(s) -> str:
 
 
 def error_html(message: str, fix: str = "", code: str = "") -> str:
-    fix_part = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(fix)}</div>' if fix else ""
-    return (f'<div class="i2l-error" data-code="{esc(code)}"><div class="i2l-error-msg">{esc(message)}</div>'
-            f"{fix_part}</div>")
+    """An error as the tab shows it, in the tab's language (back-end English is localized here)."""
+    return panels.error_html({"code": code, "message": message, "fix": fix})
 
 
 def notice_html(message: str, kind: str = "info") -> str:
@@ -129,7 +129,7 @@ class Controller:
             from ..output import suggest_name
             hint = suggest_name(name)
             extra = f' {esc(t("name_try", name=hint))}' if hint != name else ""
-            return f'<div class="i2l-name i2l-name-bad" data-ok="0">&#10007; {esc(problem)}{extra}</div>'
+            return f'<div class="i2l-name i2l-name-bad" data-ok="0">&#10007; {esc(localize(problem))}{extra}</div>'
         folder = os.path.join(self.config.lora_dir, *[p for p in (subfolder or "").replace("\\", "/").split("/") if p])
         target = os.path.join(folder, name + ".safetensors")
         key = "name_ok_overwrite" if overwrite and os.path.exists(target) else "name_ok"
@@ -148,6 +148,7 @@ class Controller:
                 msg = t("cancelled_msg")
             elif state == "error" and job.error is not None:
                 msg = job.error.message
+            msg = localize(msg)
         cur = PHASES.index(phase) if phase in PHASES else 0
         steps = []
         for i, p in enumerate(PHASES):
@@ -157,16 +158,21 @@ class Controller:
         return (f'<div class="i2l-progress" data-state="{esc(state)}" data-phase="{esc(phase)}" '
                 f'data-fraction="{frac:.3f}"><div class="i2l-phases">{"".join(steps)}</div>'
                 f'<div class="i2l-bar i2l-bar-{esc(state)}"><div class="i2l-bar-fill" style="width:{pct}%"></div></div>'
-                f'<div class="i2l-progress-text"><b>{pct}%</b> &middot; {esc(msg)} &middot; {secs:.0f} s</div></div>')
+                f'<div class="i2l-progress-text"><b>{pct}%</b> &middot; {esc(msg)} &middot; '
+                f'{esc(t("seconds", s=f"{secs:.0f}"))}</div></div>')
+
+    @staticmethod
+    def log_text(job) -> str:
+        return "\n".join(localize_log_line(line) for line in job.log[-300:])
 
     def result_info_html(self, r: dict) -> str:
         rows = [(t("result_path"), f"<code>{esc(r.get('path', ''))}</code>"),
                 (t("result_size"), esc(catalog.human_size(r.get("bytes", 0)))),
-                (t("result_tensors"), esc(f"{r.get('keys', '?')} / rank {r.get('rank', '?')}")),
+                (t("result_tensors"), esc(t("result_rank", keys=r.get("keys", "?"), rank=r.get("rank", "?")))),
                 (t("result_images"), esc(r.get("images", ""))),
-                (t("result_time"), esc(f"{float(r.get('seconds') or 0):.1f} s"))]
+                (t("result_time"), esc(t("seconds", s=f"{float(r.get('seconds') or 0):.1f}")))]
         body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
-        warn = "".join(f'<div class="i2l-warning">{esc(w)}</div>' for w in r.get("warnings") or [])
+        warn = "".join(f'<div class="i2l-warning">{esc(localize(w))}</div>' for w in r.get("warnings") or [])
         note = ""
         if not self.standalone and not hosts.can_use_qwen_lora(self.host):
             note = f'<div class="i2l-note">{esc(t("host_cannot_use", host=hosts.host_label(self.host)))}</div>'
@@ -254,10 +260,10 @@ class Controller:
             finished = job.wait(0.5)
             if len(job.log) != shown or not finished:
                 shown = len(job.log)
-                yield out(progress=self.progress_html(job), log="\n".join(job.log[-300:]))
+                yield out(progress=self.progress_html(job), log=self.log_text(job))
             if finished:
                 break
-        log_text = "\n".join(job.log[-300:])
+        log_text = self.log_text(job)
         name_msg = self.check_name(req.name, req.subfolder, False)
         if job.state == "done":
             r = job.result or {}
