@@ -320,6 +320,25 @@ def test_pip_output_shows_sizes_and_progress():
     assert "Requirement already satisfied: nvidia-nvtx==13.0.85.* in /h/site-packages (13.0.85)" in lines[-1]
 
 
+def test_pip_output_does_not_alarm_about_the_webuis_venv():
+    lines = []
+    out = installer.PipOutput(lines.append, interval=0)
+    for line in ("  Attempting uninstall: transformers\n",
+                 "    Found existing installation: transformers 4.56.2\n",
+                 "    Not uninstalling transformers at /webui/venv/lib/python3.11/site-packages, outside environment "
+                 "/ext/.venv-worker\n",
+                 "    Can't uninstall 'transformers'. No files were found to uninstall.\n",
+                 "ERROR: pip's dependency resolver does not currently take into account all the packages that are "
+                 "installed. This behaviour is the source of the following dependency conflicts.\n",
+                 "gradio 4.40.0 requires pillow<11.0,>=8.0, but you have pillow 13.0.0 which is incompatible.\n",
+                 "Successfully installed transformers-5.24.0\n"):
+        out.feed(line)
+    text = "\n".join(lines)
+    assert "uninstall" not in text.lower() and "Found existing" not in text and "ERROR" not in text
+    assert "The WebUI's venv is not changed" in text
+    assert "gradio 4.40.0 requires pillow" in text and "Successfully installed transformers-5.24.0" in text
+
+
 def test_error_tail_keeps_the_reason():
     lines = ["Collecting x\n", "ERROR: Could not find a version that satisfies the requirement x==9\n",
              "ERROR: No matching distribution found for x==9\n"]

@@ -110,6 +110,10 @@ _UNITS = {"kB": 1e3, "KB": 1e3, "KiB": 1024, "MB": 1e6, "MiB": 1024 ** 2, "GB": 
 _PROGRESS_RE = re.compile(r"Progress (\d+) of (\d+|\?)")
 
 
+_OUTSIDE_RE = re.compile(r"\s*(Attempting uninstall: |Found existing installation: |Not uninstalling \S+ at .*"
+                          r", outside environment |Can't uninstall '[^']+'\. No files were found to uninstall)")
+
+
 class PipOutput:
     """Turns pip's lines into live console lines: what it fetches, how big, how far along."""
 
@@ -139,6 +143,15 @@ class PipOutput:
         if (not text or text.startswith("Ignoring ") or "\u2501" in text
                 or (text.startswith("WARNING: Location '") and "is neither a file nor a directory" in text)):
             return                     # markers for other Pythons; pip's own bar; find-links it skips
+        if _OUTSIDE_RE.match(text):
+            # The WebUI's packages are visible to the worker's pip (for torch); pip "attempts" to
+            # uninstall an older copy there and says it can't: nothing in the WebUI's venv changes,
+            # but "Attempting uninstall: transformers" on the WebUI's console reads as if it did.
+            return
+        if text.startswith("ERROR: pip's dependency resolver does not currently take into account"):
+            self.log(f"{PREFIX} Note: some packages of the WebUI's own venv ask for other versions than the "
+                     "worker's (listed below). The WebUI's venv is not changed: the worker uses its own copies.")
+            return
         if text.startswith("Requirement already satisfied:") and " (from " in text:
             head, _, rest = text.partition(" (from ")
             version = rest.rsplit("(", 1)[-1].rstrip(")") if rest.endswith(")") else ""
