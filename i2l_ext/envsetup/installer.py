@@ -40,7 +40,14 @@ res = {"python": sys.executable, "prefix": sys.prefix, "modules": {}, "pins": []
 for name in %r:
     try:
         m = importlib.import_module(name)
-        res["modules"][name] = {"ok": True, "version": str(getattr(m, "__version__", "")), "file": m.__file__}
+        v = getattr(m, "__version__", "")
+        if not v:                      # diffsynth has no __version__: ask its distribution
+            try:
+                import importlib.metadata
+                v = importlib.metadata.version(name)
+            except Exception:
+                v = ""
+        res["modules"][name] = {"ok": True, "version": str(v), "file": m.__file__}
     except BaseException as e:
         res["modules"][name] = {"ok": False, "error": "%%s: %%s" %% (type(e).__name__, e)}
 try:
