@@ -6,7 +6,7 @@ import sys
 
 from i2l_ext import protocol
 from i2l_ext.errors import I2LError
-from helpers import ROOT
+from helpers import ROOT, QueueLock
 
 HOST_MODULES = ["i2l_ext", "i2l_ext.cli", "i2l_ext.service", "i2l_ext.supervisor", "i2l_ext.output",
                 "i2l_ext.images", "i2l_ext.catalog", "i2l_ext.config", "i2l_ext.protocol"]
@@ -39,24 +39,10 @@ def test_error_round_trip():
     assert "Fix: Pick" in str(back)
 
 
-class _NoTimeoutLock:
-    """Shaped like the WebUIs' FIFOLock: ``acquire(blocking=True)`` takes no timeout."""
-
-    def __init__(self):
-        import threading
-        self._lock = threading.Lock()
-
-    def acquire(self, blocking=True):
-        return self._lock.acquire(blocking)
-
-    def release(self):
-        self._lock.release()
-
-
 def test_lock_waiter_with_a_lock_that_takes_no_timeout():
     import time
     from i2l_ext.hosts import LockWaiter
-    lock = _NoTimeoutLock()
+    lock = QueueLock()
     assert lock.acquire()                       # a txt2img generation holds the lock
     w = LockWaiter(lock)
     assert w.wait(0.2) is False                 # still waiting, and the caller is not blocked

@@ -31,20 +31,17 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
+from helpers import chromium, make_image
 
 HOST_ROOT = os.environ.get("I2L_HOST_ROOT", "")
 HOST_PYTHON = os.environ.get("I2L_HOST_PYTHON", "")
 HOST_ARGS = shlex.split(os.environ.get("I2L_HOST_ARGS", ""))
 START_TIMEOUT = float(os.environ.get("I2L_HOST_START_TIMEOUT", "900"))
 JOB_TIMEOUT = 600.0
-CHROMIUM = os.environ.get("I2L_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAB_TITLE = "Image to LoRA"          # the tab's and the settings section's English title
 
@@ -251,14 +248,7 @@ def host(tmp_path_factory, artifacts):
 
 @pytest.fixture(scope="module")
 def page(host):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; no browser download needed)")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set I2L_CHROMIUM)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         ctx = browser.new_context(viewport={"width": 1400, "height": 1400})
         pg = ctx.new_page()
         pg.set_default_timeout(60_000)
@@ -269,7 +259,6 @@ def page(host):
         pg.wait_for_timeout(3000)
         _wait_ui(pg)
         yield pg
-        browser.close()
 
 
 def _wait_ui(pg) -> None:
@@ -331,8 +320,6 @@ def test_settings_section(page, host, artifacts):
 
 
 def test_job_writes_lora(page, host, artifacts, tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from helpers import make_image
     images = [make_image(tmp_path / f"img{i}.png", size=(96 + 16 * i, 64), color=(40 * i, 120, 200 - 30 * i))
               for i in range(2)]
     name = f"i2l_host_test_{int(time.time())}"

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import sys
-import threading
 import time
 import types
 
@@ -86,23 +85,8 @@ shared = module("modules.shared", opts=Options(), OptionInfo=OptionInfo, state=S
                 cmd_opts=types.SimpleNamespace(lora_dir=os.path.join(WEBUI, "models", "Lora")))
 
 
-class QueueLock:
-    """Shaped like the WebUIs' FIFOLock (modules/fifo_lock.py): ``acquire(blocking=True)`` takes no timeout."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-
-    def acquire(self, blocking=True):
-        return self._lock.acquire(blocking)
-
-    def release(self):
-        self._lock.release()
-
-    __enter__ = acquire
-
-    def __exit__(self, *exc):
-        self.release()
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import QueueLock  # noqa: E402
 
 queue_lock = QueueLock()
 module("modules.call_queue", queue_lock=queue_lock)

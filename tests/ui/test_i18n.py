@@ -32,6 +32,15 @@ def fields(text):
 GRAMMAR = {"s"}
 
 
+
+def _make(page, variant, name):
+    """Pick the variant, name the LoRA (checked free) and press Make LoRA."""
+    from ui_helpers import name_state, type_name
+    page.check(f"#i2l_variant input[value='{variant}']")
+    type_name(page, name)
+    name_state(page, True, name)
+    page.click("#i2l_run")
+
 def test_languages_match():
     en = load("en")
     for path in glob.glob(os.path.join(LOCALES, "*.json")):
@@ -254,10 +263,7 @@ def test_a_job_on_a_chinese_page_shows_no_english(page, zh_app, sample_images, a
     shot(page, artifacts, "40-zh-done")
 
     # an error the worker finds (the Fine decoder is cut short)
-    page.check("#i2l_variant input[value='fine']")
-    type_name(page, "zh_fine")
-    name_state(page, True, "zh_fine")
-    page.click("#i2l_run")
+    _make(page, "fine", "zh_fine")
     page.wait_for_function("() => window.i2l_app().querySelector('#i2l_progress .i2l-progress').dataset.state !== 'done'")
     final, _ = wait_finished(page, on_poll=lambda p: assert_chinese(page, f"running fine {p}", seen))
     assert final["state"] == "error"
@@ -267,10 +273,7 @@ def test_a_job_on_a_chinese_page_shows_no_english(page, zh_app, sample_images, a
     shot(page, artifacts, "41-zh-worker-error")
 
     # an error the host finds before the job starts (the Coarse decoder is missing), with its offer
-    page.check("#i2l_variant input[value='coarse']")
-    type_name(page, "zh_coarse")
-    name_state(page, True, "zh_coarse")
-    page.click("#i2l_run")
+    _make(page, "coarse", "zh_coarse")
     page.wait_for_selector("#i2l_notice .i2l-error[data-code='weights_missing']")
     page.wait_for_selector("#i2l_download_now", state="visible")
     assert page.inner_text("#i2l_download_now").strip() == "立即下载"
