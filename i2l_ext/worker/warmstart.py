@@ -96,12 +96,15 @@ def _manifest_paths() -> list[str]:
 
 
 _opened: dict[str, None] = {}        # files and folders the worker's Python code opened, in order
+_watching: list[bool] = [True]       # emptied once the list is written (a worker records once)
 
 
 def watch_opens() -> None:
     """Note every file Python opens for reading and every folder it lists (metadata lookups,
     data files, imports), so ``record_code`` can list them too."""
     def hook(event, args):
+        if not _watching:
+            return
         if event == "open":
             path, mode = args[0], args[1]
             if isinstance(path, str) and (mode is None or "r" in str(mode)) and "w" not in str(mode or ""):
@@ -218,6 +221,8 @@ def record_code(where: str | None = None) -> str | None:
             with open(tmp, "w") as f:
                 json.dump(data, f)
             os.replace(tmp, path)
+            _watching.clear()
+            _opened.clear()
             return path
         except OSError:
             continue
