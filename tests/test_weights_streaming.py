@@ -59,8 +59,8 @@ def test_partial_wait_returns_before_the_end(tmp_path, monkeypatch):
     gate = threading.Event()
     real_take = wf._take
 
-    def slow_take(reader=0):
-        i = real_take(reader)
+    def slow_take():
+        i = real_take()
         if i is not None and i > 2:
             gate.wait(5)
         return i
@@ -154,11 +154,8 @@ def test_early_reads_need_a_gpu_and_the_ram(tmp_path, monkeypatch):
     monkeypatch.setattr(warmstart, "available_ram", lambda: os.path.getsize(p) + weights.RAM_MARGIN - 1)
     assert warmstart.start_reads([str(p)]) == []
     monkeypatch.setattr(warmstart, "available_ram", lambda: 1 << 50)
-    gate = threading.Event()
-    files = warmstart.start_reads([str(p), str(tmp_path / "missing.safetensors")], after=gate)
+    files = warmstart.start_reads([str(p), str(tmp_path / "missing.safetensors")])
     assert [f.path for f in files] == [str(p)]
-    assert files[0].done_bytes == 0                # waits for the code files first
-    gate.set()
     files[0].wait()
     for k, v in sd.items():
         assert torch.equal(files[0].tensor(k), v), k
@@ -187,6 +184,7 @@ def test_code_files_recorded_and_read_back(tmp_path):
         libs = [(p, r) for p, r in items if r is not None]
         assert [p for p, _ in items[:len(libs)]] == [p for p, _ in libs]
     assert warmstart.warm_code(where=where).wait(120)
+    assert warmstart.warm_code(where=where, advise=False).wait(120)     # read by threads instead
     data = json.load(open(where))
     data["python"] = sys.executable + "-other"
     json.dump(data, open(where, "w"))
@@ -194,29 +192,89 @@ def test_code_files_recorded_and_read_back(tmp_path):
     assert warmstart.warm_code(where=where).is_set()
 
 
-def test_one_reader_until_full_speed(tmp_path, monkeypatch):
-    """While the worker starts (imports reading many small files) a file is read by one thread;
-    the others join once full speed is allowed."""
-    p = tmp_path / "w.safetensors"
-    sd = _write(p, n_layers=24, dim=256)
-    monkeypatch.setattr(weights, "CHUNK", 4096)
-    readers_seen = set()
-    wf = weights.WeightFile(str(p), pin=False)
-    real_take = wf._take
+# ----------------------------------------------------------------------------- O_DIRECT
 
-    def take(reader=0):
-        i = real_take(reader)
-        if i is not None:
-            readers_seen.add(reader)
-        return i
-    wf._take = take
-    weights.FULL_SPEED.clear()
+def _odd_file(path, seed=1):
+    """A safetensors file whose header and total size are not multiples of a page."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"t{i}": torch.randn(1000 + 37 * i, generator=g).to(torch.bfloat16) for i in range(40)}
+    save_file(sd, str(path), metadata={"pad": "x" * 123})
+    return sd
+
+
+def _direct_works(path) -> bool:
+    if not weights.DIRECT:
+        return False
     try:
-        wf.start()
-        wf.wait(64 * 4096)
-        assert readers_seen == {0}
-    finally:
-        weights.FULL_SPEED.set()
+        os.close(os.open(str(path), os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("chunk", [4096, 8192 * 3, 1 << 20])
+def test_direct_reads_are_exact_at_any_alignment(tmp_path, monkeypatch, chunk):
+    """Files not in the page cache are read with O_DIRECT where the file system allows it; page
+    alignment, short last pages and chunk edges give back the exact bytes."""
+    monkeypatch.setattr(weights, "CHUNK", chunk)
+    p = tmp_path / "w.safetensors"
+    ref = _odd_file(p)
+    assert os.path.getsize(p) % 4096 and weights.read_header(str(p))[1] % 4096
+    monkeypatch.setattr(weights.WeightFile, "_in_page_cache", lambda self: False)
+    wf = weights.WeightFile(str(p), pin=False).start()
     wf.wait()
-    for k, v in sd.items():
+    for k, v in ref.items():
         assert torch.equal(wf.tensor(k), v), k
+    if _direct_works(p):
+        assert wf.direct_bytes == os.path.getsize(p) - wf._base       # every byte came that way
+    else:
+        assert wf.direct_bytes == 0
+
+
+def test_cached_files_are_copied_from_the_page_cache(tmp_path, monkeypatch):
+    p = tmp_path / "w.safetensors"
+    ref = _odd_file(p, seed=2)
+    p.read_bytes()                                   # now in the page cache
+    wf = weights.WeightFile(str(p), pin=False)
+    if weights._NOWAIT is not None and _direct_works(p):
+        assert wf._in_page_cache()
+    wf.start().wait()
+    assert wf.direct_bytes == 0
+    for k, v in ref.items():
+        assert torch.equal(wf.tensor(k), v), k
+
+
+def test_a_failing_direct_read_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    p = tmp_path / "w.safetensors"
+    ref = _odd_file(p, seed=3)
+    monkeypatch.setattr(weights, "CHUNK", 8192)
+    monkeypatch.setattr(weights.WeightFile, "_in_page_cache", lambda self: False)
+    monkeypatch.setattr(weights.WeightFile, "_open_direct", lambda self: os.open(str(p), os.O_RDONLY))
+    real = os.preadv
+    calls = []
+
+    def flaky(fd, buffers, offset, *flags):
+        calls.append(offset)
+        if len(calls) % 3 == 0:
+            raise OSError(22, "Invalid argument")
+        return real(fd, buffers, offset, *flags)
+    if not hasattr(os, "preadv"):
+        pytest.skip("no preadv here")
+    monkeypatch.setattr(os, "preadv", flaky)
+    wf = weights.WeightFile(str(p), pin=False).start()
+    wf.wait()
+    assert calls
+    for k, v in ref.items():
+        assert torch.equal(wf.tensor(k), v), k
+
+
+def test_truncated_while_reading_is_an_error_not_garbage(tmp_path, monkeypatch):
+    p = tmp_path / "w.safetensors"
+    _odd_file(p, seed=4)
+    monkeypatch.setattr(weights.WeightFile, "_in_page_cache", lambda self: False)
+    wf = weights.WeightFile(str(p), pin=False)
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) - 5000)
+    wf.start()
+    with pytest.raises(OSError, match="ended early"):
+        wf.wait()

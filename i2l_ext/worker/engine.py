@@ -589,8 +589,6 @@ class Engine:
             pass               # the job itself reports a broken install
         finally:
             IMPORTS_DONE.set()
-            from . import weights
-            weights.FULL_SPEED.set()
 
     @contextmanager
     def _stream(self, role):

@@ -166,14 +166,14 @@ def _prefetch_list() -> list[str]:
 
 
 def _start_early() -> list:
-    """Before torch: warm the code files, then read the weights named in ``I2L_PREFETCH``."""
-    from . import warmstart, weights
+    """Before torch: ask for the code files, then start reading the weights named in
+    ``I2L_PREFETCH``; both go on while torch is imported."""
+    from . import warmstart
     warmstart.watch_opens()
     warmstart.trace("worker started")
-    code = warmstart.warm_code()
-    weights.FULL_SPEED.clear()          # until the model code is imported (Engine.import_models)
+    warmstart.warm_code()
     try:
-        return warmstart.start_reads(_prefetch_list(), after=code)
+        return warmstart.start_reads(_prefetch_list())
     except OSError:
         return []
 
