@@ -154,8 +154,11 @@ def test_early_reads_need_a_gpu_and_the_ram(tmp_path, monkeypatch):
     monkeypatch.setattr(warmstart, "available_ram", lambda: os.path.getsize(p) + weights.RAM_MARGIN - 1)
     assert warmstart.start_reads([str(p)]) == []
     monkeypatch.setattr(warmstart, "available_ram", lambda: 1 << 50)
-    files = warmstart.start_reads([str(p), str(tmp_path / "missing.safetensors")])
+    gate = threading.Event()
+    files = warmstart.start_reads([str(p), str(tmp_path / "missing.safetensors")], after=gate)
     assert [f.path for f in files] == [str(p)]
+    assert files[0].done_bytes == 0                # waits for the code files first
+    gate.set()
     files[0].wait()
     for k, v in sd.items():
         assert torch.equal(files[0].tensor(k), v), k

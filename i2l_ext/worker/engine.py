@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -56,11 +57,33 @@ def _import(dotted: str):
     return getattr(importlib.import_module(mod), name)
 
 
+@contextmanager
+def _no_random_init():
+    """While a model whose every parameter comes from its file is made: the layers' and
+    transformers' random initialisation skipped (about a second of CPU for the big models; the
+    parameters it would fill are replaced by the file's right after). Buffers computed in the
+    constructors (position tables) are made as usual."""
+    nn = torch.nn
+    patched = [(c, "reset_parameters") for c in (nn.Linear, nn.LayerNorm, nn.Embedding,
+                                                 nn.modules.conv._ConvNd)]
+    pm = sys.modules.get("transformers.modeling_utils")
+    if pm is not None and hasattr(pm, "PreTrainedModel"):
+        patched.append((pm.PreTrainedModel, "init_weights"))
+    saved = [(c, name, c.__dict__[name]) for c, name in patched if name in c.__dict__]
+    for c, name, _ in saved:
+        setattr(c, name, lambda self, *a, **k: None)
+    try:
+        yield
+    finally:
+        for c, name, fn in saved:
+            setattr(c, name, fn)
+
+
 def build_model(cls, config: dict, state_dict: dict, converter, dtype, device: str):
     """A model on its weights, as diffsynth's ``load_model`` builds one without VRAM management:
     made without initialising its parameters, the (converted) state dict assigned, then moved."""
     from diffsynth.core.vram.initialization import skip_model_initialization
-    with skip_model_initialization():
+    with skip_model_initialization(), _no_random_init():
         model = cls(**(config or {}))
     sd = converter(state_dict) if converter is not None else dict(state_dict)
     model.load_state_dict(sd, assign=True)
@@ -494,6 +517,8 @@ class Engine:
                            f"{p['paths'][0]} could not be loaded as the {catalog.FILES[role].title} weights: {e}",
                            "Delete it and download the models again.", details=repr(e)) from None
         model.eval()
+        from .warmstart import trace
+        trace(f"built {role}")
         self._models[role] = _Model(role, key, model, profile, p["bytes"], dev)
         self.log("info", f"Loaded {catalog.FILES[role].title} in {time.monotonic() - t:.1f} s ({profile})")
 
@@ -530,11 +555,18 @@ class Engine:
 
     @staticmethod
     def _pin_later(files: list[WeightFile]) -> None:
-        """Page-lock each file once it is read and the model code is imported (both compete
-        for the CPU at a cold start; copies from plain RAM work meanwhile, only slower)."""
+        """Page-lock each file in the background once it is read (locking memory not yet
+        written would fill it page by page first): right then where that runs without the
+        interpreter lock (``weights.cudart_ctypes``), else after the model code is imported too
+        (both compete for the lock at a cold start). Copies from plain RAM work meanwhile, only
+        slower."""
+        from .weights import cudart_ctypes
+        free_of_lock = cudart_ctypes() is not None
+
         def run():
             from .warmstart import trace
-            IMPORTS_DONE.wait(300)
+            if not free_of_lock:
+                IMPORTS_DONE.wait(300)
             for wf in files:
                 try:
                     wf.wait()

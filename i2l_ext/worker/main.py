@@ -166,14 +166,14 @@ def _prefetch_list() -> list[str]:
 
 
 def _start_early() -> list:
-    """Before torch: ask for the code files, then start reading the weights named in
-    ``I2L_PREFETCH``; both go on while torch is imported."""
+    """Before torch: ask for the code files, then read the weights named in ``I2L_PREFETCH``
+    (from when the code is in); both go on while torch is imported."""
     from . import warmstart
     warmstart.watch_opens()
     warmstart.trace("worker started")
-    warmstart.warm_code()
+    code = warmstart.warm_code()
     try:
-        return warmstart.start_reads(_prefetch_list())
+        return warmstart.start_reads(_prefetch_list(), after=code)
     except OSError:
         return []
 
@@ -189,6 +189,39 @@ def _warm_up(engine, early: list) -> None:
         except (ValueError, OSError) as e:
             send({"type": "log", "job": None, "level": "debug", "message": f"read-ahead skipped: {e}"})
     threading.Thread(target=engine.import_models, daemon=True, name="i2l-imports").start()
+
+    def warm():
+        try:
+            _warm_cuda()
+        except Exception as e:     # only a missed head start
+            send({"type": "log", "job": None, "level": "debug", "message": f"GPU warm-up skipped: {e}"})
+    threading.Thread(target=warm, daemon=True, name="i2l-warm-cuda").start()
+
+
+def _warm_cuda() -> None:
+    """Run each kind of GPU work a job does once, on small tensors: the first use of the GPU's
+    math libraries loads and sets them up (a second or two), which then happens while the model
+    code is imported instead of in the first job."""
+    import torch
+    if not torch.cuda.is_available():
+        return
+    from .warmstart import trace
+    F = torch.nn.functional
+    with torch.no_grad():
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(2, 64, 256, **bf)
+        w, b = torch.randn(512, 256, **bf), torch.randn(512, **bf)
+        y = F.gelu(F.linear(x, w, b), approximate="tanh") + F.silu(F.linear(x, w))
+        F.layer_norm(y, (512,)).sum().item()
+        torch.bmm(x, x.transpose(1, 2)).softmax(-1).sum().item()
+        img = torch.randn(1, 3, 64, 64, **bf)
+        F.conv2d(img, torch.randn(16, 3, 16, 16, **bf), stride=16).sum().item()
+        for d in (64, 96, 128):
+            q = torch.randn(1, 4, 80, d, **bf)
+            F.scaled_dot_product_attention(q, q, q).sum().item()
+        torch.cat([x, x], 0).float().cpu()
+    torch.cuda.empty_cache()
+    trace("cuda: math libraries warmed up")
 
 
 RECORD_AFTER_S = 30.0
@@ -209,17 +242,10 @@ def record_code_main() -> int:
     once after the environment is installed; every job on the GPU refreshes the list."""
     from . import lightimport, warmstart
     warmstart.watch_opens()
-    import torch
+    import torch  # noqa: F401  (first, as in a job)
     lightimport.import_model_code()
     from transformers import DINOv3ViTImageProcessor, Siglip2ImageProcessor  # noqa: F401
-    if torch.cuda.is_available():
-        with torch.no_grad():
-            a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
-            (a @ a).sum().item()
-            img = torch.randn(1, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
-            torch.nn.functional.conv2d(img, torch.randn(8, 3, 16, 16, device="cuda", dtype=torch.bfloat16), stride=16)
-            q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.bfloat16)
-            torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().item()
+    _warm_cuda()
     where = warmstart.record_code()
     print(where or "the list of code files could not be written", file=sys.stderr)
     return 0 if where else 1

@@ -10,8 +10,9 @@ still while the weights are being read). So, first thing in the worker:
    them in the page cache instead of faulting them in page by page. On Linux that is one
    ``posix_fadvise(WILLNEED)`` per range from one thread: the kernel queues all of it at once
    and the thread never needs the interpreter lock while torch's import holds it;
-2. ``start_reads()`` starts reading the weights named by the service into host memory, at once
-   and at full speed (the code's reads were queued first);
+2. ``start_reads()`` starts reading the weights named by the service into host memory at full
+   speed once the code is in (a second or so): reads of gigabytes queued ahead of the imports'
+   would stall them for far longer;
 3. torch is imported (``main``) while both go on.
 
 Nothing here imports torch.
@@ -56,7 +57,7 @@ def gpu_likely() -> bool:
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
 
 
-def start_reads(paths: list[str]) -> list[WeightFile]:
+def start_reads(paths: list[str], after: threading.Event | None = None) -> list[WeightFile]:
     """Start reading ``paths`` (in order) into host memory when a GPU is likely and the RAM can
     hold them; the files, reading in the background (empty when nothing was started)."""
     paths = [p for p in paths if os.path.isfile(p)]
@@ -73,6 +74,8 @@ def start_reads(paths: list[str]) -> list[WeightFile]:
             continue                    # the job reports it
 
     def run():
+        if after is not None:
+            after.wait(15)
         trace("weights: reading starts")
         for wf in files:
             try:
@@ -249,9 +252,39 @@ def code_files(where: str | None = None) -> list[tuple[str, list | None]]:
     return []
 
 
+def _wait_cached(samples, timeout: float = 10.0) -> None:
+    """Until the last page of each sampled range is in the page cache (the kernel reads what
+    was asked for roughly in order), probing without waiting for the disk."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None or not hasattr(os, "preadv"):
+        return
+    probe = bytearray(1)
+    left = list(samples)
+    end = time.monotonic() + timeout
+    while left and time.monotonic() < end:
+        still = []
+        for p, (a, n) in left:
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.preadv(fd, [probe], a + max(0, n - 1), flag)
+            except BlockingIOError:
+                still.append((p, (a, n)))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        left = still
+        if left:
+            time.sleep(0.01)
+
+
 def warm_code(readers: int = 4, where: str | None = None, advise: bool | None = None) -> threading.Event:
-    """Read the listed code into the page cache in the background; the event is set when every
-    read has been asked for (``advise``, the default where ``posix_fadvise`` exists) or done."""
+    """Read the listed code into the page cache in the background; the event is set when it is
+    there. ``advise`` (the default where ``posix_fadvise`` exists): the reads are asked of the
+    kernel, then a sample of them is watched until done; else reader threads do them."""
     done = threading.Event()
     items, total = [], 0
     for p, ranges in code_files(where):
@@ -275,6 +308,7 @@ def warm_code(readers: int = 4, where: str | None = None, advise: bool | None = 
         advise = hasattr(os, "posix_fadvise")
     if advise:
         def ask():
+            last = []
             for p, ranges in items:
                 try:
                     if ranges is None:
@@ -286,9 +320,12 @@ def warm_code(readers: int = 4, where: str | None = None, advise: bool | None = 
                             os.posix_fadvise(fd, a, n, os.POSIX_FADV_WILLNEED)
                     finally:
                         os.close(fd)
+                    last.append((p, ranges[-1]))
                 except OSError:
                     continue
             trace(f"code: read-ahead asked for {len(items)} files ({total / 2 ** 20:.0f} MB)")
+            _wait_cached(last[::max(1, len(last) // 32)] + last[-1:])
+            trace("code: in the page cache")
             done.set()
         threading.Thread(target=ask, daemon=True, name="i2l-warm-code").start()
         return done

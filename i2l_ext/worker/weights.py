@@ -23,8 +23,8 @@ import struct
 import threading
 import time
 
-CHUNK = 8 << 20
-READERS = int(os.environ.get("I2L_READ_THREADS", "8"))
+CHUNK = 64 << 20                 # few, large requests: a reader needs the interpreter lock once per chunk
+READERS = int(os.environ.get("I2L_READ_THREADS", "4"))
 ALIGN = 4096                     # what O_DIRECT needs of offsets, lengths and addresses
 DIRECT = os.environ.get("I2L_DIRECT_IO", "1") != "0" and hasattr(os, "O_DIRECT") and hasattr(os, "preadv")
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)
@@ -32,6 +32,33 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+_CUDART: list = []
+
+
+def cudart_ctypes():
+    """(cudaHostRegister, cudaHostUnregister) of the CUDA runtime torch has loaded, called through
+    ctypes, or None. Unlike torch's own binding, a ctypes call lets go of the interpreter lock, so
+    page-locking gigabytes (a second or more) runs beside the imports instead of stopping them."""
+    if _CUDART:
+        return _CUDART[0]
+    found = None
+    try:
+        import ctypes
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if "libcudart.so" in line and "/" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            reg, unreg = lib.cudaHostRegister, lib.cudaHostUnregister
+            reg.argtypes, reg.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint), ctypes.c_int
+            unreg.argtypes, unreg.restype = (ctypes.c_void_p,), ctypes.c_int
+            found = (reg, unreg)
+            break
+    except (OSError, AttributeError, IndexError):
+        found = None
+    _CUDART.append(found)
+    return found
 
 
 class NotSafetensors(ValueError):
@@ -130,7 +157,8 @@ class WeightFile:
                 return bool(self._registered)
         base = self.buffer.data_ptr() - self._lead
         try:
-            rc = torch.cuda.cudart().cudaHostRegister(base, len(self._mm), 0)
+            fast = cudart_ctypes()
+            rc = fast[0](base, len(self._mm), 0) if fast else torch.cuda.cudart().cudaHostRegister(base, len(self._mm), 0)
             ok = int(getattr(rc, "value", rc)) == 0
         except Exception:      # no page-locked memory to spare: plain RAM still works
             ok = False
@@ -313,9 +341,10 @@ class WeightFile:
         buf, self._buffer = self._buffer, None
         if buf is not None and self._registered:
             import torch
+            fast = cudart_ctypes()
             for ptr in self._registered:
                 try:
-                    torch.cuda.cudart().cudaHostUnregister(ptr)
+                    fast[1](ptr) if fast else torch.cuda.cudart().cudaHostUnregister(ptr)
                 except Exception:
                     pass
             self._registered = []
