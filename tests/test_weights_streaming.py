@@ -281,3 +281,26 @@ def test_truncated_while_reading_is_an_error_not_garbage(tmp_path, monkeypatch):
     wf.start()
     with pytest.raises(OSError, match="ended early"):
         wf.wait()
+
+
+def test_code_read_ahead_looks_up_the_sources_of_the_byte_code(tmp_path, monkeypatch):
+    """Python checks each .py beside a .pyc it uses: those lookups are done ahead too."""
+    import json
+    import sys
+    from i2l_ext.worker import warmstart
+    pkg = tmp_path / "pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "mod.py").write_text("x = 1\n")
+    pyc = pkg / "__pycache__" / "mod.cpython-312.pyc"
+    pyc.write_bytes(b"\0" * 64)
+    where = tmp_path / "list.json"
+    where.write_text(json.dumps({"python": sys.executable, "files": [[str(pyc), None]]}))
+    seen = []
+    real = os.stat
+
+    def stat(p, *a, **k):
+        seen.append(str(p))
+        return real(p, *a, **k)
+    monkeypatch.setattr(os, "stat", stat)
+    assert warmstart.warm_code(where=str(where)).wait(30)
+    assert str(pkg / "mod.py") in seen

@@ -281,6 +281,40 @@ def _wait_cached(samples, timeout: float = 10.0) -> None:
             time.sleep(0.01)
 
 
+def _stat_sources(items, threads: int = 16, timeout: float = 5.0) -> None:
+    """Look up the ``.py`` file beside each listed ``.pyc``, from many threads, before torch's
+    import starts. Python checks each source's date before it uses the byte-code; on a cold
+    disk each of those thousands of lookups is a small read of file-system metadata, which
+    waits behind the weights' large reads for tens of milliseconds once they run."""
+    sources = []
+    for p, _ in items:
+        head, name = os.path.split(p)
+        if name.endswith(".pyc") and os.path.basename(head) == "__pycache__":
+            sources.append(os.path.join(os.path.dirname(head), name.split(".", 1)[0] + ".py"))
+    if not sources:
+        return
+    t0 = time.monotonic()
+    it = iter(sources)
+    lock = threading.Lock()
+
+    def run():
+        while True:
+            with lock:
+                p = next(it, None)
+            if p is None:
+                return
+            try:
+                os.stat(p)
+            except OSError:
+                pass
+    ts = [threading.Thread(target=run, daemon=True, name=f"i2l-stat-{i}") for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(max(0.0, timeout - (time.monotonic() - t0)))
+    trace(f"code: {len(sources)} sources looked up")
+
+
 def warm_code(readers: int = 4, where: str | None = None, advise: bool | None = None) -> threading.Event:
     """Read the listed code into the page cache in the background; the event is set when it is
     there. ``advise`` (the default where ``posix_fadvise`` exists): the reads are asked of the
@@ -304,6 +338,7 @@ def warm_code(readers: int = 4, where: str | None = None, advise: bool | None = 
     if not items:
         done.set()
         return done
+    _stat_sources(items)
     if advise is None:
         advise = hasattr(os, "posix_fadvise")
     if advise:
