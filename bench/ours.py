@@ -22,6 +22,8 @@ Scenarios, in this order, each one's figures in the JSON:
    pid: context, cache and all) is sampled for up to ``--idle-wait`` s, to see what it holds
    between jobs and when it parks; with the host's free RAM and the worker's RSS.
 4. ``after_idle``: one more job after that wait (parked weights coming back, or a new worker).
+   ``park``: right after it, ``Service.park()``, what the WebUI calls before it generates (its
+   time, what it freed, the worker's GPU memory after it).
 5. ``restart``: the worker is shut down (the "worker gone" choice) and one job runs with the
    page cache still warm.
 6. ``low``: a new service whose worker runs under a VRAM cap of ``--cap-gb`` GB (2**30 bytes):
@@ -249,6 +251,23 @@ class Bench:
         after["came_back_from"] = ("gone" if not rec["worker_alive"] else "unknown" if held is None
                                    else "parked" if held <= HELD_TARGET else "weights still on the GPU")
         self.out["scenarios"]["after_idle"] = after
+        self.park(svc)
+
+    def park(self, svc: Service) -> None:
+        """The WebUI starts generating right after a job: the worker lets go of what it kept."""
+        fn = getattr(svc, "park", None)
+        pid = svc.worker_pid()
+        if not callable(fn) or pid is None:
+            return
+        before = self.held(pid)[0]
+        t = C.now()
+        reply = fn()
+        took = C.now() - t
+        time.sleep(0.3)
+        after = self.held(pid)[0]
+        self.out["scenarios"]["park"] = {"seconds": round(took, 3), "held_before": before, "held_after": after,
+                                         "freed": (reply or {}).get("freed"), "reply": reply}
+        print(f"  park: {took:.3f} s, {C.gb(before)} -> {C.gb(after)} GB", flush=True)
 
     def restart(self, svc: Service) -> None:
         svc._stop_worker() if hasattr(svc, "_stop_worker") else svc.shutdown()

@@ -86,7 +86,9 @@ def variant_rows(variant: str, ours: dict | None, refs: dict) -> tuple[list[list
     held = idle.get("held_idle")
     row("VRAM held between jobs (GB)", C.gb(rd.get("held_reserved")), C.gb(rg.get("held_reserved")),
         C.gb(held) if held is not None else None, t.get("held"), _vratio, nd=2,
-        note=f"({C.gb(idle.get('held_right_after_job'))} right after the job)" if idle else "")
+        note=(f"({C.gb(idle.get('held_right_after_job'))} right after the job"
+              + (f", at or under {t.get('held', 1.5):g} after {idle['at_or_under_1_5GB_after_s']:g} s)"
+                 if idle.get("at_or_under_1_5GB_after_s") is not None else ")")) if idle else "")
     if after:
         came = after.get("came_back_from")
         if came == "parked" and (idle.get("held_idle") or 0) > C.GiB * (t.get("held") or 1.5):
@@ -99,6 +101,10 @@ def variant_rows(variant: str, ours: dict | None, refs: dict) -> tuple[list[list
             after.get("from_click_s") if after.get("state") == "done" else None, None, _ratio, nd=2)
         row("  cost of coming back (s)", None, None, extra, t.get("unpark") if after.get("came_back_from") == "parked"
             else None, _ratio, nd=2)
+    park = sc.get("park") or {}
+    if park:
+        row("WebUI generates: worker frees kept VRAM (s)", None, None, park.get("seconds"), None, _ratio, nd=3,
+            note=f"({C.gb(park.get('held_before'))} -> {C.gb(park.get('held_after'))} GB)")
     if restart:
         row("next LoRA, worker gone, page cache warm (s)", None, None,
             restart.get("from_click_s") if restart.get("state") == "done" else None, None, _ratio)

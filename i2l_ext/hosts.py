@@ -144,6 +144,15 @@ def webui_controller(make):
         return _controller
 
 
+def park_worker() -> dict | None:
+    """Before the host generates: the worker (if there is one) frees the VRAM it kept after its
+    last job. Never starts anything; the worker's answer, or None when there is no idle worker."""
+    service = getattr(_controller, "service", None)
+    if service is None:
+        return None
+    return service.park(timeout=5.0)
+
+
 # -- the queue lock -------------------------------------------------------------------------------
 def queue_lock():
     """The host's lock that serialises GPU work (txt2img, img2img...), or None outside a WebUI."""
@@ -296,6 +305,9 @@ class WebUIHooks(HostHooks):
 
     def sd_version(self) -> str:
         return "qwen" if self.host == "neo" else "Unknown"
+
+    def needs_gpu_after_job(self) -> bool:
+        return self.restore and self._moved_model is not None
 
     # -- per host ---------------------------------------------------------------------------
     def _free(self) -> None:

@@ -52,6 +52,11 @@ class HostHooks:
     def sd_version(self) -> str:
         return "Unknown"
 
+    def needs_gpu_after_job(self) -> bool:
+        """True when ``after_job`` puts the host's own models back on the GPU at once: the worker
+        then parks its kept layers first."""
+        return False
+
 
 @dataclass
 class Job:
@@ -225,6 +230,8 @@ class Service:
         spec = {"variant": variant.key, "bias": bias, "images": paths, "image_sha256": [i.sha256 for i in infos],
                 "files": files, "models_dir": self.config.models_dir, "output": plan.to_dict(),
                 "key_format": req.key_format, "vram_profile": req.vram_profile,
+                "gpu_hold_s": max(0.0, float(self.config.gpu_hold or 0)),
+                "gpu_hold_gb": max(0.0, float(self.config.gpu_hold_gb or 0)),
                 "metadata": {"modelspec.title": req.name}, "card": card}
         return spec, plan
 
@@ -299,18 +306,30 @@ class Service:
 
     def worker_stats(self, timeout: float = 10.0) -> dict | None:
         """VRAM the idle worker holds (None when there is no worker or a job is running)."""
+        return self._ask({"type": "stats"}, "stats", timeout)
+
+    def park(self, timeout: float = 5.0) -> dict | None:
+        """Free the VRAM the idle worker still holds from its last job (the weights it kept on the
+        GPU for a next job; they stay in RAM). The host calls it before it generates. Returns the
+        worker's answer (``freed`` bytes, VRAM after), or None when there is nothing to ask: no
+        worker, a job running (it parks on its own), or no answer in time."""
+        return self._ask({"type": "park"}, "parked", timeout)
+
+    def _ask(self, msg: dict, answer: str, timeout: float, during_job: bool = False) -> dict | None:
+        if self.busy and not during_job:
+            return None
         with self._wlock:
             w = self._worker
-            if w is None or not w.alive or self.busy:
+            if w is None or not w.alive or (self.busy and not during_job):
                 return None
-            w.send({"type": "stats"})
+            w.send(msg)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                msg = w.next_message(max(0.0, deadline - time.monotonic()))
-                if msg is None:
+                reply = w.next_message(max(0.0, deadline - time.monotonic()))
+                if reply is None:
                     return None
-                if msg["type"] == "stats":
-                    return msg
+                if reply["type"] == answer:
+                    return reply
             return None
 
     def _run(self, job: Job, spec: dict, plan: output.OutputPlan) -> None:
@@ -360,6 +379,8 @@ class Service:
                         I2LError.OUT_OF_MEMORY, I2LError.INTERNAL):
                     self._stop_worker()        # start clean next time
             try:
+                if state == "done" and (result or {}).get("held_on_gpu") and self.hooks.needs_gpu_after_job():
+                    self._park_worker()
                 self.hooks.after_job()
             except Exception as e:
                 job._log("warning", f"Could not give the WebUI its models back: {e}")
@@ -395,6 +416,10 @@ class Service:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+
+    def _park_worker(self) -> None:
+        """``park`` from inside a job's end (the job still counts as running)."""
+        self._ask({"type": "park"}, "parked", 5.0, during_job=True)
 
     def _stop_worker(self) -> None:
         w, self._worker = self._worker, None

@@ -31,6 +31,8 @@ def _config_refresh(cfg):
     cfg.idle_timeout = 60.0 * float(hosts.opt("i2l_keep_warm_minutes", 10) or 0)
     cfg.keep_warm = cfg.idle_timeout > 0
     cfg.prewarm = bool(hosts.opt("i2l_prewarm", True))
+    cfg.gpu_hold = float(hosts.opt("i2l_gpu_hold_seconds", 10) or 0)
+    cfg.gpu_hold_gb = float(hosts.opt("i2l_gpu_hold_gb", 10) or 0)
 
 
 def _make_controller():
@@ -89,6 +91,8 @@ def on_ui_settings():
     add("i2l_free_vram", True, t("settings_free_vram"))
     add("i2l_keep_warm_minutes", 10, t("settings_keep_warm"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
     add("i2l_prewarm", True, t("settings_prewarm"))
+    add("i2l_gpu_hold_seconds", 10, t("settings_gpu_hold"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
+    add("i2l_gpu_hold_gb", 10, t("settings_gpu_hold_gb"), gr.Slider, {"minimum": 0, "maximum": 80, "step": 1})
     add("i2l_offline", False, t("settings_offline"))
 
 

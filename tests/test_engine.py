@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import sys
+import time
 
 import pytest
 
@@ -316,6 +317,57 @@ def test_cuda_profiles(tiny_dir, images, tmp_path, profile):
     assert res2["timings"]["load"] < res["timings"]["load"]
     assert_same_lora(str(out), reference_lora(tiny_dir, images, "coarse-fine", True), tol=0.05)
     eng.unload()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("profile", ["cpu_offload", "gpu"])
+def test_cuda_jobs_in_a_row_find_their_layers_kept_on_the_gpu(tiny_dir, images, tmp_path, profile):
+    """With a hold time the layers a job copied stay on the GPU, up to the budget: the next job
+    copies only what did not fit, makes the same LoRA, and the layers go when parked."""
+    eng = Engine(lambda level, message: None)
+    out = tmp_path / "h.safetensors"
+    files = files_for(tiny_dir, "coarse-fine", True)
+    total = sum(os.path.getsize(p) for r, ps in files.items() if r not in ("processor", "bias") for p in ps)
+    spec = {"variant": "coarse-fine", "bias": True, "files": files, "output": {"tmp_path": str(out)},
+            "vram_profile": profile, "gpu_hold_s": 60, "gpu_hold_gb": 100}
+    ref = reference_lora(tiny_dir, images, "coarse-fine", True)
+    first = eng.run(spec, images, lambda *a: None)
+    assert first["copied_to_gpu"] > 0.9 * total and first["held_on_gpu"] >= 0.9 * total
+    base = torch.cuda.memory_allocated()
+    second = eng.run(spec, images, lambda *a: None)
+    assert second["copied_to_gpu"] < 0.05 * total, second["copied_to_gpu"]
+    assert_same_lora(str(out), ref, tol=0.05)
+    assert eng.park() == second["held_on_gpu"] and eng.held_on_gpu == 0
+    assert torch.cuda.memory_allocated() <= base - 0.9 * total
+    third = eng.run(spec, images, lambda *a: None)             # parked: copied again
+    assert third["copied_to_gpu"] > 0.9 * total
+    # a budget of half the weights: half is kept, the rest streams; the same LoRA
+    half = dict(spec, gpu_hold_gb=total / 2 / 2 ** 30)
+    eng.park()
+    eng.run(half, images, lambda *a: None)
+    res = eng.run(half, images, lambda *a: None)
+    assert 0.3 * total < res["copied_to_gpu"] < 0.7 * total, (res["copied_to_gpu"], total)
+    assert res["held_on_gpu"] <= total / 2 + 2 ** 20
+    assert_same_lora(str(out), ref, tol=0.05)
+    # the hold time passes: parked by the worker's timer (``park_if_due``), not before
+    short = dict(spec, gpu_hold_s=0.5)
+    eng.run(short, images, lambda *a: None)
+    eng.park_if_due()
+    assert eng.held_on_gpu > 0
+    time.sleep(0.6)
+    eng.park_if_due()
+    assert eng.held_on_gpu == 0
+    # no hold: nothing kept
+    res = eng.run(dict(spec, gpu_hold_s=0), images, lambda *a: None)
+    assert res["held_on_gpu"] == 0 and eng.held_on_gpu == 0
+    eng.unload()
+
+
+def test_hold_time_keeps_nothing_without_a_gpu(tiny_dir, images, tmp_path):
+    eng = Engine(lambda level, message: None)
+    res, _ = run_job(eng, tiny_dir, images[:1], tmp_path / "c.safetensors", gpu_hold_s=60, gpu_hold_gb=100)
+    assert res["held_on_gpu"] == 0 and res["copied_to_gpu"] == 0 and eng.held_on_gpu == 0
+    assert eng.park() == 0
 
 
 # ----------------------------------------------------------------------------- warm worker

@@ -230,6 +230,56 @@ def test_busy_second_job_refused(paused_service, lora_dir, images):
     assert os.listdir(lora_dir) == []
 
 
+def load_gpu_script(monkeypatch):
+    """scripts/i2l_gpu.py loaded as a WebUI loads it (a stand-in ``modules.scripts``)."""
+    import importlib.util
+    import types
+    scripts = types.ModuleType("modules.scripts")
+    scripts.AlwaysVisible = object()
+    scripts.Script = type("Script", (), {})
+    modules = types.ModuleType("modules")
+    modules.__path__ = []
+    modules.scripts = scripts
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.scripts", scripts)
+    spec = importlib.util.spec_from_file_location("i2l_gpu_script", os.path.join(ROOT, "scripts", "i2l_gpu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    script = mod.ImageToLoraFreeGpu()
+    assert script.show(False) is scripts.AlwaysVisible and script.ui(False) == []
+    return script
+
+
+def test_webui_generation_asks_the_worker_to_let_go_of_the_gpu(service, images, monkeypatch):
+    """Before every txt2img / img2img generation the always-on script asks the idle worker to free
+    the VRAM it kept for a next job; it never starts a worker, and never waits on a running job."""
+    import types
+    from i2l_ext import hosts
+    script = load_gpu_script(monkeypatch)
+    monkeypatch.setattr(hosts, "_controller", types.SimpleNamespace(service=service))
+    script.process(object())                      # no worker yet: nothing happens, nothing starts
+    assert service.worker_pid() is None
+    job = service.run(JobRequest(images=images[:1], name="held", variant="style"))
+    assert job.state == "done", job.error
+    assert job.result["held_on_gpu"] == 0         # the CPU keeps nothing on a GPU
+    assert service.worker_stats()["parks"] == 0
+    t = time.monotonic()
+    script.process(object())
+    assert time.monotonic() - t < 2.0
+    stats = service.worker_stats()
+    assert stats["parks"] == 1 and stats["held_on_gpu"] == 0
+    reply = service.park()
+    assert reply["type"] == "parked" and reply["freed"] == 0 and reply["parks"] == 2
+
+
+def test_park_during_a_job_returns_at_once(paused_service, images):
+    paused_service.start(JobRequest(images=images[:1], name="busy", variant="style"))
+    t = time.monotonic()
+    assert paused_service.park() is None
+    assert time.monotonic() - t < 0.5
+    paused_service.shutdown()
+
+
 def test_bad_worker_python(tiny_models, lora_dir, images, tmp_path):
     cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=str(tmp_path / "no-python"))
     job = Service(cfg).run(JobRequest(images=images, name="x", variant="style"))

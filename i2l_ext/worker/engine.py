@@ -29,7 +29,7 @@ from .. import catalog, lora_format
 from ..errors import I2LError
 from ..images import crop_and_resize
 from . import lightimport, tiny, vram
-from .streaming import Streamer
+from .streaming import GpuMirror, Streamer
 from .weights import WeightFile
 
 lightimport.install()
@@ -199,6 +199,9 @@ class Engine:
         self._checked: dict = {}    # file key -> (hash, shapes) of headers already read
         self._files: dict[str, WeightFile] = {}   # path -> weights read into page-locked RAM
         self._lock = threading.RLock()             # a job and a prefetch never load at the same time
+        self._mirror: GpuMirror | None = None       # layers kept on the GPU for the next job of a burst
+        self.hold_until = 0.0                       # monotonic time the kept layers are parked at
+        self.copied = 0                             # bytes copied host -> GPU by the last job's streams
 
     # ------------------------------------------------------------------ public
 
@@ -218,6 +221,7 @@ class Engine:
 
     def unload(self) -> None:
         """Free every model (VRAM and RAM)."""
+        self.park()
         self._models.clear()
         self._processor = None
         self._bias = None
@@ -228,6 +232,55 @@ class Engine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    @property
+    def held_on_gpu(self) -> int:
+        """Bytes of weights kept on the GPU since the last job (0 once parked)."""
+        m = self._mirror
+        return m.nbytes if m is not None else 0
+
+    def park(self) -> int:
+        """Drop the weights kept on the GPU (they stay in page-locked RAM); returns the bytes freed.
+        Never while a job runs: the caller holds no job, or waits for it through the lock."""
+        with self._lock:
+            m, self._mirror = self._mirror, None
+            self.hold_until = 0.0
+            if m is None:
+                return 0
+            freed = m.nbytes
+            torch.cuda.synchronize()        # the copies were made on other streams: all done first
+            del m
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache()
+            return freed
+
+    def park_if_due(self) -> None:
+        """Park when the hold time after the last job has passed (and no later job extended it)."""
+        with self._lock:
+            if self._mirror is not None and time.monotonic() >= self.hold_until:
+                self.park()
+
+    def _hold_setup(self, spec, profile, dev) -> None:
+        """Decide how much of this job's weights may stay on the GPU for the next job:
+        ``gpu_hold_s`` seconds after it, at most ``gpu_hold_gb`` and what free VRAM allows
+        beside the job's working memory."""
+        hold_s = float(spec.get("gpu_hold_s") or 0)
+        budget = float(spec.get("gpu_hold_gb") or 0) * vram.GiB
+        if dev != "cuda" or profile not in PINNED_PROFILES or hold_s <= 0 or budget <= 0:
+            self.park()
+            return
+        held = self.held_on_gpu
+        fv = vram.free_vram()
+        room = (fv[0] if fv else 0) + held - vram.WORK_MARGIN
+        limit = int(max(0, min(budget, room)))
+        if self._mirror is not None and limit < held:
+            self.park()                     # less room than before (another program took VRAM)
+        if limit <= 0:
+            return
+        if self._mirror is None:
+            self._mirror = GpuMirror("cuda", limit)
+        self._mirror.limit = limit
 
     # ------------------------------------------------------------------ job
 
@@ -272,6 +325,8 @@ class Engine:
 
         # --- load (or reuse)
         self._keep_only(set(roles), plan, profile, dtype, dev)
+        self._hold_setup(spec, profile, dev)
+        self.copied = 0
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model_roles = [r for r in LOAD_ORDER if r in plan]
@@ -350,9 +405,13 @@ class Engine:
         size = os.path.getsize(out_path)
         lap("write")
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+        hold_s = float(spec.get("gpu_hold_s") or 0)
+        self.hold_until = time.monotonic() + hold_s
         if dev == "cuda":
-            torch.cuda.empty_cache()      # between jobs the worker holds only its CUDA context
-        return {"keys": len(state), "rank": rank, "bytes": size,
+            torch.cuda.empty_cache()      # parked: the worker holds only its CUDA context (and kept layers)
+        return {"held_on_gpu": self.held_on_gpu, "gpu_hold_s": hold_s if self.held_on_gpu else 0.0,
+                "copied_to_gpu": self.copied,
+                "keys": len(state), "rank": rank, "bytes": size,
                 "timings": {k: round(v, 3) for k, v in timings.items()}, "peak_vram": peak,
                 "device": f"cuda:{torch.cuda.current_device()}" if dev == "cuda" else "cpu",
                 "dtype": str(dtype).replace("torch.", ""), "profile": profile, "warnings": warnings}
@@ -469,6 +528,7 @@ class Engine:
             self._files.pop(path).release()
             dropped = True
         if dropped:
+            self.park()                    # kept GPU copies of freed host bytes are stale
             import gc
             gc.collect()
             if dev == "cuda":
@@ -629,9 +689,13 @@ class Engine:
         if m is None or m.dev != "cuda" or m.profile not in PINNED_PROFILES:
             yield None
             return
-        s = Streamer(m.model, "cuda", wait=self._wait_tensor, layered=m.profile == "cpu_offload")
-        with s:
-            yield s if s.layers else None
+        s = Streamer(m.model, "cuda", wait=self._wait_tensor, layered=m.profile == "cpu_offload",
+                     mirror=self._mirror)
+        try:
+            with s:
+                yield s if s.layers else None
+        finally:
+            self.copied += s.bytes_copied
 
     def prefetch(self, spec: dict) -> None:
         """Start reading a variant's weights (and building its models) before the job arrives."""
@@ -732,6 +796,7 @@ class Engine:
             vram.offload(m.model)
 
     def _drop_after_oom(self):
+        self.park()
         for m in self._models.values():
             if m.profile == "disk":
                 vram.offload(m.model)
@@ -806,10 +871,24 @@ class Engine:
         else:
             residual = None
         out = {}
+        if getattr(model, "vram_management_enabled", False):
+            # The disk profile: DiffSynth's wrapped layers fetch their weights inside their own
+            # forward, so the blocks run through their modules.
+            for block in model.blocks:
+                Engine._decode_block_modules(block, x, residual, n, out)
+            return out
         for i, block in enumerate(model.blocks):
             with streamer.layer(i) if streamer is not None else nullcontext():
                 Engine._decode_block(block, x, residual, n, out)
         return out
+
+    @staticmethod
+    def _decode_block_modules(block, x, residual, n, out) -> None:
+        """One decoder block through its modules (as ``LoRATrainerBlock.forward``), every image at once."""
+        r = None
+        if block.proj_residual is not None:
+            r = torch.cat([block.proj_residual(residual[i]) for i in range(n)])     # [N, compress]
+        Engine._decode_block_plain(block, x, r, n, out)
 
     @staticmethod
     def _decode_block(block, x, residual, n, out) -> None:

@@ -43,9 +43,13 @@ def _apply_vram_cap() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1024 ** 3 / total))
 
 
-def _stats() -> dict:
+_parks = 0          # park requests answered (the host asks before each of its generations)
+
+
+def _stats(engine=None) -> dict:
     import torch
-    info = {"type": "stats", "pid": os.getpid(), "vram_allocated": None, "vram_reserved": None}
+    info = {"type": "stats", "pid": os.getpid(), "vram_allocated": None, "vram_reserved": None,
+            "held_on_gpu": engine.held_on_gpu if engine is not None else 0, "parks": _parks}
     if torch.cuda.is_available():
         info.update(vram_allocated=torch.cuda.memory_allocated(), vram_reserved=torch.cuda.memory_reserved())
     return info
@@ -227,6 +231,17 @@ def _warm_cuda() -> None:
 RECORD_AFTER_S = 30.0
 
 
+def _park_later(engine) -> None:
+    """After a job: the layers it left on the GPU are dropped when its hold time is over (a later
+    job moves that time on; ``park_if_due`` checks)."""
+    if not engine.held_on_gpu:
+        return
+    wait = max(0.0, engine.hold_until - time.monotonic()) + 0.05
+    t = threading.Timer(wait, engine.park_if_due)
+    t.daemon = True
+    t.start()
+
+
 def _record_code(engine) -> None:
     from . import warmstart
     try:
@@ -277,7 +292,15 @@ def main() -> None:
             send({"type": "pong"})
             continue
         if msg["type"] == "stats":
-            send(_stats())
+            send(_stats(engine))
+            continue
+        if msg["type"] == "park":
+            global _parks
+            _parks += 1
+            freed = engine.park()
+            info = _stats(engine)
+            info.update(type="parked", freed=freed)
+            send(info)
             continue
         if msg["type"] == "prefetch":
             def prefetch(spec=msg["spec"]):
@@ -295,12 +318,14 @@ def main() -> None:
             result = run_job(engine, job_id, msg["spec"])
             trace(f"job: done {result.get('timings')}")
             send({"type": "result", "job": job_id, "result": result})
+            _park_later(engine)
             if not recorded and result.get("device", "cpu") != "cpu":
                 recorded = True        # the code this job used, read ahead at the next cold start,
                 t = threading.Timer(RECORD_AFTER_S, _record_code, args=(engine,))   # listed when quiet
                 t.daemon = True
                 t.start()
         except BaseException as e:   # report, then keep serving
+            _park_later(engine)
             err = _classify(e)
             send({"type": "error", "job": job_id, "error": err.to_dict()})
             if err.code in (I2LError.OUT_OF_MEMORY, I2LError.INTERNAL):

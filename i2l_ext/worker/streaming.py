@@ -7,6 +7,9 @@ separate CUDA stream, while the previous layer computes. Layers land in a small 
 GPU buffers that are reused over and over, so VRAM stays at a few layers plus activations and the
 allocator's cache does not grow. Host-to-GPU copies from page-locked memory run at PCIe speed and
 mostly hide behind compute.
+
+``GpuMirror`` keeps the GPU copies of layers from one job to the next, up to a budget, so jobs
+made in a burst skip most of the copying; the engine drops it when the burst is over.
 """
 from __future__ import annotations
 
@@ -51,16 +54,56 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+class GpuMirror:
+    """GPU copies of host weights kept between calls, up to ``limit`` bytes.
+
+    A copy is found again by the host bytes it mirrors (address and length), so it must be
+    dropped whenever those host bytes are freed or change; the engine does that.
+    """
+
+    def __init__(self, device, limit: int = 0):
+        self.device = torch.device(device)
+        self.limit = limit
+        self.nbytes = 0
+        self._copies: dict[tuple[int, int], torch.Tensor] = {}
+
+    def get(self, ptr: int, n: int) -> tuple[torch.Tensor | None, bool]:
+        """(GPU bytes for host ``[ptr, ptr + n)``, True if they still have to be filled), or
+        (None, False) when the budget has no room for them."""
+        buf = self._copies.get((ptr, n))
+        if buf is not None:
+            return buf, False
+        if self.nbytes + _aligned(n) > self.limit:
+            return None, False
+        buf = torch.empty(_aligned(n), dtype=torch.uint8, device=self.device)
+        self._copies[(ptr, n)] = buf
+        self.nbytes += _aligned(n)
+        return buf, True
+
+    def discard(self, ptr: int, n: int) -> None:
+        """Forget a copy that was never filled (its copy failed)."""
+        buf = self._copies.pop((ptr, n), None)
+        if buf is not None:
+            self.nbytes -= buf.numel()
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+
 class Streamer:
     """``with Streamer(model, "cuda", wait=...): model(...)`` — see the module docstring.
 
     ``wait(tensor)`` is called before a host tensor is copied, so weights still being read from
     disk are waited for layer by layer instead of all at once. ``layered=False`` moves the whole
     model to the GPU for the call instead (fastest, most VRAM) and takes it off afterwards.
+    With a ``mirror``, layers go to (or are found in) its kept copies while its budget lasts, and
+    through the ring after that.
     """
 
-    def __init__(self, model: torch.nn.Module, device, wait=None, layered: bool = True):
+    def __init__(self, model: torch.nn.Module, device, wait=None, layered: bool = True,
+                 mirror: GpuMirror | None = None):
         self.model = model
+        self.mirror = mirror if torch.device(device).type == "cuda" else None
         self.device = torch.device(device)
         self.wait = wait or (lambda t: None)
         self.layers: list[torch.nn.Module] = [l for lst in layer_lists(model) for l in lst] if layered else []
@@ -70,6 +113,7 @@ class Streamer:
         self._host: dict[tuple[int, str], torch.Tensor] = {}
         self._resident_gpu: list[torch.Tensor] = []
         self._ring: list[torch.Tensor] = []
+        self._ring_size = 0
         self._spans: list = []
         self._in_slot: dict[int, int] = {}           # layer -> ring slot holding it
         self._ready: dict[int, torch.cuda.Event] = {}
@@ -99,12 +143,58 @@ class Streamer:
         src = torch.empty(0, dtype=torch.uint8).set_(storage, base - storage.data_ptr(), (end - base,))
         return src, base
 
+    def _point(self, i: int, buf: torch.Tensor, base: int) -> None:
+        """Make layer ``i``'s parameters views of ``buf``, which holds its host span from ``base``."""
+        for mod, name in self._slots[i]:
+            p = getattr(mod, name)
+            host = p.data
+            off = host.data_ptr() - base
+            self._host[(id(mod), name)] = host
+            p.data = buf[off:off + _nbytes(host)].view(host.dtype).view(host.shape)
+
+    def _fetch_mirrored(self, i: int) -> bool:
+        """Layer ``i`` from the mirror (copied into it first if new there); False if it has no room."""
+        span = self._spans[i]
+        if self.mirror is None or span is None:
+            return False
+        src, base = span
+        with torch.cuda.stream(self.copy_stream):
+            buf, fresh = self.mirror.get(base, src.numel())
+            if buf is None:
+                return False
+            ev = None
+            if fresh:
+                try:
+                    self.wait(src)
+                    buf[:src.numel()].copy_(src, non_blocking=True)
+                except BaseException:
+                    self.mirror.discard(base, src.numel())
+                    raise
+                self.bytes_copied += src.numel()
+                ev = torch.cuda.Event()
+                ev.record(self.copy_stream)
+        self._point(i, buf, base)
+        self._ready[i] = ev
+        self._in_slot[i] = None
+        return True
+
+    def _ring_buffers(self) -> list[torch.Tensor]:
+        if not self._ring and self._ring_size:
+            compute = torch.cuda.current_stream(self.device)
+            self._ring = [torch.empty(self._ring_size, dtype=torch.uint8, device=self.device)
+                          for _ in range(min(RING, len(self.layers)))]
+            self.copy_stream.wait_stream(compute)
+        return self._ring
+
     def _fetch(self, i: int) -> None:
         """Copy layer ``i`` into its ring slot on the copy stream (no-op if there already)."""
         if i >= len(self.layers) or i in self._in_slot:
             return
-        slot = i % len(self._ring)
-        buf = self._ring[slot]
+        if self._fetch_mirrored(i):
+            return
+        ring = self._ring_buffers()
+        slot = i % len(ring)
+        buf = ring[slot]
         with torch.cuda.stream(self.copy_stream):
             if slot in self._free:                       # the layer that used the slot is done
                 self.copy_stream.wait_event(self._free.pop(slot))
@@ -114,12 +204,7 @@ class Streamer:
                 self.wait(src)
                 buf[:src.numel()].copy_(src, non_blocking=True)
                 self.bytes_copied += src.numel()
-                for mod, name in self._slots[i]:
-                    p = getattr(mod, name)
-                    host = p.data
-                    off = host.data_ptr() - base
-                    self._host[(id(mod), name)] = host
-                    p.data = buf[off:off + _nbytes(host)].view(host.dtype).view(host.shape)
+                self._point(i, buf, base)
             off = 0
             for mod, name in (self._slots[i] if span is None else ()):
                 p = getattr(mod, name)
@@ -141,6 +226,8 @@ class Streamer:
         for mod, name in self._slots[i]:
             getattr(mod, name).data = self._host.pop((id(mod), name))
         slot = self._in_slot.pop(i)
+        if slot is None:                 # a mirrored layer: its copy stays where it is
+            return
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         self._free[slot] = ev
@@ -149,7 +236,9 @@ class Streamer:
     def _pre(self, i):
         def hook(module, args, kwargs=None):
             self._fetch(i)
-            torch.cuda.current_stream(self.device).wait_event(self._ready.pop(i))
+            ready = self._ready.pop(i)
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
             for j in range(i + 1, min(i + len(self._ring), len(self.layers))):
                 self._fetch(j)          # the next layers' copies overlap this layer's compute
         return hook
@@ -174,18 +263,36 @@ class Streamer:
                     streamer._post(i)(streamer.layers[i], (), None)
         return _Use()
 
+    def _resident_copy(self, host: torch.Tensor) -> torch.Tensor:
+        """A GPU copy of a parameter that stays for the whole call (from the mirror when it has room)."""
+        n = _nbytes(host)
+        if self.mirror is not None and host.is_contiguous() and n:
+            with torch.cuda.stream(self.copy_stream):
+                buf, fresh = self.mirror.get(host.data_ptr(), n)
+                if buf is not None:
+                    view = buf[:n].view(host.dtype).view(host.shape)
+                    if fresh:
+                        view.copy_(host, non_blocking=True)
+                        self.bytes_copied += n
+                    return view
+        self.bytes_copied += n
+        return host.to(self.device, non_blocking=True)      # on the compute stream, freed there
+
     # -- context ------------------------------------------------------------------------------
     def __enter__(self) -> "Streamer":
         if self.device.type != "cuda":
             for mod, name in _param_slots(self.model):
                 self.wait(getattr(mod, name).data)
             return self
+        compute = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(compute)
         for mod, name in self.resident:
             p = getattr(mod, name)
-            self.wait(p.data)
-            self._host[(id(mod), name)] = p.data
-            p.data = p.data.to(self.device, non_blocking=True)
-            self.bytes_copied += _nbytes(p.data)
+            host = p.data
+            self.wait(host)
+            self._host[(id(mod), name)] = host
+            p.data = self._resident_copy(host)
+        compute.wait_stream(self.copy_stream)
         for mod in self.model.modules():
             for name, b in mod.named_buffers(recurse=False):
                 if b is not None and b.device != self.device:
@@ -196,9 +303,9 @@ class Streamer:
             size = max(_aligned(span[0].numel()) if span is not None else
                        sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots)
                        for span, slots in zip(self._spans, self._slots))
-            self._ring = [torch.empty(size, dtype=torch.uint8, device=self.device)
-                          for _ in range(min(RING, len(self.layers)))]
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._ring_size = size
+            if self.mirror is None:
+                self._ring_buffers()
             for i, layer in enumerate(self.layers):
                 self._hooks.append(layer.register_forward_pre_hook(self._pre(i)))
                 self._hooks.append(layer.register_forward_hook(self._post(i)))
@@ -225,3 +332,4 @@ class Streamer:
         self._free.clear()
         self._spans = []
         self._ring = []          # freed on the compute stream, which waited for the copies
+        self._ring_size = 0

@@ -9,7 +9,10 @@ Profiles:
 - ``disk``: weights stay in their safetensors files; DiffSynth's VRAM management reads layers as
   they run (the official low-VRAM example). For machines without the RAM to hold the weights.
 - ``auto``: ``cpu_offload`` when the weights fit in available RAM with a margin, else ``disk``.
-Between jobs no profile keeps weights on the GPU: the worker holds only its CUDA context.
+Between jobs the worker holds only its CUDA context, except for a short hold after a job (``gpu``
+and ``cpu_offload``): up to ``gpu_hold_gb`` of the layers it copied stay on the GPU for
+``gpu_hold_s`` seconds, so jobs made in a row skip copying them; the WebUI's generation, a
+shrinking free VRAM or the end of the hold parks them (the copies in page-locked RAM remain).
 On a machine without CUDA every profile is plain CPU.
 """
 from __future__ import annotations
