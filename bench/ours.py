@@ -6,7 +6,8 @@ the worker process (``python -m i2l_ext.worker``) that the service starts.
 
     python3 bench/ours.py --models DIR --lora DIR --variant style --images a.png,... --out ours.json
         [--profile auto] [--low-profile disk] [--cap-gb 8] [--click-delay 5] [--reps 3]
-        [--idle-wait 20] [--no-low] [--low-jobs 2] [--no-restart] [--config key=value ...] [--worker-env K=V ...]
+        [--idle-wait 20] [--no-low] [--low-jobs 2] [--no-restart] [--cold-only] [--config key=value ...]
+        [--worker-env K=V ...]
 
 Scenarios, in this order, each one's figures in the JSON:
 
@@ -293,14 +294,14 @@ class Bench:
         print(f"ours: {self.a.variant}, {len(self.images)} images, profile {self.a.profile}", flush=True)
         svc = self.cold()
         try:
-            if self.out["scenarios"]["cold"]["state"] == "done":
+            if self.out["scenarios"]["cold"]["state"] == "done" and not self.a.cold_only:
                 self.warm(svc)
                 self.idle(svc)
                 if not self.a.no_restart:
                     self.restart(svc)
         finally:
             svc.shutdown()
-        if not self.a.no_low:
+        if not self.a.no_low and not self.a.cold_only:
             time.sleep(1.0)
             self.low()
         return self.out
@@ -321,6 +322,7 @@ def main() -> int:
     ap.add_argument("--idle-wait", type=float, default=20.0)
     ap.add_argument("--no-low", action="store_true")
     ap.add_argument("--no-restart", action="store_true")
+    ap.add_argument("--cold-only", action="store_true", help="only the cold scenario (start-up A/B runs)")
     ap.add_argument("--no-drop", action="store_true", help="leave the page cache alone")
     ap.add_argument("--low-jobs", type=int, default=2, help="jobs under the VRAM cap (1 or 2)")
     ap.add_argument("--python", default=None, help="the worker's Python (default: this one)")

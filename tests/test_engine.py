@@ -300,6 +300,45 @@ def test_lora_loads_into_diffsynth_dit(engine, tiny_dir, images, tmp_path):
     assert changed == tiny.NUM_BLOCKS * 12
 
 
+@pytest.mark.parametrize("role", ["style", "coarse"])
+def test_decoder_block_read_from_its_bytes_equals_the_modules(tiny_dir, role):
+    """The streamed decoder reads each block's weights straight from the block's bytes by a plan
+    of offsets; laid out in any order (here: reversed, with gaps), it gives the modules' numbers."""
+    model = load_tiny(tiny_dir, role, torch.float32, "cpu")
+    block = model.blocks[1]
+    n = 3
+    x = torch.randn(n, block.layers[0].proj_a.proj_in.weight.shape[1])
+    residual = None
+    if block.proj_residual is not None:
+        pr = block.proj_residual
+        residual = torch.randn(n, 1, pr.length * pr.in_dim)
+    want = {}
+    with torch.no_grad():
+        Engine._decode_block(block, x, residual, n, want)
+    params = list(block.parameters())
+    sizes = [p.numel() * p.element_size() for p in params]
+    packed = torch.zeros(sum(sizes) + 64 * len(sizes) + 64, dtype=torch.uint8)
+    off = 64
+    for p, size in zip(reversed(params), reversed(sizes)):
+        view = packed[off:off + size].view(p.dtype).view(p.shape)
+        view.copy_(p.data)
+        p.data = view
+        off += size + 64
+    plan = Engine._block_plan(block)
+    assert plan is not None and plan["base"] == min(p.data_ptr() for p in params)
+    lead = plan["base"] - packed.data_ptr()
+    span = packed[lead:].clone()                 # the block's bytes elsewhere, as on the GPU
+    for p in params:
+        p.data = torch.full_like(p.data, float("nan"))    # the raw path must not read the modules
+    got = {}
+    with torch.no_grad():
+        Engine._decode_block_raw(block, plan, span, x, residual, n, got)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k][0], want[k][0], rtol=0, atol=0)
+        torch.testing.assert_close(got[k][1], want[k][1], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

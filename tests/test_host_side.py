@@ -94,3 +94,29 @@ def test_one_controller_per_webui_process_across_reload_ui():
         assert first is again and made == [1]
     finally:
         hosts._controller = saved
+
+
+def test_code_files_listed_once_after_a_quiet_spell_never_mid_burst(monkeypatch):
+    """The worker lists its code files (for the next cold start) once after its first GPU job,
+    but only when no job has come for RECORD_AFTER_S: jobs in a row are never slowed by it."""
+    import threading
+    import time
+    from i2l_ext.worker import main, warmstart
+    calls = []
+    monkeypatch.setattr(warmstart, "record_code", lambda: calls.append(time.monotonic()))
+    monkeypatch.setattr(main, "RECORD_AFTER_S", 0.4)
+    engine = type("E", (), {"_lock": threading.RLock()})()
+    rec = main._CodeRecorder(engine)
+    rec.job_ended(False)                      # a CPU job: nothing to list for a GPU start
+    time.sleep(0.6)
+    assert calls == [] and rec._timer is None
+    t0 = time.monotonic()
+    for _ in range(5):                        # a burst of GPU jobs, 0.2 s apart
+        rec.job_ended(True)
+        time.sleep(0.2)
+    last = rec.last_job
+    time.sleep(0.8)
+    assert len(calls) == 1 and calls[0] - last >= 0.4 - 0.02 and calls[0] - t0 > 1.0
+    rec.job_ended(True)                       # listed once: later jobs change nothing
+    time.sleep(0.6)
+    assert len(calls) == 1

@@ -187,6 +187,7 @@ class _Model:
 
 
 PINNED_PROFILES = ("gpu", "cpu_offload")
+DECODERS = ("style", "coarse", "fine")
 IMPORTS_DONE = threading.Event()       # set once ``import_models`` has run (pinning waits for it)
 
 
@@ -249,9 +250,7 @@ class Engine:
                 return 0
             freed = m.nbytes
             torch.cuda.synchronize()        # the copies were made on other streams: all done first
-            del m
-            import gc
-            gc.collect()
+            del m                           # the only reference to the kept copies
             torch.cuda.empty_cache()
             return freed
 
@@ -689,8 +688,9 @@ class Engine:
         if m is None or m.dev != "cuda" or m.profile not in PINNED_PROFILES:
             yield None
             return
+        raw = role in DECODERS and all(p is not None for p in self._block_plans(m.model))
         s = Streamer(m.model, "cuda", wait=self._wait_tensor, layered=m.profile == "cpu_offload",
-                     mirror=self._mirror)
+                     mirror=self._mirror, point=not raw)
         try:
             with s:
                 yield s if s.layers else None
@@ -877,10 +877,71 @@ class Engine:
             for block in model.blocks:
                 Engine._decode_block_modules(block, x, residual, n, out)
             return out
+        if streamer is not None and not streamer.point:
+            # Each block's weights read straight from its GPU bytes (no parameter swapping)
+            plans = Engine._block_plans(model)
+            for i, block in enumerate(model.blocks):
+                with streamer.layer(i):
+                    buf, base = streamer.span(i)
+                    if plans[i]["base"] != base:
+                        raise I2LError(I2LError.INTERNAL, "A decoder block's weights moved while in use.",
+                                       "Please report it.")
+                    Engine._decode_block_raw(block, plans[i], buf, x, residual, n, out)
+            return out
         for i, block in enumerate(model.blocks):
             with streamer.layer(i) if streamer is not None else nullcontext():
                 Engine._decode_block(block, x, residual, n, out)
         return out
+
+    @staticmethod
+    def _block_plans(model) -> list:
+        """Where each decoder block's weights lie in its host bytes (element offset, shape,
+        stride from the block's lowest address, as ``Streamer`` copies it), worked out once per model."""
+        plans = getattr(model, "_i2l_block_plans", None)
+        if plans is None:
+            plans = [Engine._block_plan(block) for block in model.blocks]
+            model._i2l_block_plans = plans
+        return plans
+
+    @staticmethod
+    def _block_plan(block) -> dict | None:
+        params = [p for p in block.parameters()]
+        if not params or any(p.device.type != "cpu" for p in params):
+            return None
+        base = min(p.data_ptr() for p in params)
+        mlps = [m for layer in block.layers for m in (layer.proj_a, layer.proj_b)]
+        pr = block.proj_residual
+        tensors = [m.proj_in.weight for m in mlps] + [m.proj_out.weight for m in mlps]
+        if any(m.proj_in.bias is not None or m.proj_out.bias is not None for m in mlps):
+            return None
+        pr_parts = []
+        if pr is not None:
+            pr_parts = [pr.proj_in.weight, pr.proj_in.bias, pr.proj_out.weight, pr.proj_out.bias]
+            tensors += [t for t in pr_parts if t is not None]
+        dtype = tensors[0].dtype
+        esize = tensors[0].element_size()
+        if any(t.dtype != dtype or not t.is_contiguous() or (t.data_ptr() - base) % esize for t in tensors):
+            return None
+
+        def where(t):
+            return None if t is None else ((t.data_ptr() - base) // esize, tuple(t.shape), tuple(t.stride()))
+        return {"base": base, "dtype": dtype, "in": [where(m.proj_in.weight) for m in mlps],
+                "out": [where(m.proj_out.weight) for m in mlps], "pr": [where(t) for t in pr_parts]}
+
+    @staticmethod
+    def _decode_block_raw(block, plan, buf, x, residual, n, out) -> None:
+        """``_decode_block`` with the weights taken from the block's bytes ``buf`` by ``plan``."""
+        flat = buf.view(plan["dtype"])
+        start = flat.storage_offset()
+
+        def w(entry):
+            return None if entry is None else torch.as_strided(flat, entry[1], entry[2], start + entry[0])
+        r = None
+        pr = block.proj_residual
+        if pr is not None:
+            in_w, in_b, out_w, out_b = (w(e) for e in plan["pr"])
+            r = Engine._residual(pr, residual, n, in_w, in_b, out_w, out_b)
+        Engine._decode_mlps(block, [w(e) for e in plan["in"]], [w(e) for e in plan["out"]], x, r, n, out)
 
     @staticmethod
     def _decode_block_modules(block, x, residual, n, out) -> None:
@@ -895,23 +956,34 @@ class Engine:
         """One decoder block for every image, in a handful of kernels: the block's first
         projections (they all read the same embedding) as one product, the second ones as one
         batched product where their shapes agree. The same arithmetic as the block's modules."""
-        F = torch.nn.functional
         r = None
         pr = block.proj_residual
         if pr is not None:
-            h = F.linear(residual.reshape(n, pr.length, pr.in_dim), pr.proj_in.weight, pr.proj_in.bias)
-            r = F.linear(h.reshape(n, pr.length * pr.mid_dim), pr.proj_out.weight, pr.proj_out.bias)
+            r = Engine._residual(pr, residual, n, pr.proj_in.weight, pr.proj_in.bias,
+                                 pr.proj_out.weight, pr.proj_out.bias)
         mlps = [m for layer in block.layers for m in (layer.proj_a, layer.proj_b)]
         if any(m.proj_in.bias is not None or m.proj_out.bias is not None for m in mlps):
             return Engine._decode_block_plain(block, x, r, n, out)
-        c = mlps[0].proj_in.weight.shape[0]
-        h = (x @ torch.cat([m.proj_in.weight for m in mlps]).T).view(n, len(mlps), c)
+        Engine._decode_mlps(block, [m.proj_in.weight for m in mlps], [m.proj_out.weight for m in mlps],
+                            x, r, n, out)
+
+    @staticmethod
+    def _residual(pr, residual, n, in_w, in_b, out_w, out_b):
+        """``SequencialMLP.forward`` for every image at once."""
+        F = torch.nn.functional
+        h = F.linear(residual.reshape(n, pr.length, pr.in_dim), in_w, in_b)
+        return F.linear(h.reshape(n, pr.length * pr.mid_dim), out_w, out_b)
+
+    @staticmethod
+    def _decode_mlps(block, w_in, w_out, x, r, n, out) -> None:
+        """The block's bias-free MLPs (proj_a, proj_b of each layer, in order) for every image."""
+        c = w_in[0].shape[0]
+        h = (x @ torch.cat(w_in).T).view(n, len(w_in), c)
         if r is not None:
             h = h + r.reshape(n, 1, c)
-        w_out = [m.proj_out.weight for m in mlps]
         if all(w.shape == w_out[0].shape for w in w_out):
             y = torch.bmm(h.transpose(0, 1), torch.stack(w_out).transpose(1, 2))     # [2L, n, out]
-            res = [y[j] for j in range(len(mlps))]
+            res = [y[j] for j in range(len(w_out))]
         else:
             res = [h[:, j] @ w.T for j, w in enumerate(w_out)]
         for j, ((name, a_dim, b_dim), layer) in enumerate(zip(block.lora_patterns, block.layers)):

@@ -199,7 +199,8 @@ def _warm_up(engine, early: list) -> None:
             _warm_cuda()
         except Exception as e:     # only a missed head start
             send({"type": "log", "job": None, "level": "debug", "message": f"GPU warm-up skipped: {e}"})
-    threading.Thread(target=warm, daemon=True, name="i2l-warm-cuda").start()
+    if os.environ.get("I2L_WARM_CUDA", "1") != "0":       # 0: leave it to the first job (benchmark A/B)
+        threading.Thread(target=warm, daemon=True, name="i2l-warm-cuda").start()
 
 
 def _warm_cuda() -> None:
@@ -242,13 +243,38 @@ def _park_later(engine) -> None:
     t.start()
 
 
-def _record_code(engine) -> None:
-    from . import warmstart
-    try:
-        with engine._lock:             # never while a job runs
-            warmstart.record_code()
-    except Exception:
-        pass
+class _CodeRecorder:
+    """Lists the code files once, after the first GPU job, when no job has come for
+    ``RECORD_AFTER_S`` (listing takes a few tenths of a second: never in the middle of a burst)."""
+
+    def __init__(self, engine):
+        self.engine, self.done, self.last_job = engine, False, 0.0
+        self._timer: threading.Timer | None = None
+
+    def job_ended(self, on_gpu: bool) -> None:
+        self.last_job = time.monotonic()
+        if self.done or (not on_gpu and self._timer is None):
+            return
+        if self._timer is None:
+            self._arm(RECORD_AFTER_S)
+
+    def _arm(self, delay: float) -> None:
+        self._timer = threading.Timer(delay, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        quiet = time.monotonic() - self.last_job
+        if quiet < RECORD_AFTER_S:            # a job came meanwhile: wait for quiet again
+            self._arm(RECORD_AFTER_S - quiet)
+            return
+        from . import warmstart
+        try:
+            with self.engine._lock:           # never while a job runs
+                warmstart.record_code()
+            self.done = True
+        except Exception:
+            self.done = True
 
 
 def record_code_main() -> int:
@@ -281,7 +307,7 @@ def main() -> None:
     from .engine import Engine
     engine = Engine(log=lambda level, message: send({"type": "log", "job": None, "level": level, "message": message}))
     _warm_up(engine, early)
-    recorded = False
+    recorder = _CodeRecorder(engine)
     for raw in sys.stdin.buffer:
         msg = protocol.decode(raw)
         if msg is None:
@@ -319,13 +345,10 @@ def main() -> None:
             trace(f"job: done {result.get('timings')}")
             send({"type": "result", "job": job_id, "result": result})
             _park_later(engine)
-            if not recorded and result.get("device", "cpu") != "cpu":
-                recorded = True        # the code this job used, read ahead at the next cold start,
-                t = threading.Timer(RECORD_AFTER_S, _record_code, args=(engine,))   # listed when quiet
-                t.daemon = True
-                t.start()
+            recorder.job_ended(result.get("device", "cpu") != "cpu")   # the code it used, listed when quiet
         except BaseException as e:   # report, then keep serving
             _park_later(engine)
+            recorder.job_ended(False)
             err = _classify(e)
             send({"type": "error", "job": job_id, "error": err.to_dict()})
             if err.code in (I2LError.OUT_OF_MEMORY, I2LError.INTERNAL):

@@ -97,12 +97,15 @@ class Streamer:
     disk are waited for layer by layer instead of all at once. ``layered=False`` moves the whole
     model to the GPU for the call instead (fastest, most VRAM) and takes it off afterwards.
     With a ``mirror``, layers go to (or are found in) its kept copies while its budget lasts, and
-    through the ring after that.
+    through the ring after that. ``point=False``: the layers' parameters are left alone and the
+    caller reads each layer's GPU bytes with ``span(i)`` (fewer tensor operations per layer);
+    it falls back to pointing when a layer's tensors do not lie together.
     """
 
     def __init__(self, model: torch.nn.Module, device, wait=None, layered: bool = True,
-                 mirror: GpuMirror | None = None):
+                 mirror: GpuMirror | None = None, point: bool = True):
         self.model = model
+        self.point = point
         self.mirror = mirror if torch.device(device).type == "cuda" else None
         self.device = torch.device(device)
         self.wait = wait or (lambda t: None)
@@ -114,6 +117,7 @@ class Streamer:
         self._resident_gpu: list[torch.Tensor] = []
         self._ring: list[torch.Tensor] = []
         self._ring_size = 0
+        self._span_bufs: dict[int, tuple[torch.Tensor, int]] = {}
         self._spans: list = []
         self._in_slot: dict[int, int] = {}           # layer -> ring slot holding it
         self._ready: dict[int, torch.cuda.Event] = {}
@@ -143,8 +147,15 @@ class Streamer:
         src = torch.empty(0, dtype=torch.uint8).set_(storage, base - storage.data_ptr(), (end - base,))
         return src, base
 
+    def span(self, i: int) -> tuple[torch.Tensor, int]:
+        """(GPU bytes of layer ``i``, the host address they mirror) inside ``layer(i)`` when not pointing."""
+        return self._span_bufs[i]
+
     def _point(self, i: int, buf: torch.Tensor, base: int) -> None:
         """Make layer ``i``'s parameters views of ``buf``, which holds its host span from ``base``."""
+        if not self.point:
+            self._span_bufs[i] = (buf, base)
+            return
         for mod, name in self._slots[i]:
             p = getattr(mod, name)
             host = p.data
@@ -223,8 +234,11 @@ class Streamer:
         self._in_slot[i] = slot
 
     def _restore(self, i: int) -> None:
-        for mod, name in self._slots[i]:
-            getattr(mod, name).data = self._host.pop((id(mod), name))
+        if self.point:
+            for mod, name in self._slots[i]:
+                getattr(mod, name).data = self._host.pop((id(mod), name))
+        else:
+            self._span_bufs.pop(i, None)
         slot = self._in_slot.pop(i)
         if slot is None:                 # a mirrored layer: its copy stays where it is
             return
@@ -300,6 +314,8 @@ class Streamer:
                     mod._buffers[name] = b.to(self.device, non_blocking=True)
         if self.layers:
             self._spans = [self._span(i) for i in range(len(self.layers))]
+            if any(sp is None for sp in self._spans):
+                self.point = True
             size = max(_aligned(span[0].numel()) if span is not None else
                        sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots)
                        for span, slots in zip(self._spans, self._slots))

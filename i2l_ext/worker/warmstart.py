@@ -36,13 +36,27 @@ _READ = 4 << 20
 _T0 = time.time()
 
 
+def _process_counters() -> str:
+    """Major page faults (pages that had to come from the disk) and CPU seconds of the process,
+    and CPU seconds of the calling thread: whether a slow step waited for the disk or computed."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return (f" [majflt {fields[9]}, process cpu {(int(fields[11]) + int(fields[12])) / tick:.1f}s, "
+                f"thread cpu {time.thread_time():.1f}s]")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return ""
+
+
 def trace(event: str) -> None:
     """With ``I2L_TRACE=<file>``: append when each start-up step ended (for the benchmark)."""
     path = os.environ.get("I2L_TRACE")
     if path:
         try:
+            line = f"{time.time():.3f} +{time.time() - _T0:7.2f}s pid {os.getpid()} {event}{_process_counters()}\n"
             with open(path, "a") as f:
-                f.write(f"{time.time():.3f} +{time.time() - _T0:7.2f}s pid {os.getpid()} {event}\n")
+                f.write(line)
         except OSError:
             pass
 
