@@ -203,6 +203,7 @@ class Engine:
         self._mirror: GpuMirror | None = None       # layers kept on the GPU for the next job of a burst
         self.hold_until = 0.0                       # monotonic time the kept layers are parked at
         self.copied = 0                             # bytes copied host -> GPU by the last job's streams
+        self._out_buf = None                        # page-locked buffer the LoRA is copied into
 
     # ------------------------------------------------------------------ public
 
@@ -223,6 +224,7 @@ class Engine:
     def unload(self) -> None:
         """Free every model (VRAM and RAM)."""
         self.park()
+        self._out_buf = None
         self._models.clear()
         self._processor = None
         self._bias = None
@@ -723,14 +725,17 @@ class Engine:
         from .warmstart import trace
         trace("prefetch: models built on the weights")
 
-    @staticmethod
-    def _to_host(lora: dict) -> dict:
-        """Every tensor to host memory in bf16 with one device-to-host copy."""
+    def _to_host(self, lora: dict) -> dict:
+        """Every tensor to host memory in bf16 with one device-to-host copy (into a page-locked
+        buffer kept for the next job: allocating one costs more than the copy)."""
         keys = list(lora)
         vals = [lora[k].detach() for k in keys]
         if vals and vals[0].is_cuda:
             flat = torch.cat([v.reshape(-1).to(torch.bfloat16) for v in vals])
-            host = torch.empty(flat.numel(), dtype=torch.bfloat16, pin_memory=True)
+            if self._out_buf is None or self._out_buf.numel() < flat.numel():
+                self._out_buf = None
+                self._out_buf = torch.empty(flat.numel(), dtype=torch.bfloat16, pin_memory=True)
+            host = self._out_buf[:flat.numel()]
             host.copy_(flat)
             del flat
             out, off = {}, 0
