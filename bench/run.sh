@@ -23,7 +23,7 @@ LORA=$BENCH_DIR/lora
 SPILL=${BENCH_SPILL:-/dev/shm/i2l-spill}       # for files the disk cannot hold (tmpfs: RAM)
 SITE=${BENCH_SITE:-/tmp/site}                   # where carried wheels (.whl/) are installed
 N_IMAGES=${BENCH_IMAGES:-5}
-REF_MODES_STYLE=${REF_MODES_STYLE:-disk gpu}
+REF_MODES_STYLE=${REF_MODES_STYLE:-disk gpu}     # "none": ours only
 REF_MODES_CF=${REF_MODES_CF:-gpu}               # the published Coarse+Fine example keeps all on the GPU
 OURS_ARGS=${OURS_ARGS:-}                        # e.g. "--click-delay 5 --reps 3 --idle-wait 20"
 OURS_ARGS_CF=${OURS_ARGS_CF:---reps 2 --idle-wait 15 --no-restart --low-jobs 1}
@@ -83,6 +83,7 @@ for V in $VARIANTS; do
     $PY bench/machine.py --out "$RES/machine.json" --read "$DINO" --gib ${READ_GIB:-4} && touch "$RES/disk-measured"
   fi
   if [ "$V" = style ]; then MODES=$REF_MODES_STYLE; EXTRA=$OURS_ARGS; else MODES=$REF_MODES_CF; EXTRA="$OURS_ARGS_CF $OURS_ARGS"; fi
+  [ "$MODES" = none ] && MODES=""                # REF_MODES_STYLE=none: ours only
   for M in $MODES; do
     say "== $V: reference, $M (page cache dropped)"
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || say "(page cache NOT dropped: not root)"
