@@ -42,7 +42,6 @@ import dataclasses
 import inspect
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -56,7 +55,6 @@ import common as C  # noqa: E402
 T_IMPORT = time.perf_counter()
 from i2l_ext.config import Config  # noqa: E402
 from i2l_ext.service import JobRequest, Service  # noqa: E402
-from i2l_ext.errors import I2LError  # noqa: E402
 T_IMPORT = time.perf_counter() - T_IMPORT
 
 PREPARE_HOOKS = ("prepare", "prewarm", "warm_up", "prestart", "preload")

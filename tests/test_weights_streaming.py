@@ -50,6 +50,36 @@ def test_reads_every_tensor_exactly(tmp_path, monkeypatch):
     assert torch.equal(load_file(str(p))["layers.7.weight"], got["layers.7.weight"])
 
 
+def test_one_reader_while_the_code_imports_then_all(tmp_path, monkeypatch):
+    """At a cold start (FULL_SPEED cleared) one reader reads the whole file alone; the others wait
+    and, once the imports are done, start and find what is left."""
+    monkeypatch.setattr(weights, "CHUNK", 4096)
+    monkeypatch.setattr(weights, "READERS", 4)
+    monkeypatch.setattr(weights, "READERS_WHILE_IMPORTING", 1)
+    p = tmp_path / "w.safetensors"
+    ref = _write(p, n_layers=20, dim=48)
+    weights.FULL_SPEED.clear()
+    try:
+        wf = weights.WeightFile(str(p), pin=False).start()
+        wf.wait()
+        assert wf.ready
+        waiting = [t for t in wf._threads[1:] if t.is_alive()]
+        assert len(waiting) == 3                       # held back, nothing read by them
+        assert not wf._threads[0].is_alive()
+    finally:
+        weights.FULL_SPEED.set()
+    for t in wf._threads:
+        t.join(5)
+        assert not t.is_alive()
+    got = wf.state_dict()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    # a later file (the imports long done) is read by all four at once
+    wf2 = weights.WeightFile(str(p), pin=False).start()
+    wf2.wait()
+    assert wf2.ready and len(wf2._threads) == 4
+
+
 def test_partial_wait_returns_before_the_end(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "CHUNK", 1024)
     monkeypatch.setattr(weights, "READERS", 1)

@@ -28,7 +28,7 @@ import torch
 from .. import catalog, lora_format
 from ..errors import I2LError
 from ..images import crop_and_resize
-from . import lightimport, tiny, vram
+from . import lightimport, tiny, vram, weights
 from .streaming import GpuMirror, Streamer
 from .weights import WeightFile
 
@@ -188,7 +188,9 @@ class _Model:
 
 PINNED_PROFILES = ("gpu", "cpu_offload")
 DECODERS = ("style", "coarse", "fine")
-IMPORTS_DONE = threading.Event()       # set once ``import_models`` has run (pinning waits for it)
+def imports_done() -> None:
+    """The model code is imported: the readers held back during the imports go, and page-locking."""
+    weights.FULL_SPEED.set()
 
 
 class Engine:
@@ -339,7 +341,7 @@ class Engine:
         if bias:
             self._load_bias(plan["bias"], dev)
         progress("load", len(model_roles) + 1, len(model_roles) + 1, "Models ready")
-        IMPORTS_DONE.set()           # the model code is imported by now, whoever imported it
+        imports_done()               # the model code is imported by now, whoever imported it
         lap("load")
 
         with torch.no_grad():
@@ -617,17 +619,12 @@ class Engine:
     @staticmethod
     def _pin_later(files: list[WeightFile]) -> None:
         """Page-lock each file in the background once it is read (locking memory not yet
-        written would fill it page by page first): right then where that runs without the
-        interpreter lock (``weights.cudart_ctypes``), else after the model code is imported too
-        (both compete for the lock at a cold start). Copies from plain RAM work meanwhile, only
-        slower."""
-        from .weights import cudart_ctypes
-        free_of_lock = cudart_ctypes() is not None
-
+        written would fill it page by page first) and, at a cold start, once the model code is
+        imported: locking gigabytes holds the process's memory map, which the imports need too.
+        Copies from plain RAM work meanwhile, only slower."""
         def run():
             from .warmstart import trace
-            if not free_of_lock:
-                IMPORTS_DONE.wait(300)
+            weights.FULL_SPEED.wait(300)
             for wf in files:
                 try:
                     wf.wait()
@@ -681,7 +678,7 @@ class Engine:
         except Exception:
             pass               # the job itself reports a broken install
         finally:
-            IMPORTS_DONE.set()
+            imports_done()
 
     @contextmanager
     def _stream(self, role):

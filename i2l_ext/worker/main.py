@@ -172,7 +172,8 @@ def _prefetch_list() -> list[str]:
 def _start_early() -> list:
     """Before torch: ask for the code files, then read the weights named in ``I2L_PREFETCH``
     (from when the code is in); both go on while torch is imported."""
-    from . import warmstart
+    from . import warmstart, weights
+    weights.FULL_SPEED.clear()         # one reader until the model code is imported (Engine.import_models)
     warmstart.watch_opens()
     warmstart.trace("worker started")
     code = warmstart.warm_code()

@@ -10,9 +10,10 @@ still while the weights are being read). So, first thing in the worker:
    them in the page cache instead of faulting them in page by page. On Linux that is one
    ``posix_fadvise(WILLNEED)`` per range from one thread: the kernel queues all of it at once
    and the thread never needs the interpreter lock while torch's import holds it;
-2. ``start_reads()`` starts reading the weights named by the service into host memory at full
-   speed once the code is in (a second or so): reads of gigabytes queued ahead of the imports'
-   would stall them for far longer;
+2. ``start_reads()`` starts reading the weights named by the service into host memory once the
+   code is in (a second or so): reads of gigabytes queued ahead of the imports' would stall them
+   for far longer. One reader runs until the model code is imported, then all of them
+   (``weights.FULL_SPEED``): four readers faulting in fresh memory slowed the imports by seconds;
 3. torch is imported (``main``) while both go on.
 
 Nothing here imports torch.

@@ -25,6 +25,12 @@ import time
 
 CHUNK = 64 << 20                 # few, large requests: a reader needs the interpreter lock once per chunk
 READERS = int(os.environ.get("I2L_READ_THREADS", "4"))
+# While a cold worker imports its code, only this many readers run: more of them, each faulting
+# in fresh pages, slow the imports down (measured: model code ready 6 s later with four) for
+# less than they gain. The rest start when ``FULL_SPEED`` is set (imports done).
+READERS_WHILE_IMPORTING = max(1, int(os.environ.get("I2L_READ_THREADS_IMPORTING", "1")))
+FULL_SPEED = threading.Event()
+FULL_SPEED.set()                 # cleared by the worker at a cold start, set again when imported
 ALIGN = 4096                     # what O_DIRECT needs of offsets, lengths and addresses
 DIRECT = os.environ.get("I2L_DIRECT_IO", "1") != "0" and hasattr(os, "O_DIRECT") and hasattr(os, "preadv")
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)
@@ -178,7 +184,7 @@ class WeightFile:
             self._n_chunks = n_chunks
             self._direct = DIRECT and not self._in_page_cache()
             for i in range(min(READERS, n_chunks)):
-                t = threading.Thread(target=self._reader, daemon=True, name=f"i2l-read-{i}")
+                t = threading.Thread(target=self._reader, args=(i,), daemon=True, name=f"i2l-read-{i}")
                 self._threads.append(t)
             threads = list(self._threads)
         for t in threads:
@@ -255,7 +261,9 @@ class WeightFile:
                 done += n
         return direct_got
 
-    def _reader(self) -> None:
+    def _reader(self, index: int = 0) -> None:
+        if index >= READERS_WHILE_IMPORTING:
+            FULL_SPEED.wait(120)
         view = memoryview(self._mm)
         direct = self._open_direct()
         try:
