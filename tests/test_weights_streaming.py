@@ -334,3 +334,25 @@ def test_code_read_ahead_looks_up_the_sources_of_the_byte_code(tmp_path, monkeyp
     monkeypatch.setattr(os, "stat", stat)
     assert warmstart.warm_code(where=str(where)).wait(30)
     assert str(pkg / "mod.py") in seen
+
+
+def test_gpu_mirror_budget_reuse_and_clear():
+    """The kept copies: found again by the host bytes they mirror, never past the budget, and
+    freed by ``clear`` even while something still refers to the mirror."""
+    import weakref
+    from i2l_ext.worker.streaming import GpuMirror
+    m = GpuMirror("cpu", limit=3 * 1024)
+    a, fresh = m.get(1000, 1000)
+    assert fresh and a.numel() == 1024 and m.nbytes == 1024
+    again, fresh = m.get(1000, 1000)
+    assert again is a and not fresh
+    b, fresh = m.get(5000, 2048)
+    assert fresh and m.nbytes == 3072
+    assert m.get(9000, 1) == (None, False)             # over the budget: streamed instead
+    m.discard(5000, 2048)
+    assert m.nbytes == 1024 and len(m) == 1
+    ref = weakref.ref(a)
+    holder = [m]                                         # e.g. a finished stream still refers to it
+    del a, again, b
+    m.clear()
+    assert ref() is None and m.nbytes == 0 and len(m) == 0 and holder

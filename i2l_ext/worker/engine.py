@@ -254,7 +254,7 @@ class Engine:
                 return 0
             freed = m.nbytes
             torch.cuda.synchronize()        # the copies were made on other streams: all done first
-            del m                           # the only reference to the kept copies
+            m.clear()                       # freed now, even if a finished stream still refers to m
             torch.cuda.empty_cache()
             return freed
 

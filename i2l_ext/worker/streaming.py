@@ -80,6 +80,11 @@ class GpuMirror:
         self.nbytes += _aligned(n)
         return buf, True
 
+    def clear(self) -> None:
+        """Free every kept copy now (whoever still holds this object)."""
+        self._copies.clear()
+        self.nbytes = 0
+
     def discard(self, ptr: int, n: int) -> None:
         """Forget a copy that was never filled (its copy failed)."""
         buf = self._copies.pop((ptr, n), None)
@@ -262,20 +267,9 @@ class Streamer:
             self._restore(i)
         return hook
 
-    def layer(self, i: int):
+    def layer(self, i: int) -> "_LayerUse":
         """For code that calls a layer's parts directly instead of ``layer(...)``: ``with s.layer(i): ...``."""
-        streamer = self
-
-        class _Use:
-            def __enter__(self_inner):
-                if streamer.layers:
-                    streamer._pre(i)(streamer.layers[i], ())
-                return streamer.layers[i]
-
-            def __exit__(self_inner, *exc):
-                if streamer.layers:
-                    streamer._post(i)(streamer.layers[i], (), None)
-        return _Use()
+        return _LayerUse(self, i)
 
     def _resident_copy(self, host: torch.Tensor) -> torch.Tensor:
         """A GPU copy of a parameter that stays for the whole call (from the mirror when it has room)."""
@@ -349,3 +343,21 @@ class Streamer:
         self._spans = []
         self._ring = []          # freed on the compute stream, which waited for the copies
         self._ring_size = 0
+
+
+class _LayerUse:
+    """``Streamer.layer(i)``: layer ``i`` on the GPU inside the ``with``."""
+
+    def __init__(self, streamer: Streamer, i: int):
+        self.streamer, self.i = streamer, i
+
+    def __enter__(self):
+        s = self.streamer
+        if s.layers:
+            s._pre(self.i)(s.layers[self.i], ())
+        return s.layers[self.i]
+
+    def __exit__(self, *exc):
+        s = self.streamer
+        if s.layers:
+            s._post(self.i)(s.layers[self.i], (), None)
