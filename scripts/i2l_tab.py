@@ -91,10 +91,25 @@ def on_ui_settings():
     add("i2l_free_vram", True, t("settings_free_vram"))
     add("i2l_keep_warm_minutes", 10, t("settings_keep_warm"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
     add("i2l_prewarm", True, t("settings_prewarm"))
+    add("i2l_start_with_webui", False, t("settings_start_with_webui"))
     add("i2l_gpu_hold_seconds", 10, t("settings_gpu_hold"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
     add("i2l_gpu_hold_gb", 10, t("settings_gpu_hold_gb"), gr.Slider, {"minimum": 0, "maximum": 80, "step": 1})
     add("i2l_offline", False, t("settings_offline"))
 
 
+def on_app_started(demo, app):
+    """With "start with the WebUI" on: the worker starts now and reads the default variant's
+    weights, in the background (the WebUI's start is not held up)."""
+    from i2l_ext import hosts
+    if not hosts.opt("i2l_start_with_webui", False):
+        return
+    ctl = get_controller()
+    ctl.refresh_config()
+    d = ctl.defaults
+    ctl.service.prewarm(d.get("variant") or "style", None, d.get("vram_profile") or "auto")
+
+
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(on_ui_settings)
+if hasattr(script_callbacks, "on_app_started"):
+    script_callbacks.on_app_started(on_app_started)

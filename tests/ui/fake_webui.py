@@ -35,6 +35,9 @@ def module(name, **attrs):
     return m
 
 
+PRESET = json.loads(os.environ.get("FAKE_WEBUI_OPTS") or "{}")     # settings as a config.json would have them
+
+
 class OptionInfo:
     def __init__(self, default=None, label="", component=None, component_args=None, section=None, **kw):
         self.default, self.label, self.component, self.section = default, label, component, section
@@ -47,7 +50,7 @@ class Options:
 
     def add_option(self, key, info):
         self.data_labels[key] = info
-        self.data.setdefault(key, info.default)
+        self.data.setdefault(key, PRESET.get(key, info.default))
         record("add_option", key=key, section=list(info.section or []))
 
     def __getattr__(self, key):
@@ -80,7 +83,8 @@ class State:
 callbacks = {}
 modules = module("modules", __path__=[])
 module("modules.script_callbacks", on_ui_tabs=lambda f: callbacks.setdefault("ui_tabs", f),
-       on_ui_settings=lambda f: callbacks.setdefault("ui_settings", f))
+       on_ui_settings=lambda f: callbacks.setdefault("ui_settings", f),
+       on_app_started=lambda f: callbacks.setdefault("app_started", f))
 shared = module("modules.shared", opts=Options(), OptionInfo=OptionInfo, state=State(),
                 cmd_opts=types.SimpleNamespace(lora_dir=os.path.join(WEBUI, "models", "Lora")))
 
@@ -186,5 +190,8 @@ if int(gr.__version__.split(".")[0]) >= 4:
     demo.queue(default_concurrency_limit=8)
 else:
     demo.queue(concurrency_count=8)
+if "app_started" in callbacks:             # as the WebUI does once its app exists
+    callbacks["app_started"](demo, None)
+    record("app_started")
 record("ready")
 demo.launch(server_name="127.0.0.1", server_port=PORT, prevent_thread_lock=False, show_api=False)

@@ -15,7 +15,7 @@ from ui_helpers import ROOT, free_port, name_state, progress, shot, type_name, u
 
 
 class FakeWebUI:
-    def __init__(self, python, tmp_dir, tiny_models, worker_python, artifacts, pause):
+    def __init__(self, python, tmp_dir, tiny_models, worker_python, artifacts, pause, opts=None):
         self.root = os.path.join(tmp_dir, "webui")
         self.lora_dir = os.path.join(self.root, "models", "Lora")
         os.makedirs(self.lora_dir)
@@ -24,7 +24,8 @@ class FakeWebUI:
         self.url = f"http://127.0.0.1:{port}/"
         env = dict(os.environ, PYTHONPATH="", FAKE_WEBUI_LOG=self.log_path, FAKE_WEBUI_ROOT=self.root,
                    I2L_PYTHON=worker_python, I2L_MODELS_DIR=tiny_models, I2L_LANG="en",
-                   I2L_PAUSE_BEFORE_WRITE=str(pause), GRADIO_ANALYTICS_ENABLED="False")
+                   I2L_PAUSE_BEFORE_WRITE=str(pause), GRADIO_ANALYTICS_ENABLED="False",
+                   FAKE_WEBUI_OPTS=json.dumps(opts or {}))
         self.out = open(os.path.join(artifacts, "fake-webui.log"), "w")
         self.proc = subprocess.Popen([python, os.path.join(ROOT, "tests", "ui", "fake_webui.py"), ROOT, str(port)],
                                      cwd=self.root, env=env, stdout=self.out, stderr=subprocess.STDOUT)
@@ -46,6 +47,23 @@ class FakeWebUI:
 
     def events(self) -> list[str]:
         return [c["event"] for c in self.calls()]
+
+    def workers(self) -> list[int]:
+        """The worker processes this WebUI started."""
+        found = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid and b"i2l_ext.worker" in cmd and fields[0] != "Z":
+                found.append(int(d))
+        return found
 
     def files(self):
         return sorted(os.listdir(self.lora_dir))
@@ -83,6 +101,36 @@ def test_registers_tab_and_settings(webui):
     assert {"i2l_models_dir", "i2l_worker_python", "i2l_language", "i2l_vram_profile", "i2l_free_vram"} <= keys
     assert all(c["section"][0] == "i2l" for c in ev if c["event"] == "add_option")
     assert "torch_imported" not in webui.events()
+    assert "app_started" in webui.events()
+    assert webui.workers() == []          # by default no worker until the tab is opened
+
+
+def test_start_with_the_webui_setting_starts_the_worker_at_once(ui_python, tmp_path, tiny_models, worker_python,
+                                                                  artifacts):
+    """Settings → "Also start the worker when the WebUI starts": the worker runs (and reads the
+    default variant's weights) before anyone opens the page."""
+    w = FakeWebUI(ui_python, str(tmp_path), tiny_models, worker_python, str(tmp_path), pause=0,
+                  opts={"i2l_start_with_webui": True})
+    try:
+        deadline = time.monotonic() + 60
+        while not w.workers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        started = w.workers()
+        assert len(started) == 1
+    finally:
+        w.stop()
+    deadline = time.monotonic() + 20                   # the WebUI gone: its worker goes too
+    while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in started)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def test_job_in_host(page, webui, sample_images, artifacts):
