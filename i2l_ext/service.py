@@ -312,13 +312,17 @@ class Service:
         """Free the VRAM the idle worker still holds from its last job (the weights it kept on the
         GPU for a next job; they stay in RAM). The host calls it before it generates. Returns the
         worker's answer (``freed`` bytes, VRAM after), or None when there is nothing to ask: no
-        worker, a job running (it parks on its own), or no answer in time."""
-        return self._ask({"type": "park"}, "parked", timeout)
+        worker, one still starting (it holds nothing yet), a job running (it parks on its own),
+        or no answer in time. Never keeps the caller waiting on a worker's start."""
+        return self._ask({"type": "park"}, "parked", timeout, wait_for_start=False)
 
-    def _ask(self, msg: dict, answer: str, timeout: float, during_job: bool = False) -> dict | None:
+    def _ask(self, msg: dict, answer: str, timeout: float, during_job: bool = False,
+             wait_for_start: bool = True) -> dict | None:
         if self.busy and not during_job:
             return None
-        with self._wlock:
+        if not self._wlock.acquire(timeout=-1 if wait_for_start else 0.05):
+            return None                   # a worker is being started (or asked) right now
+        try:
             w = self._worker
             if w is None or not w.alive or (self.busy and not during_job):
                 return None
@@ -331,6 +335,8 @@ class Service:
                 if reply["type"] == answer:
                     return reply
             return None
+        finally:
+            self._wlock.release()
 
     def _run(self, job: Job, spec: dict, plan: output.OutputPlan) -> None:
         state, result, error = "error", None, None

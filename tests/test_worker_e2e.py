@@ -272,6 +272,23 @@ def test_webui_generation_asks_the_worker_to_let_go_of_the_gpu(service, images, 
     assert reply["type"] == "parked" and reply["freed"] == 0 and reply["parks"] == 2
 
 
+def test_park_never_waits_for_a_worker_to_start(service):
+    """The WebUI asks before every generation; a worker being started (tab just opened) holds
+    nothing yet, and the generation must not wait for its start."""
+    t = service.prewarm("style")
+    deadline = time.monotonic() + 10
+    while service._worker is None and time.monotonic() < deadline:     # spawned, not yet answered
+        time.sleep(0.005)
+    assert service._worker is not None and not service._worker.hello
+    started = time.monotonic()
+    assert service.park() is None
+    assert time.monotonic() - started < 0.5
+    t.join(120)
+    assert service.worker_pid() is not None
+    reply = service.park()
+    assert reply["type"] == "parked" and reply["freed"] == 0
+
+
 def test_park_during_a_job_returns_at_once(paused_service, images):
     paused_service.start(JobRequest(images=images[:1], name="busy", variant="style"))
     t = time.monotonic()

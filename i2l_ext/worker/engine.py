@@ -188,6 +188,8 @@ class _Model:
 
 PINNED_PROFILES = ("gpu", "cpu_offload")
 DECODERS = ("style", "coarse", "fine")
+
+
 def imports_done() -> None:
     """The model code is imported: the readers held back during the imports go, and page-locking."""
     weights.FULL_SPEED.set()
@@ -246,7 +248,10 @@ class Engine:
 
     def park(self) -> int:
         """Drop the weights kept on the GPU (they stay in page-locked RAM); returns the bytes freed.
-        Never while a job runs: the caller holds no job, or waits for it through the lock."""
+        Never while a job runs: the caller holds no job, or waits for it through the lock (not
+        when nothing is kept: then it answers at once, even while models are being loaded)."""
+        if self._mirror is None:
+            return 0
         with self._lock:
             m, self._mirror = self._mirror, None
             self.hold_until = 0.0
@@ -411,7 +416,7 @@ class Engine:
         hold_s = float(spec.get("gpu_hold_s") or 0)
         self.hold_until = time.monotonic() + hold_s
         if dev == "cuda":
-            torch.cuda.empty_cache()      # parked: the worker holds only its CUDA context (and kept layers)
+            torch.cuda.empty_cache()      # the worker now holds its CUDA context and the kept layers only
         return {"held_on_gpu": self.held_on_gpu, "gpu_hold_s": hold_s if self.held_on_gpu else 0.0,
                 "copied_to_gpu": self.copied,
                 "keys": len(state), "rank": rank, "bytes": size,
