@@ -73,6 +73,9 @@ def code_id() -> str:
     try:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
+        if commit and subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "i2l_ext"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip():
+            commit += " with changes to i2l_ext"     # e.g. a copied working tree: the hash below is what ran
     except (OSError, subprocess.TimeoutExpired):
         pass
     return f"{'commit ' + commit + ', ' if commit else ''}i2l_ext sha256 {h.hexdigest()[:12]}"
