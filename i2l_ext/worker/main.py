@@ -230,6 +230,16 @@ def _warm_cuda() -> None:
     trace("cuda: math libraries warmed up")
 
 
+def _park(engine) -> dict:
+    """The host is about to use the GPU: drop the layers kept since the last job, say what is left."""
+    global _parks
+    _parks += 1
+    freed = engine.park()
+    info = _stats(engine)
+    info.update(type="parked", freed=freed)
+    return info
+
+
 RECORD_AFTER_S = 30.0
 
 
@@ -322,12 +332,7 @@ def main() -> None:
             send(_stats(engine))
             continue
         if msg["type"] == "park":
-            global _parks
-            _parks += 1
-            freed = engine.park()
-            info = _stats(engine)
-            info.update(type="parked", freed=freed)
-            send(info)
+            send(_park(engine))
             continue
         if msg["type"] == "prefetch":
             def prefetch(spec=msg["spec"]):

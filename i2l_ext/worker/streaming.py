@@ -168,27 +168,34 @@ class Streamer:
             self._host[(id(mod), name)] = host
             p.data = buf[off:off + _nbytes(host)].view(host.dtype).view(host.shape)
 
+    def _mirrored(self, src: torch.Tensor, ptr: int) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
+        """The mirror's copy of host ``src`` (whose bytes start at ``ptr``), filled on the copy
+        stream if new there: (GPU bytes, event to wait for or None), or (None, None) if no room."""
+        n = _nbytes(src)
+        with torch.cuda.stream(self.copy_stream):
+            buf, fresh = self.mirror.get(ptr, n)
+            if buf is None or not fresh:
+                return buf, None
+            try:
+                self.wait(src)
+                buf[:n].view(src.dtype).view(src.shape).copy_(src, non_blocking=True)
+            except BaseException:
+                self.mirror.discard(ptr, n)
+                raise
+            self.bytes_copied += n
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+        return buf, ev
+
     def _fetch_mirrored(self, i: int) -> bool:
         """Layer ``i`` from the mirror (copied into it first if new there); False if it has no room."""
         span = self._spans[i]
         if self.mirror is None or span is None:
             return False
         src, base = span
-        with torch.cuda.stream(self.copy_stream):
-            buf, fresh = self.mirror.get(base, src.numel())
-            if buf is None:
-                return False
-            ev = None
-            if fresh:
-                try:
-                    self.wait(src)
-                    buf[:src.numel()].copy_(src, non_blocking=True)
-                except BaseException:
-                    self.mirror.discard(base, src.numel())
-                    raise
-                self.bytes_copied += src.numel()
-                ev = torch.cuda.Event()
-                ev.record(self.copy_stream)
+        buf, ev = self._mirrored(src, base)
+        if buf is None:
+            return False
         self._point(i, buf, base)
         self._ready[i] = ev
         self._in_slot[i] = None
@@ -258,8 +265,9 @@ class Streamer:
             ready = self._ready.pop(i)
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
-            for j in range(i + 1, min(i + len(self._ring), len(self.layers))):
-                self._fetch(j)          # the next layers' copies overlap this layer's compute
+            for j in range(i + 1, min(i + RING, len(self.layers))):
+                self._fetch(j)          # the next layers' copies overlap this layer's compute (the
+                                        # ring may not exist yet when layers go to the mirror)
         return hook
 
     def _post(self, i):
@@ -275,14 +283,9 @@ class Streamer:
         """A GPU copy of a parameter that stays for the whole call (from the mirror when it has room)."""
         n = _nbytes(host)
         if self.mirror is not None and host.is_contiguous() and n:
-            with torch.cuda.stream(self.copy_stream):
-                buf, fresh = self.mirror.get(host.data_ptr(), n)
-                if buf is not None:
-                    view = buf[:n].view(host.dtype).view(host.shape)
-                    if fresh:
-                        view.copy_(host, non_blocking=True)
-                        self.bytes_copied += n
-                    return view
+            buf, _ = self._mirrored(host, host.data_ptr())     # the compute stream waits for all at once
+            if buf is not None:
+                return buf[:n].view(host.dtype).view(host.shape)
         self.bytes_copied += n
         return host.to(self.device, non_blocking=True)      # on the compute stream, freed there
 
