@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,3 +59,22 @@ def make_image(path, size=(96, 64), mode="RGB", color=(200, 30, 60), fmt=None, *
                     im.putpixel((x, y), (x * 2 % 256, y * 3 % 256, 90))
     im.save(str(path), format=fmt, **save)
     return str(path)
+
+
+def gone(pid, timeout=10.0):
+    """Whether process ``pid`` has ended (or is a zombie) within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # a zombie still answers kill(0); look at its state
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False

@@ -18,25 +18,7 @@ from i2l_ext import catalog
 from i2l_ext.config import Config
 from i2l_ext.errors import I2LError
 from i2l_ext.service import JobRequest, Service
-from helpers import ROOT, make_image
-
-
-def gone(pid, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        # a zombie still answers kill(0); look at its state
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.1)
-    return False
+from helpers import ROOT, gone
 
 
 def group_members(pgid):

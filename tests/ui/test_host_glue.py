@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from helpers import gone
 from ui_helpers import ROOT, free_port, name_state, progress, shot, type_name, upload, wait_count, wait_finished
 
 
@@ -119,18 +120,7 @@ def test_start_with_the_webui_setting_starts_the_worker_at_once(ui_python, tmp_p
         assert len(started) == 1
     finally:
         w.stop()
-    deadline = time.monotonic() + 20                   # the WebUI gone: its worker goes too
-    while any(alive(pid) for pid in started) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(alive(pid) for pid in started)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    assert all(gone(pid, 20) for pid in started)      # the WebUI gone: its worker goes too
 
 
 def test_job_in_host(page, webui, sample_images, artifacts):
