@@ -28,7 +28,7 @@ import torch
 from .. import catalog, lora_format
 from ..errors import I2LError
 from ..images import crop_and_resize
-from . import lightimport, tiny, vram, weights
+from . import lightimport, lora_file, tiny, vram, weights
 from .streaming import GpuMirror, Streamer
 from .weights import WeightFile
 
@@ -407,10 +407,8 @@ class Engine:
         state = lora_format.build_state_dict(cpu, key_format,
                                              scalar=lambda r: torch.tensor(float(r), dtype=torch.float32))
         meta = self._metadata(spec, images, variant.key, bias, key_format)
-        from safetensors.torch import save_file
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        save_file(state, out_path, metadata=meta)
-        size = os.path.getsize(out_path)
+        size = lora_file.write(out_path, state, meta)     # straight from the host buffer
         lap("write")
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
         hold_s = float(spec.get("gpu_hold_s") or 0)
