@@ -132,6 +132,8 @@ class VramSampler:
         return self
 
     def _loop(self):
+        if self.interval <= 0:          # not sampled: the job runs with nothing polling the driver
+            return
         nv = nvml()
         while not self._stop.is_set():
             pid = self.pid_fn()

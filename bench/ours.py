@@ -120,7 +120,7 @@ class Bench:
         t_click = C.now()
         job = svc.start(req)
         events = []
-        with C.VramSampler(svc.worker_pid) as vs:
+        with C.VramSampler(svc.worker_pid, interval=self.a.sample_ms / 1000) as vs:
             for ev in job.events(timeout=None):
                 t = round(C.now() - t_click, 3)
                 if keep_events and ev.get("type") == "progress":
@@ -322,6 +322,8 @@ def main() -> int:
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--cold-only", action="store_true", help="only the cold scenario (start-up A/B runs)")
     ap.add_argument("--no-drop", action="store_true", help="leave the page cache alone")
+    ap.add_argument("--sample-ms", type=float, default=50.0,
+                    help="the driver's per-process VRAM polled this often during jobs (0: not at all)")
     ap.add_argument("--low-jobs", type=int, default=2, help="jobs under the VRAM cap (1 or 2)")
     ap.add_argument("--python", default=None, help="the worker's Python (default: this one)")
     ap.add_argument("--config", action="append", default=[], help="Config field=JSON value (if the field exists)")

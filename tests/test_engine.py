@@ -300,12 +300,15 @@ def test_lora_loads_into_diffsynth_dit(engine, tiny_dir, images, tmp_path):
     assert changed == tiny.NUM_BLOCKS * 12
 
 
+@pytest.mark.parametrize("layout", ["file", "scattered"])
 @pytest.mark.parametrize("role", ["style", "coarse"])
-def test_decoder_block_read_from_its_bytes_equals_the_modules(tiny_dir, role):
+@pytest.mark.parametrize("which", [0, -1])
+def test_decoder_block_read_from_its_bytes_equals_the_modules(tiny_dir, role, layout, which):
     """The streamed decoder reads each block's weights straight from the block's bytes by a plan
-    of offsets; laid out in any order (here: reversed, with gaps), it gives the modules' numbers."""
+    of offsets: as a safetensors file lays them out (an attention block's projections then form
+    two even batches), or in any order (reversed, with gaps); either gives the modules' numbers."""
     model = load_tiny(tiny_dir, role, torch.float32, "cpu")
-    block = model.blocks[1]
+    block = model.blocks[which]              # the first: four equal layers; the last: MLP + modulation
     n = 3
     x = torch.randn(n, block.layers[0].proj_a.proj_in.weight.shape[1])
     residual = None
@@ -315,17 +318,21 @@ def test_decoder_block_read_from_its_bytes_equals_the_modules(tiny_dir, role):
     want = {}
     with torch.no_grad():
         Engine._decode_block(block, x, residual, n, want)
-    params = list(block.parameters())
+    named = sorted(block.named_parameters())             # a safetensors file's order
+    params = [p for _, p in named] if layout == "file" else list(reversed(list(block.parameters())))
+    gap = 0 if layout == "file" else 64
     sizes = [p.numel() * p.element_size() for p in params]
-    packed = torch.zeros(sum(sizes) + 64 * len(sizes) + 64, dtype=torch.uint8)
+    packed = torch.zeros(sum(sizes) + gap * len(sizes) + 64, dtype=torch.uint8)
     off = 64
-    for p, size in zip(reversed(params), reversed(sizes)):
+    for p, size in zip(params, sizes):
         view = packed[off:off + size].view(p.dtype).view(p.shape)
         view.copy_(p.data)
         p.data = view
-        off += size + 64
+        off += size + gap
     plan = Engine._block_plan(block)
     assert plan is not None and plan["base"] == min(p.data_ptr() for p in params)
+    equal_layers = len({(a, b) for _, a, b in block.lora_patterns}) == 1
+    assert bool(plan["in_batch"]) == bool(plan["out_batch"]) == (layout == "file" and equal_layers)
     lead = plan["base"] - packed.data_ptr()
     span = packed[lead:].clone()                 # the block's bytes elsewhere, as on the GPU
     for p in params:

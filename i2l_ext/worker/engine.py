@@ -930,12 +930,26 @@ class Engine:
 
         def where(t):
             return None if t is None else ((t.data_ptr() - base) // esize, tuple(t.shape), tuple(t.stride()))
-        return {"base": base, "dtype": dtype, "in": [where(m.proj_in.weight) for m in mlps],
-                "out": [where(m.proj_out.weight) for m in mlps], "pr": [where(t) for t in pr_parts]}
+        ins = [where(m.proj_in.weight) for m in mlps]
+        outs = [where(m.proj_out.weight) for m in mlps]
+        return {"base": base, "dtype": dtype, "in": ins, "out": outs, "pr": [where(t) for t in pr_parts],
+                "in_batch": Engine._as_batch(ins), "out_batch": Engine._as_batch(outs)}
+
+    @staticmethod
+    def _as_batch(entries) -> tuple | None:
+        """Equal tensors at equal distances (offset, shape, stride) as one strided batch view's
+        (offset, shape, stride); None when they are not laid out so."""
+        if len(entries) < 2 or any(e[1:] != entries[0][1:] for e in entries):
+            return None
+        step = entries[1][0] - entries[0][0]
+        if step <= 0 or any(b[0] - a[0] != step for a, b in zip(entries, entries[1:])):
+            return None
+        return entries[0][0], (len(entries),) + entries[0][1], (step,) + entries[0][2]
 
     @staticmethod
     def _decode_block_raw(block, plan, buf, x, residual, n, out) -> None:
-        """``_decode_block`` with the weights taken from the block's bytes ``buf`` by ``plan``."""
+        """``_decode_block`` with the weights taken from the block's bytes ``buf`` by ``plan``
+        (the block's first and second projections as two strided batches where they lie evenly)."""
         flat = buf.view(plan["dtype"])
         start = flat.storage_offset()
 
@@ -946,7 +960,9 @@ class Engine:
         if pr is not None:
             in_w, in_b, out_w, out_b = (w(e) for e in plan["pr"])
             r = Engine._residual(pr, residual, n, in_w, in_b, out_w, out_b)
-        Engine._decode_mlps(block, [w(e) for e in plan["in"]], [w(e) for e in plan["out"]], x, r, n, out)
+        w_in = w(plan["in_batch"]) if plan["in_batch"] else [w(e) for e in plan["in"]]
+        w_out = w(plan["out_batch"]) if plan["out_batch"] else [w(e) for e in plan["out"]]
+        Engine._decode_mlps(block, w_in, w_out, x, r, n, out)
 
     @staticmethod
     def _decode_block_modules(block, x, residual, n, out) -> None:
@@ -959,8 +975,8 @@ class Engine:
     @staticmethod
     def _decode_block(block, x, residual, n, out) -> None:
         """One decoder block for every image, in a handful of kernels: the block's first
-        projections (they all read the same embedding) as one product, the second ones as one
-        batched product where their shapes agree. The same arithmetic as the block's modules."""
+        projections (they all read the same embedding) as one batched product, the second ones
+        as another where their shapes agree. The same arithmetic as the block's modules."""
         r = None
         pr = block.proj_residual
         if pr is not None:
@@ -981,20 +997,32 @@ class Engine:
 
     @staticmethod
     def _decode_mlps(block, w_in, w_out, x, r, n, out) -> None:
-        """The block's bias-free MLPs (proj_a, proj_b of each layer, in order) for every image."""
-        c = w_in[0].shape[0]
-        h = (x @ torch.cat(w_in).T).view(n, len(w_in), c)
+        """The block's bias-free MLPs (proj_a, proj_b of each layer, in order) for every image.
+        ``w_in`` / ``w_out``: the weights as lists, or each as one [2L, rows, cols] batch."""
+        if isinstance(w_in, (list, tuple)):
+            w_in = torch.stack(w_in)
+        k = w_in.shape[0]
+        h = torch.bmm(x.expand(k, *x.shape), w_in.transpose(1, 2))      # [2L, n, compress]
         if r is not None:
-            h = h + r.reshape(n, 1, c)
-        if all(w.shape == w_out[0].shape for w in w_out):
-            y = torch.bmm(h.transpose(0, 1), torch.stack(w_out).transpose(1, 2))     # [2L, n, out]
-            res = [y[j] for j in range(len(w_out))]
+            h = h + r
+        if isinstance(w_out, (list, tuple)) and all(w.shape == w_out[0].shape for w in w_out):
+            w_out = torch.stack(w_out)
+        if isinstance(w_out, torch.Tensor):
+            res = torch.bmm(h, w_out.transpose(1, 2)).unbind(0)               # 2L x [n, out]
         else:
-            res = [h[:, j] @ w.T for j, w in enumerate(w_out)]
-        for j, ((name, a_dim, b_dim), layer) in enumerate(zip(block.lora_patterns, block.layers)):
-            a = res[2 * j].reshape(n, layer.rank, a_dim)
-            b = res[2 * j + 1].reshape(n, b_dim, layer.rank)
-            out[f"transformer_blocks.{block.block_id}.{name}.lora_A.default.weight"] = (a, b)
+            res = [h[j] @ wo.T for j, wo in enumerate(w_out)]
+        for j, (key, rank, a_dim, b_dim) in enumerate(Engine._block_outputs(block)):
+            out[key] = (res[2 * j].reshape(n, rank, a_dim), res[2 * j + 1].reshape(n, b_dim, rank))
+
+    @staticmethod
+    def _block_outputs(block) -> list:
+        """(LoRA key, rank, A's width, B's height) of each layer of a decoder block, worked out once."""
+        outs = getattr(block, "_i2l_outputs", None)
+        if outs is None:
+            outs = [(f"transformer_blocks.{block.block_id}.{name}.lora_A.default.weight", layer.rank, a_dim, b_dim)
+                    for (name, a_dim, b_dim), layer in zip(block.lora_patterns, block.layers)]
+            block._i2l_outputs = outs
+        return outs
 
     @staticmethod
     def _decode_block_plain(block, x, r, n, out) -> None:
