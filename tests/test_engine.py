@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from i2l_ext import catalog, lora_format  # noqa: E402
 from i2l_ext.errors import I2LError  # noqa: E402
 from i2l_ext.worker import tiny  # noqa: E402
-from i2l_ext.worker.engine import PHASES, Engine  # noqa: E402
+from i2l_ext.worker.engine import PHASES, Engine, assign_state_dict  # noqa: E402
 
 TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
             "background), then explain how the user's text instruction should alter or modify the image. Generate a "
@@ -300,6 +300,52 @@ def test_lora_loads_into_diffsynth_dit(engine, tiny_dir, images, tmp_path):
     assert changed == tiny.NUM_BLOCKS * 12
 
 
+class _Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 4)
+        self.b = torch.nn.Sequential(torch.nn.LayerNorm(4))
+        self.register_buffer("pos", torch.arange(3.0))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+
+def test_assigning_weights_does_what_torch_does():
+    sd = {k: v.clone() + 1 for k, v in _Small().state_dict().items()}
+    theirs, ours = _Small(), _Small()
+    theirs.load_state_dict(sd, assign=True)
+    assign_state_dict(ours, sd)
+    a, b = dict(theirs.named_parameters()), dict(ours.named_parameters())
+    assert a.keys() == b.keys()
+    for k in a:
+        assert type(b[k]) is torch.nn.Parameter and b[k].requires_grad == a[k].requires_grad
+        assert b[k].data_ptr() == sd[k].data_ptr() == a[k].data_ptr()        # the given tensors, no copy
+    assert ours.pos.data_ptr() == sd["pos"].data_ptr() and "scratch" in dict(ours.named_buffers())
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "shape"])
+def test_assigning_weights_that_do_not_fit_is_refused(change):
+    sd = dict(_Small().state_dict())
+    if change == "missing":
+        del sd["a.bias"]
+    elif change == "unexpected":
+        sd["c.weight"] = torch.zeros(1)
+    else:
+        sd["a.weight"] = torch.zeros(4, 5)
+    m = _Small()
+    before = m.a.weight
+    with pytest.raises(RuntimeError):
+        assign_state_dict(m, sd)
+    assert m.a.weight is before                     # nothing assigned
+
+
+def test_models_with_loading_hooks_are_loaded_by_torch():
+    m = _Small()
+    seen = []
+    m.b[0]._register_load_state_dict_pre_hook(lambda *a, **k: seen.append(a[1]))
+    assign_state_dict(m, {k: v.clone() for k, v in _Small().state_dict().items()})
+    assert seen == ["b.0."]
+
+
 @pytest.mark.parametrize("layout", ["file", "scattered"])
 @pytest.mark.parametrize("role", ["style", "coarse"])
 @pytest.mark.parametrize("which", [0, -1])
@@ -379,6 +425,11 @@ def test_cuda_jobs_in_a_row_find_their_layers_kept_on_the_gpu(tiny_dir, images, 
     ref = reference_lora(tiny_dir, images, "coarse-fine", True)
     first = eng.run(spec, images, lambda *a: None)
     assert first["copied_to_gpu"] > 0.9 * total and first["held_on_gpu"] >= 0.9 * total
+    assert_same_lora(str(out), ref, tol=0.05)         # through plain memory: no page-locked buffer yet
+    deadline = time.monotonic() + 10
+    while eng._out_buf is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert eng._out_buf is not None and eng._out_buf.is_pinned()     # made meanwhile, for the next jobs
     base = torch.cuda.memory_allocated()
     second = eng.run(spec, images, lambda *a: None)
     assert second["copied_to_gpu"] < 0.05 * total, second["copied_to_gpu"]

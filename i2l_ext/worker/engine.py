@@ -86,8 +86,44 @@ def build_model(cls, config: dict, state_dict: dict, converter, dtype, device: s
     with skip_model_initialization(), _no_random_init():
         model = cls(**(config or {}))
     sd = converter(state_dict) if converter is not None else dict(state_dict)
-    model.load_state_dict(sd, assign=True)
-    return model.to(dtype=dtype, device=device).eval()
+    assign_state_dict(model, sd)
+    dev = torch.device(device)
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.device.type != dev.type or (t.is_floating_point() and t.dtype != dtype) for t in tensors):
+        model = model.to(dtype=dtype, device=device)        # (a walk over every module: only if needed)
+    return model.eval()
+
+
+def assign_state_dict(model, sd: dict) -> None:
+    """``model.load_state_dict(sd, assign=True)`` (strict), in one pass over the keys: torch's
+    walks every module and filters the whole dict for each (a second for the 5,500 modules of a
+    decoder). Models with loading hooks or their own loading code go through torch's."""
+    base = torch.nn.Module._load_from_state_dict
+    mods = dict(model.named_modules())
+    if any(type(m)._load_from_state_dict is not base or m._load_state_dict_pre_hooks
+           or m._load_state_dict_post_hooks for m in mods.values()):
+        model.load_state_dict(sd, assign=True)
+        return
+    slots = {}
+    for prefix, m in mods.items():
+        for name, p in m._parameters.items():
+            if p is not None:
+                slots[f"{prefix}.{name}" if prefix else name] = (m, name, p, True)
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                slots[f"{prefix}.{name}" if prefix else name] = (m, name, b, False)
+    missing = [k for k in slots if k not in sd]
+    unexpected = [k for k in sd if k not in slots]
+    wrong = [k for k, (m, name, old, _) in slots.items() if k in sd and tuple(sd[k].shape) != tuple(old.shape)]
+    if missing or unexpected or wrong:
+        raise RuntimeError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                           f"wrong shape {wrong[:3]}")
+    for k, (m, name, old, is_param) in slots.items():
+        t = sd[k]
+        if is_param:
+            m._parameters[name] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
+        else:
+            m._buffers[name] = t
 
 
 def real_model_config(role: str) -> dict:
@@ -208,6 +244,7 @@ class Engine:
         self.hold_until = 0.0                       # monotonic time the kept layers are parked at
         self.copied = 0                             # bytes copied host -> GPU by the last job's streams
         self._out_buf = None                        # page-locked buffer the LoRA is copied into
+        self._out_buf_growing = False
 
     # ------------------------------------------------------------------ public
 
@@ -726,17 +763,20 @@ class Engine:
         trace("prefetch: models built on the weights")
 
     def _to_host(self, lora: dict) -> dict:
-        """Every tensor to host memory in bf16 with one device-to-host copy (into a page-locked
-        buffer kept for the next job: allocating one costs more than the copy)."""
+        """Every tensor to host memory in bf16 with one device-to-host copy, into a page-locked
+        buffer kept for the next jobs. Page-locking a new buffer costs more than the copy, so a
+        job that finds none big enough copies to plain memory and has one made in the background."""
         keys = list(lora)
         vals = [lora[k].detach() for k in keys]
         if vals and vals[0].is_cuda:
             flat = torch.cat([v.reshape(-1).to(torch.bfloat16) for v in vals])
-            if self._out_buf is None or self._out_buf.numel() < flat.numel():
-                self._out_buf = None
-                self._out_buf = torch.empty(flat.numel(), dtype=torch.bfloat16, pin_memory=True)
-            host = self._out_buf[:flat.numel()]
-            host.copy_(flat)
+            buf = self._out_buf
+            if buf is not None and buf.numel() >= flat.numel():
+                host = buf[:flat.numel()]
+                host.copy_(flat)
+            else:
+                host = flat.cpu()
+                self._grow_out_buf(flat.numel())
             del flat
             out, off = {}, 0
             for k, v in zip(keys, vals):
@@ -745,6 +785,23 @@ class Engine:
                 off += n
             return out
         return {k: v.to("cpu", torch.bfloat16).contiguous() for k, v in zip(keys, vals)}
+
+    def _grow_out_buf(self, n: int) -> None:
+        """A page-locked output buffer of ``n`` elements for the next jobs, made in a thread."""
+        if self._out_buf_growing:
+            return
+        self._out_buf_growing = True
+
+        def run():
+            try:
+                buf = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
+                if self._out_buf is None or self._out_buf.numel() < n:
+                    self._out_buf = buf
+            except Exception:       # no page-locked memory to spare: plain memory works too
+                pass
+            finally:
+                self._out_buf_growing = False
+        threading.Thread(target=run, daemon=True, name="i2l-out-buf").start()
 
     def _module_map(self, class_path):
         """DiffSynth's VRAM-management map for a model class, tolerant of transformers renames
