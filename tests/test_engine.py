@@ -469,6 +469,25 @@ def test_hold_time_keeps_nothing_without_a_gpu(tiny_dir, images, tmp_path):
 
 # ----------------------------------------------------------------------------- warm worker
 
+def test_built_models_stay_out_of_full_collections_until_dropped(engine, tiny_dir, images, tmp_path):
+    """After a load the heap is frozen (the collector's full passes skip it); a model that is
+    dropped later is still freed, even one caught in a reference cycle."""
+    import gc
+    import weakref
+    engine.unload()
+    gc.unfreeze()
+    run_job(engine, tiny_dir, images[:1], tmp_path / "a.safetensors", "style")
+    assert gc.get_freeze_count() > 0
+    model = engine._models["style"].model
+    object.__setattr__(model, "_i2l_test_cycle", [model])       # only the collector can free it
+    gone = weakref.ref(model)
+    del model
+    run_job(engine, tiny_dir, images[:1], tmp_path / "b.safetensors", "coarse-fine")
+    assert gone() is None
+    assert gc.get_freeze_count() > 0                            # frozen again after the new load
+    engine.unload()
+
+
 def test_models_stay_loaded_between_jobs(engine, tiny_dir, images, tmp_path):
     run_job(engine, tiny_dir, images[:1], tmp_path / "a.safetensors", "style")
     first = {r: m.model for r, m in engine._models.items()}
