@@ -425,15 +425,17 @@ def test_cuda_jobs_in_a_row_find_their_layers_kept_on_the_gpu(tiny_dir, images, 
     ref = reference_lora(tiny_dir, images, "coarse-fine", True)
     first = eng.run(spec, images, lambda *a: None)
     assert first["copied_to_gpu"] > 0.9 * total and first["held_on_gpu"] >= 0.9 * total
-    assert_same_lora(str(out), ref, tol=0.05)         # through plain memory: no page-locked buffer yet
+    assert_same_lora(str(out), ref, tol=0.05)
     deadline = time.monotonic() + 10
     while eng._out_buf is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert eng._out_buf is not None and eng._out_buf.is_pinned()     # made meanwhile, for the next jobs
+    assert eng._out_buf is not None and eng._out_buf.is_pinned()     # made in the background
+    buf = eng._out_buf
     base = torch.cuda.memory_allocated()
     second = eng.run(spec, images, lambda *a: None)
     assert second["copied_to_gpu"] < 0.05 * total, second["copied_to_gpu"]
-    assert_same_lora(str(out), ref, tol=0.05)
+    assert_same_lora(str(out), ref, tol=0.05)         # through the page-locked buffer
+    assert eng._out_buf is buf
     assert eng.park() == second["held_on_gpu"] and eng.held_on_gpu == 0
     assert torch.cuda.memory_allocated() <= base - 0.9 * total
     third = eng.run(spec, images, lambda *a: None)             # parked: copied again
@@ -486,6 +488,16 @@ def test_built_models_stay_out_of_full_collections_until_dropped(engine, tiny_di
     assert gone() is None
     assert gc.get_freeze_count() > 0                            # frozen again after the new load
     engine.unload()
+
+
+@pytest.mark.parametrize("variant,bias,n", [("style", False, 1), ("style", False, 3), ("coarse-fine", True, 2)])
+def test_the_lora_size_is_known_before_it_is_made(engine, tiny_dir, images, tmp_path, variant, bias, n):
+    """The page-locked output buffer is made while the job computes, sized from the models."""
+    out = tmp_path / "n.safetensors"
+    run_job(engine, tiny_dir, images[:n], out, variant, bias)
+    decoders = [d for d in ("style", "coarse", "fine") if d in engine._models]
+    made = sum(t.numel() for k, t in load_file(str(out)).items() if not k.endswith(".alpha"))
+    assert engine._lora_numel(decoders, n, bias) == made
 
 
 def test_models_stay_loaded_between_jobs(engine, tiny_dir, images, tmp_path):

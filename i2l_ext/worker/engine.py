@@ -389,6 +389,10 @@ class Engine:
         self._freeze_heap()
         lap("load")
 
+        decoders = [d for d in ("style", "coarse", "fine") if d in plan]
+        if dev == "cuda":               # the LoRA's page-locked buffer, made while the job computes
+            self._grow_out_buf(self._lora_numel(decoders, len(images), bias))
+
         with torch.no_grad():
             # --- encode
             n = len(images)
@@ -420,7 +424,6 @@ class Engine:
 
             # --- decode: per decoder, every image at once
             parts: list[dict] = []
-            decoders = [d for d in ("style", "coarse", "fine") if d in plan]
             for i, d in enumerate(decoders):
                 progress("decode", i, len(decoders), f"Decoding with the {d.title()} decoder")
                 m = self._models[d].model
@@ -769,8 +772,8 @@ class Engine:
 
     def _to_host(self, lora: dict) -> dict:
         """Every tensor to host memory in bf16 with one device-to-host copy, into a page-locked
-        buffer kept for the next jobs. Page-locking a new buffer costs more than the copy, so a
-        job that finds none big enough copies to plain memory and has one made in the background."""
+        buffer kept for the next jobs (made in the background when the job starts: page-locking
+        one costs more than the copy). If it is not there in time, the copy goes to plain memory."""
         keys = list(lora)
         vals = [lora[k].detach() for k in keys]
         if vals and vals[0].is_cuda:
@@ -800,9 +803,21 @@ class Engine:
             self._built = False
             gc.freeze()
 
+    def _lora_numel(self, decoders, n_images: int, bias: bool) -> int:
+        """How many numbers the finished LoRA holds: each decoder's A and B for every image, with
+        the Bias LoRA's merged in."""
+        total = 0
+        for d in decoders:
+            for block in self._models[d].model.blocks:
+                total += sum(n_images * layer.rank * (a_dim + b_dim)
+                             for (_, a_dim, b_dim), layer in zip(block.lora_patterns, block.layers))
+        if bias and self._bias is not None:
+            total += sum(v.numel() for v in self._bias[1].values())
+        return total
+
     def _grow_out_buf(self, n: int) -> None:
-        """A page-locked output buffer of ``n`` elements for the next jobs, made in a thread."""
-        if self._out_buf_growing:
+        """A page-locked output buffer of ``n`` elements for this and the next jobs, made in a thread."""
+        if self._out_buf_growing or not n or (self._out_buf is not None and self._out_buf.numel() >= n):
             return
         self._out_buf_growing = True
 
