@@ -500,6 +500,16 @@ def test_the_lora_size_is_known_before_it_is_made(engine, tiny_dir, images, tmp_
     assert engine._lora_numel(decoders, n, bias) == made
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_is_reported_with_what_to_do(engine, tiny_dir, images):
+    with pytest.raises(I2LError) as caught:
+        run_job(engine, tiny_dir, images[:1], "/dev/full", "style")
+    err = caught.value
+    assert err.code == I2LError.OUTPUT
+    assert err.message.startswith("The LoRA could not be written to /dev: ") and "space" in err.message.lower()
+    assert "Free some disk space there (the LoRA needs " in err.fix
+
+
 def test_models_stay_loaded_between_jobs(engine, tiny_dir, images, tmp_path):
     run_job(engine, tiny_dir, images[:1], tmp_path / "a.safetensors", "style")
     first = {r: m.model for r, m in engine._models.items()}

@@ -450,8 +450,15 @@ class Engine:
         state = lora_format.build_state_dict(cpu, key_format,
                                              scalar=lambda r: torch.tensor(float(r), dtype=torch.float32))
         meta = self._metadata(spec, images, variant.key, bias, key_format)
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        size = lora_file.write(out_path, state, meta)     # straight from the host buffer
+        folder = os.path.dirname(os.path.abspath(out_path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            size = lora_file.write(out_path, state, meta)     # straight from the host buffer
+        except OSError as e:
+            need = catalog.human_size(sum(t.numel() * t.element_size() for t in state.values()))
+            raise I2LError(I2LError.OUTPUT, f"The LoRA could not be written to {folder}: {e.strerror or e}",
+                           f"Free some disk space there (the LoRA needs {need}), or choose another Lora folder.",
+                           details=repr(e)) from None
         lap("write")
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
         hold_s = float(spec.get("gpu_hold_s") or 0)
