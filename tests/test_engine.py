@@ -507,7 +507,28 @@ def test_a_full_disk_is_reported_with_what_to_do(engine, tiny_dir, images):
     err = caught.value
     assert err.code == I2LError.OUTPUT
     assert err.message.startswith("The LoRA could not be written to /dev: ") and "space" in err.message.lower()
-    assert "Free some disk space there (the LoRA needs " in err.fix
+    assert "has room (the LoRA needs " in err.fix
+
+
+def test_a_preview_that_cannot_be_written_fails_the_job_plainly_and_leaves_nothing(engine, tiny_dir, images,
+                                                                                  tmp_path, monkeypatch):
+    import io
+    from i2l_ext import output
+    from i2l_ext.worker import main as worker_main
+    monkeypatch.setattr(worker_main, "_out", io.BytesIO())          # the protocol's messages
+    src = tmp_path / "in.png"
+    images[0].save(src)
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    plan = output.plan_output(str(lora_dir), "x")
+    out = dict(plan.to_dict(), tmp_preview=str(tmp_path / "gone" / "x.preview.png"))    # its folder is missing
+    spec = {"variant": "style", "bias": False, "files": files_for(tiny_dir, "style", False), "output": out,
+            "vram_profile": "auto", "device": "cpu", "images": [str(src)]}
+    with pytest.raises(I2LError) as caught:
+        worker_main.run_job(engine, "j1", spec)
+    err = caught.value
+    assert err.code == I2LError.OUTPUT and err.message.startswith(f"The preview and card could not be written to {lora_dir}")
+    assert os.listdir(lora_dir) == []                    # no LoRA, no card, no temporary file left
 
 
 def test_models_stay_loaded_between_jobs(engine, tiny_dir, images, tmp_path):

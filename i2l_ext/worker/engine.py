@@ -457,7 +457,8 @@ class Engine:
         except OSError as e:
             need = catalog.human_size(sum(t.numel() * t.element_size() for t in state.values()))
             raise I2LError(I2LError.OUTPUT, f"The LoRA could not be written to {folder}: {e.strerror or e}",
-                           f"Free some disk space there (the LoRA needs {need}), or choose another Lora folder.",
+                           f"Make sure the folder exists, can be written to and has room (the LoRA needs {need}), "
+                           "or choose another Lora folder.",
                            details=repr(e)) from None
         lap("write")
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None

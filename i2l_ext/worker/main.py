@@ -133,8 +133,15 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
 
         # The card and the preview are written while the engine works.
         def extras():
-            output.write_preview(plan, pictures)
-            output.write_card(plan, spec.get("card") or output.card_data())
+            try:
+                output.write_preview(plan, pictures)
+                output.write_card(plan, spec.get("card") or output.card_data())
+            except OSError as e:
+                folder = os.path.dirname(os.path.abspath(plan.path))
+                raise I2LError(I2LError.OUTPUT, f"The preview and card could not be written to {folder}: "
+                               f"{e.strerror or e}", "Make sure the folder exists, can be written to and has room, "
+                               "or choose another Lora folder.",
+                               details=repr(e)) from None
         side = _Background(extras)
         info = engine.run(spec, pictures, progress)
         pause = float(os.environ.get("I2L_PAUSE_BEFORE_WRITE", "0") or 0)   # lets tests stop a job here
