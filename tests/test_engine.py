@@ -510,8 +510,8 @@ def test_a_full_disk_is_reported_with_what_to_do(engine, tiny_dir, images):
     assert "has room (the LoRA needs " in err.fix
 
 
-def test_a_preview_that_cannot_be_written_fails_the_job_plainly_and_leaves_nothing(engine, tiny_dir, images,
-                                                                                  tmp_path, monkeypatch):
+def test_a_preview_that_cannot_be_written_fails_the_job_plainly_and_leaves_nothing(tiny_dir, images, tmp_path,
+                                                                                  monkeypatch):
     import io
     from i2l_ext import output
     from i2l_ext.worker import main as worker_main
@@ -524,6 +524,7 @@ def test_a_preview_that_cannot_be_written_fails_the_job_plainly_and_leaves_nothi
     out = dict(plan.to_dict(), tmp_preview=str(tmp_path / "gone" / "x.preview.png"))    # its folder is missing
     spec = {"variant": "style", "bias": False, "files": files_for(tiny_dir, "style", False), "output": out,
             "vram_profile": "auto", "device": "cpu", "images": [str(src)]}
+    engine = Engine(lambda level, message: None)         # its own: the worker's job sets the engine's log
     with pytest.raises(I2LError) as caught:
         worker_main.run_job(engine, "j1", spec)
     err = caught.value
