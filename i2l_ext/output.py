@@ -185,6 +185,17 @@ def write_preview(plan: OutputPlan, images: list) -> None:
         os.fsync(f.fileno())
 
 
+def write_failed(what: str, folder: str, err: OSError, need: str | None = None) -> I2LError:
+    """The error for a file of a job's output that could not be written: ``what`` ("LoRA",
+    "preview and card") into ``folder``, the system's reason, what to check (and the room the
+    file needs, when known)."""
+    fix = (f"Make sure the folder exists, can be written to and has room (the {what} needs {need}), "
+           "or choose another Lora folder." if need else
+           "Make sure the folder exists, can be written to and has room, or choose another Lora folder.")
+    return I2LError(I2LError.OUTPUT, f"The {what} could not be written to {folder}: {err.strerror or err}", fix,
+                    details=repr(err))
+
+
 def move_no_replace(src: str, dst: str, taken: I2LError) -> None:
     """Rename ``src`` to ``dst`` unless ``dst`` exists (then raise ``taken``); atomic where hard
     links work, so no race can make it overwrite."""

@@ -100,3 +100,14 @@ def test_contact_sheet_grid():
     sheet = output.contact_sheet([Image.new("RGB", (100, 50))] * 5)
     assert sheet.size == (768, 512)
     assert output.contact_sheet([Image.new("RGB", (10, 10))]).size == (768, 768)
+
+
+def test_a_file_that_cannot_be_written_is_an_output_error_in_both_languages():
+    from i2l_ext import messages
+    err = output.write_failed("preview and card", "/x/Lora", OSError(28, "No space left on device"))
+    assert err.code == I2LError.OUTPUT
+    assert err.message == "The preview and card could not be written to /x/Lora: No space left on device"
+    lora = output.write_failed("LoRA", "/x/Lora", OSError(13, "Permission denied"), "59.0 MB")
+    assert "(the LoRA needs 59.0 MB)" in lora.fix
+    assert messages._localize(err.message, "zh_CN") == "无法将预览图和卡片写入 /x/Lora：No space left on device"
+    assert messages._localize(lora.fix, "zh_CN").startswith("请确认该文件夹存在、可写且有足够空间（此LoRA需要 59.0 MB）")

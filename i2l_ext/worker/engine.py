@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .. import catalog, lora_format
+from .. import catalog, lora_format, output
 from ..errors import I2LError
 from ..images import crop_and_resize
 from . import lightimport, lora_file, tiny, vram, weights
@@ -456,10 +456,7 @@ class Engine:
             size = lora_file.write(out_path, state, meta)     # straight from the host buffer
         except OSError as e:
             need = catalog.human_size(sum(t.numel() * t.element_size() for t in state.values()))
-            raise I2LError(I2LError.OUTPUT, f"The LoRA could not be written to {folder}: {e.strerror or e}",
-                           f"Make sure the folder exists, can be written to and has room (the LoRA needs {need}), "
-                           "or choose another Lora folder.",
-                           details=repr(e)) from None
+            raise output.write_failed("LoRA", folder, e, need) from None
         lap("write")
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
         hold_s = float(spec.get("gpu_hold_s") or 0)

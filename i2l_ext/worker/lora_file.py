@@ -18,8 +18,9 @@ import struct
 
 SMALL = 1 << 16                 # pieces under this size are gathered into one write
 
-_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64",
-          "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+from .weights import _DTYPES
+
+_NAMES = {torch_name: st_name for st_name, torch_name in _DTYPES.items()}     # torch's name -> safetensors'
 
 
 def _dtype_name(t) -> str:

@@ -137,11 +137,7 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
                 output.write_preview(plan, pictures)
                 output.write_card(plan, spec.get("card") or output.card_data())
             except OSError as e:
-                folder = os.path.dirname(os.path.abspath(plan.path))
-                raise I2LError(I2LError.OUTPUT, f"The preview and card could not be written to {folder}: "
-                               f"{e.strerror or e}", "Make sure the folder exists, can be written to and has room, "
-                               "or choose another Lora folder.",
-                               details=repr(e)) from None
+                raise output.write_failed("preview and card", plan.folder, e) from None
         side = _Background(extras)
         info = engine.run(spec, pictures, progress)
         pause = float(os.environ.get("I2L_PAUSE_BEFORE_WRITE", "0") or 0)   # lets tests stop a job here
