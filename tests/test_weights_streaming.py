@@ -4,6 +4,7 @@ The reading tests run anywhere; the streaming ones need a CUDA GPU and are skipp
 """
 import os
 import threading
+import time
 
 import pytest
 
@@ -102,6 +103,48 @@ def test_partial_wait_returns_before_the_end(tmp_path, monkeypatch):
     gate.set()
     wf.wait()
     assert wf.ready
+
+
+def _mapping_of(address):
+    """(permissions, smaps fields) of this process's mapping holding ``address``."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()
+        if "-" not in head[0] or len(head) < 5:
+            continue
+        lo, hi = (int(x, 16) for x in head[0].split("-"))
+        if lo <= address < hi:
+            fields = {}
+            for more in lines[i + 1:]:
+                if not more.split()[0].endswith(":"):
+                    break
+                k, v = more.split(":", 1)
+                fields[k] = v.strip()
+            return head[1], fields
+    raise AssertionError("no mapping holds the buffer")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+def test_buffers_are_private_memory_in_huge_pages(tmp_path):
+    """The buffer is a private mapping, so the kernel gives it transparent huge pages: a shared
+    anonymous one is shmem, 4 KiB pages whatever MADV_HUGEPAGE asks (five million page faults for
+    Style's weights)."""
+    p = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(8 << 20, dtype=torch.uint8)}, str(p))       # 8 MiB
+    wf = weights.WeightFile(str(p), pin=False).start()
+    wf.wait()
+    perms, fields = _mapping_of(wf.buffer.data_ptr())
+    assert perms.endswith("p"), perms
+    assert fields.get("Anonymous", "0 kB") != "0 kB"          # its own pages, not a file's or shmem's
+    assert torch.equal(wf.tensor("w"), torch.ones(8 << 20, dtype=torch.uint8))
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if os.path.exists(
+        "/sys/kernel/mm/transparent_hugepage/enabled") else "[never]"
+    if "[never]" not in thp:
+        assert "hg" in fields.get("VmFlags", "").split(), fields.get("VmFlags")     # MADV_HUGEPAGE
+        # what is needed for one 2 MiB page in the middle, at least, is a huge page
+        assert int(fields.get("AnonHugePages", "0 kB").split()[0]) >= 2048, fields.get("AnonHugePages")
+    wf.release()
 
 
 def test_refuses_what_is_not_safetensors(tmp_path):
@@ -223,6 +266,54 @@ def test_code_files_recorded_and_read_back(tmp_path):
     json.dump(data, open(where, "w"))
     assert warmstart.code_files(where) == []        # another interpreter's list is not used
     assert warmstart.warm_code(where=where).is_set()
+
+
+def _cached_fraction(path, n):
+    """Share of the first ``n`` bytes of ``path`` in the page cache (Linux ``mincore``)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), n, access=mmap.ACCESS_COPY)
+    try:
+        holder = ctypes.c_char.from_buffer(m)
+        pages = -(-n // 4096)
+        vec = ctypes.create_string_buffer(pages)
+        assert libc.mincore(ctypes.addressof(holder), n, vec) == 0
+        del holder
+        return sum(b & 1 for b in vec.raw) / pages
+    finally:
+        m.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise (Linux)")
+def test_code_read_ahead_reads_long_ranges_whole(tmp_path):
+    """The kernel reads at most its read-ahead window per WILLNEED and drops the rest: a long
+    listed range of a library is asked for in pieces, so all of it is read before the imports."""
+    import json
+    import sys
+    from i2l_ext.worker import warmstart
+    lib = tmp_path / "libbig.so"
+    size = 48 << 20
+    with open(lib, "wb") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(lib, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if _cached_fraction(str(lib), size) > 0.05:
+        pytest.skip("this file system keeps the file in memory (tmpfs)")
+    want = 40 << 20                               # longer than any read-ahead window
+    where = tmp_path / "code.json"
+    where.write_text(json.dumps({"python": sys.executable, "files": [[str(lib), [[4096, want]]]]}))
+    assert warmstart.warm_code(where=str(where)).wait(60)
+    deadline = time.monotonic() + 10
+    while _cached_fraction(str(lib), 4096 + want) < 0.99 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _cached_fraction(str(lib), 4096 + want) >= 0.99
+    assert _cached_fraction(str(lib), size) < 0.95            # and not the rest of the file
 
 
 # ----------------------------------------------------------------------------- O_DIRECT
