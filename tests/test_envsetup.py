@@ -420,6 +420,43 @@ def test_cli_registers_env_commands(tmp_path, capsys, monkeypatch):
 
 # --- a failed install (real pip, no network needed) -------------------------------------------
 
+def test_a_folder_of_other_files_is_never_emptied(tmp_path):
+    """I2L_WORKER_ENV pointed at a folder of someone's files by mistake: the install stops before
+    removing anything and says why."""
+    env_dir = tmp_path / "mine"
+    (env_dir / "photos").mkdir(parents=True)
+    (env_dir / "notes.txt").write_text("keep me")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    r = run_install_py({"I2L_WORKER_ENV": str(env_dir), "I2L_WHEELS": str(wheels), "I2L_OWN_TORCH": "1"},
+                       timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed at step 'create'" in r.stdout and "nothing in it was removed" in r.stdout
+    assert "notes.txt" in r.stdout and "I2L_WORKER_ENV" in r.stdout
+    assert (env_dir / "notes.txt").read_text() == "keep me" and (env_dir / "photos").is_dir()
+    assert not (env_dir / "pyvenv.cfg").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links")
+def test_a_linked_environment_is_rebuilt_where_the_link_points(tmp_path):
+    """.venv-worker as a link to a folder on another disk: a rebuild makes the venv there and
+    keeps the link (venv alone refuses a linked folder, after the old one was emptied)."""
+    target = tmp_path / "other-disk" / "env"
+    (target / "lib").mkdir(parents=True)
+    (target / "pyvenv.cfg").write_text("home = /nowhere\n")          # an old environment
+    link = tmp_path / "ext" / ".venv-worker"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    r = run_install_py({"I2L_WORKER_ENV": str(link), "I2L_WHEELS": str(wheels), "I2L_OWN_TORCH": "1"},
+                       timeout=300)
+    assert r.returncode == 1 and "failed at step 'torch'" in r.stdout, r.stdout + r.stderr   # past 'create'
+    assert link.is_symlink() and os.path.realpath(link) == os.path.realpath(target)
+    assert os.path.isfile(envsetup.venv_python(str(link)))            # made there, reached through the link
+    assert "/nowhere" not in (target / "pyvenv.cfg").read_text()
+
+
 def test_failed_install_is_reported_and_never_used(tmp_path):
     env_dir = tmp_path / "w"
     wheels = tmp_path / "wheels"

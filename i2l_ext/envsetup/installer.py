@@ -20,7 +20,7 @@ import sys
 import time
 
 from ..errors import I2LError
-from .layout import (EXT_ROOT, KEEP_ON_REBUILD, LOCK_NAME, LOG_NAME, PTH_NAME, REQUIREMENTS, SPECIAL_NAMES,
+from .layout import (ENV_LAYOUT_NAMES, EXT_ROOT, KEEP_ON_REBUILD, LOCK_NAME, LOG_NAME, PTH_NAME, REQUIREMENTS, SPECIAL_NAMES,
                      STAMP_NAME, STATUS_NAME, TORCH_NAMES, dist_infos, find_host_torch, host_torch_usable,
                      now_iso, pid_alive, quick_state, read_json, read_requirements, repair_command, satisfies,
                      shared_dists, split_requirements, venv_python, wanted_key, worker_env_dir, write_json)
@@ -334,10 +334,19 @@ class Installer:
 
     def create_venv(self) -> None:
         self.set_step("create", f"Creating the venv with {sys.version.split()[0]} ({self.host_python})")
-        for name in os.listdir(self.env_dir):
-            if name in KEEP_ON_REBUILD:
-                continue
-            p = os.path.join(self.env_dir, name)
+        # The folder may be a link to another disk (the user's choice): the venv is made where it
+        # points, and the link stays (venv itself refuses a linked folder).
+        real = os.path.realpath(self.env_dir)
+        names = [n for n in os.listdir(real) if n not in KEEP_ON_REBUILD]
+        foreign = sorted(n for n in names if n not in ENV_LAYOUT_NAMES)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            where = real if real == self.env_dir else f"{self.env_dir} (a link to {real})"
+            raise StepFailed("create", f"{where} holds files that are not part of a Python environment "
+                             f"({shown}); nothing in it was removed. Point I2L_WORKER_ENV at a new or "
+                             "empty folder, or move those files out and install again")
+        for name in names:
+            p = os.path.join(real, name)
             try:
                 if os.path.isdir(p) and not os.path.islink(p):
                     shutil.rmtree(p)
@@ -346,7 +355,7 @@ class Installer:
             except OSError as e:
                 raise StepFailed("create", f"could not remove the old environment ({e}); if a worker is still "
                                  "running, stop it (or close the WebUI) first") from e
-        cmd = [self.host_python, "-m", "venv", self.env_dir]
+        cmd = [self.host_python, "-m", "venv", real]
         try:
             self.run(cmd, "create")
         except StepFailed as e:
