@@ -316,6 +316,31 @@ def test_code_read_ahead_reads_long_ranges_whole(tmp_path):
     assert _cached_fraction(str(lib), size) < 0.95            # and not the rest of the file
 
 
+def test_garbage_collection_paused_for_the_imports_then_frozen_and_on(monkeypatch):
+    """The worker pauses the collector while it imports; when the model code is in
+    (``imports_done``, whoever imported it, once or twice) what exists is frozen and it is on."""
+    import gc
+    from i2l_ext.worker import engine, warmstart
+    assert gc.isenabled()
+    monkeypatch.setenv("I2L_GC_DURING_IMPORTS", "1")
+    warmstart.pause_gc()
+    assert gc.isenabled()                          # the A/B switch leaves it on
+    monkeypatch.delenv("I2L_GC_DURING_IMPORTS")
+    frozen = gc.get_freeze_count()
+    try:
+        warmstart.pause_gc()
+        assert not gc.isenabled()
+        made = [[i] for i in range(1000)]          # what an import would make, kept
+        engine.imports_done()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(made)
+        engine.imports_done()                      # the job's own call after the import thread's
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 # ----------------------------------------------------------------------------- O_DIRECT
 
 def _odd_file(path, seed=1):

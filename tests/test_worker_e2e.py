@@ -250,6 +250,7 @@ def test_webui_generation_asks_the_worker_to_let_go_of_the_gpu(service, images, 
     assert time.monotonic() - t < 2.0
     stats = service.worker_stats()
     assert stats["parks"] == 1 and stats["held_on_gpu"] == 0
+    assert stats["gc"] is True                    # paused while the worker imported, on again since
     reply = service.park()
     assert reply["type"] == "parked" and reply["freed"] == 0 and reply["parks"] == 2
 

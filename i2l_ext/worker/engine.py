@@ -228,8 +228,11 @@ DECODERS = ("style", "coarse", "fine")
 
 
 def imports_done() -> None:
-    """The model code is imported: the readers held back during the imports go, and page-locking."""
+    """The model code is imported: the readers held back during the imports go, and page-locking;
+    the garbage collector is on again."""
     weights.FULL_SPEED.set()
+    from .warmstart import resume_gc
+    resume_gc()
 
 
 class Engine:

@@ -48,8 +48,10 @@ _parks = 0          # park requests answered (the host asks before each of its g
 
 def _stats(engine=None) -> dict:
     import torch
+    import gc
     info = {"type": "stats", "pid": os.getpid(), "vram_allocated": None, "vram_reserved": None,
-            "held_on_gpu": engine.held_on_gpu if engine is not None else 0, "parks": _parks}
+            "held_on_gpu": engine.held_on_gpu if engine is not None else 0, "parks": _parks,
+            "gc": gc.isenabled()}
     if torch.cuda.is_available():
         info.update(vram_allocated=torch.cuda.memory_allocated(), vram_reserved=torch.cuda.memory_reserved())
     return info
@@ -315,6 +317,8 @@ def main() -> None:
     if "--record-code" in sys.argv[1:]:
         sys.exit(record_code_main())
     _claim_stdout()
+    from .warmstart import pause_gc
+    pause_gc()                       # until the model code is imported (engine.imports_done)
     early = _start_early()
     try:
         send(_hello())
