@@ -81,7 +81,10 @@ def _lazy_package(name: str) -> types.ModuleType | None:
 
 
 def install() -> None:
-    """Lazy stand-ins for diffsynth's heavy package files (no-op once diffsynth is imported)."""
+    """Lazy stand-ins for diffsynth's heavy package files (no-op once diffsynth is imported), and
+    transformers' map of its model modules from the saved copy (``importcache``)."""
+    from . import importcache
+    importcache.install()
     with _lock:
         for name in HEAVY:
             _lazy_package(name)
