@@ -420,6 +420,14 @@ def test_cli_registers_env_commands(tmp_path, capsys, monkeypatch):
 
 # --- a failed install (real pip, no network needed) -------------------------------------------
 
+def test_what_a_rebuild_may_remove():
+    from i2l_ext.worker import importcache, warmstart
+    ours = [layout.STAMP_NAME, layout.STAMP_NAME + ".prev", "i2l-constraints.txt", "i2l-requirements.txt",
+            warmstart.MANIFEST, importcache.NAME, "bin", "lib", "lib64", "include", "pyvenv.cfg", "Scripts", "Lib"]
+    assert all(layout.is_env_entry(n) for n in ours)
+    assert not any(layout.is_env_entry(n) for n in ("notes.txt", "photos", "Documents", ".bashrc"))
+
+
 def test_a_folder_of_other_files_is_never_emptied(tmp_path):
     """I2L_WORKER_ENV pointed at a folder of someone's files by mistake: the install stops before
     removing anything and says why."""

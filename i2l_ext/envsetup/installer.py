@@ -20,9 +20,9 @@ import sys
 import time
 
 from ..errors import I2LError
-from .layout import (ENV_LAYOUT_NAMES, EXT_ROOT, KEEP_ON_REBUILD, LOCK_NAME, LOG_NAME, PTH_NAME, REQUIREMENTS, SPECIAL_NAMES,
+from .layout import (EXT_ROOT, KEEP_ON_REBUILD, LOCK_NAME, LOG_NAME, PTH_NAME, REQUIREMENTS, SPECIAL_NAMES,
                      STAMP_NAME, STATUS_NAME, TORCH_NAMES, dist_infos, find_host_torch, host_torch_usable,
-                     now_iso, pid_alive, quick_state, read_json, read_requirements, repair_command, satisfies,
+                     is_env_entry, now_iso, pid_alive, quick_state, read_json, read_requirements, repair_command, satisfies,
                      shared_dists, split_requirements, venv_python, wanted_key, worker_env_dir, write_json)
 
 PREFIX = "[i2L env]"
@@ -338,7 +338,7 @@ class Installer:
         # points, and the link stays (venv itself refuses a linked folder).
         real = os.path.realpath(self.env_dir)
         names = [n for n in os.listdir(real) if n not in KEEP_ON_REBUILD]
-        foreign = sorted(n for n in names if n not in ENV_LAYOUT_NAMES)
+        foreign = sorted(n for n in names if not is_env_entry(n))
         if foreign:
             shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
             where = real if real == self.env_dir else f"{self.env_dir} (a link to {real})"

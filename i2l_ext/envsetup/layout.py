@@ -23,10 +23,15 @@ LOG_NAME = "i2l-env-install.log"       # full output of the last install
 LOCK_NAME = "i2l-env.lock"
 PTH_NAME = "_i2l_worker_paths.pth"     # ext root + the WebUI's torch, after the venv's own packages
 KEEP_ON_REBUILD = (STATUS_NAME, LOG_NAME, LOCK_NAME)
-# What a rebuild may remove from the folder: a venv's own entries (POSIX and Windows) and ours.
-# A folder holding anything else is someone's files, and a rebuild refuses to touch it.
+# What a rebuild may remove from the folder: a venv's own entries (POSIX and Windows) and ours
+# (named "i2l-..."). A folder holding anything else is someone's files: a rebuild leaves it alone.
 ENV_LAYOUT_NAMES = frozenset({"bin", "include", "lib", "lib64", "share", "etc", "man", "pyvenv.cfg",
-                              "Scripts", "Include", "Lib", "Tcl", STAMP_NAME, "i2l-import-files.json"})
+                              "Scripts", "Include", "Lib", "Tcl"})
+
+
+def is_env_entry(name: str) -> bool:
+    """Whether an entry of the environment folder is the venv's or ours (a rebuild may remove it)."""
+    return name in ENV_LAYOUT_NAMES or name.startswith("i2l-")
 
 SCHEMA = 2                             # bump when the stamp's meaning changes (2: shared_dists)
 TORCH_NAMES = ("torch", "torchvision")
