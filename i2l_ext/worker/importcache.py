@@ -28,8 +28,8 @@ def cache_paths() -> list[str]:
     explicit = os.environ.get("I2L_IMPORT_CACHE")
     if explicit:
         return [] if explicit == "0" else [explicit]
-    from .warmstart import _manifest_paths, MANIFEST
-    return [p[: -len(MANIFEST)] + NAME for p in _manifest_paths()]
+    from .warmstart import saved_file_paths
+    return saved_file_paths(NAME)
 
 
 def _key(folder: str, prefix) -> str | None:
@@ -86,7 +86,8 @@ def _wrap(original):
         if key is None:
             return original(module_path, prefix)
         with _lock:
-            rows = _read().get(key)
+            saved = _read()
+            rows = saved.get(key)
             if isinstance(rows, list):
                 try:
                     got = _decode(rows)
@@ -96,7 +97,7 @@ def _wrap(original):
                     pass
             result = original(module_path, prefix)
             state["misses"] += 1
-            entries = {k: v for k, v in _read().items() if k.split("|")[:2] != key.split("|")[:2]}
+            entries = {k: v for k, v in saved.items() if k.split("|")[:2] != key.split("|")[:2]}
             entries[key] = _encode(result)
             _write(entries)
             return result

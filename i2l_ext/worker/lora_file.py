@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import struct
 
-SMALL = 1 << 16                 # pieces under this size are gathered into one write
-
 from .weights import _DTYPES
+
+SMALL = 1 << 16                 # pieces under this size are gathered into one write
 
 _NAMES = {torch_name: st_name for st_name, torch_name in _DTYPES.items()}     # torch's name -> safetensors'
 

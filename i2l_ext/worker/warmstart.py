@@ -149,12 +149,13 @@ def start_reads(paths: list[str], after: threading.Event | None = None) -> list[
 
 # ----------------------------------------------------------------------------- code files
 
-def _manifest_paths() -> list[str]:
-    """Where the list of files is kept: beside the worker environment, else the user's cache."""
-    out = [os.path.join(sys.prefix, MANIFEST)]
+def saved_file_paths(name: str = MANIFEST) -> list[str]:
+    """Where a file the worker keeps for its next starts lives (the list of code files, the
+    ``importcache`` map): beside the worker environment, else the user's cache."""
+    out = [os.path.join(sys.prefix, name)]
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     tag = hashlib.sha256(sys.prefix.encode("utf-8", "replace")).hexdigest()[:12]
-    out.append(os.path.join(cache, "i2l-ext", f"{tag}-{MANIFEST}"))
+    out.append(os.path.join(cache, "i2l-ext", f"{tag}-{name}"))
     return out
 
 
@@ -277,7 +278,7 @@ def record_code(where: str | None = None) -> str | None:
             seen.add(rp)
             items.append([rp, None])
     data = {"python": sys.executable, "files": items}
-    for path in [where] if where else _manifest_paths():
+    for path in [where] if where else saved_file_paths():
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
@@ -294,7 +295,7 @@ def record_code(where: str | None = None) -> str | None:
 
 def code_files(where: str | None = None) -> list[tuple[str, list | None]]:
     """(path, byte ranges or None for the whole file) from this interpreter's list."""
-    for path in [where] if where else _manifest_paths():
+    for path in [where] if where else saved_file_paths():
         try:
             with open(path) as f:
                 data = json.load(f)
