@@ -52,7 +52,7 @@ def _config(args):
     from .config import default_config
     return default_config(models_dir=getattr(args, "models_dir", None), lora_dir=getattr(args, "lora_dir", None),
                           worker_python=getattr(args, "worker_python", None), offline=getattr(args, "offline", None),
-                          host="cli", keep_warm=False)
+                          host="cli", keep_warm=False, standby=False)
 
 
 def cmd_make(args) -> int:

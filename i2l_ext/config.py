@@ -25,6 +25,7 @@ class Config:
     idle_timeout: float = 600.0           # a warm worker idle this long is shut down (0: at once)
     keep_warm: bool = True
     prewarm: bool = True                  # start the worker and read weights when the tab opens
+    standby: bool = True                  # keep a worker with its code imported (no GPU, no weights) ready
     gpu_hold: float = 10.0                # s a job's weights stay on the GPU for the next job (0: park at once)
     gpu_hold_gb: float = 10.0             # at most this much of them (and never more than free VRAM allows)
     worker_env: dict = field(default_factory=dict)   # extra environment for the worker process

@@ -149,6 +149,8 @@ class Service:
         self._worker: WorkerProcess | None = None
         self._idle_timer: threading.Timer | None = None
         self._wlock = threading.RLock()      # held while the worker starts or is asked something
+        self._standby: WorkerProcess | None = None   # a worker started ahead of need (``standby``)
+        self._closed = False
 
     # -- checks the tab runs as the user types -------------------------------------------------
     def check_name(self, name: str, subfolder: str = "", overwrite: bool = False) -> str | None:
@@ -242,14 +244,78 @@ class Service:
         return find_worker_python()
 
     def _spawn(self, prefetch_files: list[str] | None = None) -> WorkerProcess:
+        python = self._worker_python()
+        sb = self._take_standby(python)
+        if sb is not None:
+            sb.log = self._route_log
+            self._worker = sb
+            try:
+                sb.wake(prefetch_files, timeout=self.config.start_timeout)
+                return sb
+            except I2LError:
+                if sb.alive:
+                    raise
+                sb.kill()               # it died while waiting: a fresh worker says why, if anything
         env = dict(self.config.worker_env)
         if prefetch_files:
             import json
             env["I2L_PREFETCH"] = json.dumps(prefetch_files)
-        w = WorkerProcess(self._worker_python(), extra_env=env, log=self._route_log)
+        w = WorkerProcess(python, extra_env=env, log=self._route_log)
         self._worker = w
         w.start(timeout=self.config.start_timeout)
         return w
+
+    # -- standby worker ----------------------------------------------------------------------------
+    def standby(self) -> bool:
+        """Start a worker ahead of need, when the WebUI (or the app) has started and whenever the
+        warm worker has gone: it imports torch and the model code, then waits holding no GPU
+        memory and no weights (about half a GB of RAM). The next job or tab load wakes it and
+        starts with the weights' reading instead of seconds of imports. Returns whether one is
+        there (or starting); never waits for it. Off with ``Config.standby = False``."""
+        if not self.config.standby or self._closed:
+            return False
+        if not self._wlock.acquire(timeout=0.05):
+            return False                    # a worker is being started right now
+        try:
+            if self._closed or self.busy or (self._worker is not None and self._worker.alive):
+                return False
+            sb = self._standby
+            if sb is not None and sb.alive:
+                return True
+            try:
+                w = WorkerProcess(self._worker_python(), extra_env=dict(self.config.worker_env))
+                w.start_standby()
+            except I2LError:
+                return False                # no environment yet: the job will say what to do
+            self._standby = w
+            return True
+        finally:
+            self._wlock.release()
+
+    def _take_standby(self, python: str) -> WorkerProcess | None:
+        """The standby worker, if it is alive and was started the way a worker would be now."""
+        sb, self._standby = self._standby, None
+        if sb is None:
+            return None
+        env = dict(self.config.worker_env, I2L_STANDBY="1")
+        if sb.alive and sb.standby and sb.python == python and sb.extra_env == env:
+            return sb
+        sb.kill()                           # settings changed since it started
+        return None
+
+    def standby_pid(self) -> int | None:
+        sb = self._standby
+        return sb.pid if sb is not None and sb.alive else None
+
+    def standby_ready(self, timeout: float = 0.0) -> bool:
+        """Whether the standby worker has its code imported (waiting up to ``timeout`` s)."""
+        sb = self._standby
+        return sb is not None and sb.alive and sb.standby_ready.wait(timeout)
+
+    def stop_standby(self) -> None:
+        sb, self._standby = self._standby, None
+        if sb is not None:
+            sb.shutdown(timeout=2.0)
 
     def _ensure_worker(self, job: Job, spec: dict) -> WorkerProcess:
         with self._wlock:
@@ -406,7 +472,10 @@ class Service:
     def _after_job(self) -> None:
         if not self.config.keep_warm or self.config.idle_timeout <= 0:
             self._stop_worker()
+            self.standby()                 # ready again, without the weights or the GPU
             return
+        if self._worker is None or not self._worker.alive:
+            self.standby()                 # the worker was stopped (after an error) or died
         self._cancel_idle_timer()
         t = threading.Timer(self.config.idle_timeout, self._idle)
         t.daemon = True
@@ -417,6 +486,7 @@ class Service:
         with self._lock:
             if not self.busy:
                 self._stop_worker()
+                self.standby()
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -436,8 +506,10 @@ class Service:
         return self._worker.pid if self._worker is not None and self._worker.alive else None
 
     def shutdown(self) -> None:
+        self._closed = True
         self.cancel()
         if self._job is not None:
             self._job.wait(10)
         self._cancel_idle_timer()
         self._stop_worker()
+        self.stop_standby()

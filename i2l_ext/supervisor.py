@@ -33,6 +33,8 @@ class WorkerProcess:
         self._queue: queue.Queue = queue.Queue()
         self._killed = False
         self._lock = threading.Lock()
+        self.standby = False                          # started ahead of need, not woken yet
+        self.standby_ready = threading.Event()        # its code is imported (it said so)
 
     # -- life cycle -----------------------------------------------------------------------
     def _env(self) -> dict:
@@ -48,6 +50,26 @@ class WorkerProcess:
         return env
 
     def start(self, timeout: float = 600.0) -> dict:
+        """Start the worker and wait for its ``hello`` (CUDA up, reading what ``I2L_PREFETCH`` names)."""
+        self._spawn()
+        return self._wait_hello(timeout)
+
+    def start_standby(self) -> None:
+        """Start the worker ahead of need: it imports its code, then waits for ``wake`` holding no
+        GPU memory and no weights. Returns at once; ``standby_ready`` is set once the code is in."""
+        self.extra_env = dict(self.extra_env, I2L_STANDBY="1")
+        self.extra_env.pop("I2L_PREFETCH", None)
+        self.standby = True
+        self._spawn()
+
+    def wake(self, prefetch_files: list[str] | None = None, timeout: float = 600.0) -> dict:
+        """Turn a standby worker into a working one: it starts reading ``prefetch_files`` at once,
+        then brings CUDA up and says ``hello`` (waited for here)."""
+        self.send({"type": "wake", "prefetch": list(prefetch_files or [])})
+        self.standby = False
+        return self._wait_hello(timeout)
+
+    def _spawn(self) -> None:
         if not self.python or not os.path.exists(self.python):
             raise I2LError(I2LError.WORKER_START, f"The worker's Python was not found: {self.python or '(none set)'}",
                            REPAIR_HINT)
@@ -65,6 +87,8 @@ class WorkerProcess:
                            REPAIR_HINT) from None
         threading.Thread(target=self._read_stdout, daemon=True, name="i2l-worker-out").start()
         threading.Thread(target=self._read_stderr, daemon=True, name="i2l-worker-err").start()
+
+    def _wait_hello(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             msg = self.next_message(max(0.0, deadline - time.monotonic()))
@@ -195,7 +219,9 @@ class WorkerProcess:
         proc = self.proc
         for line in iter(proc.stdout.readline, b""):
             msg = protocol.decode(line)
-            if msg is not None:
+            if msg is not None and msg.get("type") == "standby":
+                self.standby_ready.set()
+            elif msg is not None:
                 self._queue.put(("msg", msg))
             else:
                 text = line.decode("utf-8", "replace").rstrip()

@@ -311,3 +311,119 @@ def test_cli_make_and_bad_input(worker_python, tiny_models, tmp_path, images):
     p = subprocess.run(base + [str(txt), "--name", "t"], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and "notes.png is not an image" in p.stderr
     assert sorted(os.listdir(lora)) == ["cli_style.json", "cli_style.preview.png", "cli_style.safetensors"]
+
+
+# -- the standby worker (started ahead of need: code imported, no weights, no GPU) -------------------
+def _environ(pid) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+
+
+def test_standby_worker_takes_the_next_job(worker_python, tiny_models, lora_dir, images):
+    s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, idle_timeout=60))
+    try:
+        assert s.standby() is True
+        pid = s.standby_pid()
+        assert pid and s.worker_pid() is None
+        assert s.standby_ready(timeout=180), "the standby worker never said its code was imported"
+        env = _environ(pid)
+        assert env.get(b"I2L_STANDBY") == b"1" and b"I2L_PREFETCH" not in env     # it reads no weights
+        assert s.standby() is True and s.standby_pid() == pid                       # one at a time
+        job = s.run(JobRequest(images=images, name="from_standby", variant="style"))
+        assert job.state == "done", job.error
+        assert s.worker_pid() == pid and s.standby_pid() is None                    # woken, not replaced
+        assert any(f"pid {pid}" in line for line in job.log)
+        assert os.path.isfile(os.path.join(lora_dir, "from_standby.safetensors"))
+        assert s.standby() is False                                                  # a warm worker is there
+    finally:
+        s.shutdown()
+    assert gone(pid)
+
+
+def test_standby_woken_while_it_still_imports(worker_python, tiny_models, lora_dir, images):
+    s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, idle_timeout=60))
+    try:
+        s.standby()
+        pid = s.standby_pid()
+        assert not s.standby_ready()          # the click comes before its imports are done
+        job = s.run(JobRequest(images=images, name="early_click", variant="style"))
+        assert job.state == "done", job.error
+        assert s.worker_pid() == pid
+    finally:
+        s.shutdown()
+    assert gone(pid)
+
+
+def test_standby_not_used_once_the_settings_changed(worker_python, tiny_models, lora_dir, images):
+    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, idle_timeout=60)
+    s = Service(cfg)
+    try:
+        s.standby()
+        old = s.standby_pid()
+        cfg.worker_env = {"I2L_GPU_NOTE": "changed"}     # e.g. the user changed the worker's settings
+        job = s.run(JobRequest(images=images, name="fresh", variant="style"))
+        assert job.state == "done", job.error
+        assert s.worker_pid() not in (None, old)
+        assert gone(old)
+        assert _environ(s.worker_pid()).get(b"I2L_GPU_NOTE") == b"changed"
+    finally:
+        s.shutdown()
+
+
+def test_idle_worker_gives_way_to_a_standby(worker_python, tiny_models, lora_dir, images):
+    """The warm worker (weights in RAM) goes after its idle time; a standby (code only) takes its place."""
+    s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, idle_timeout=1))
+    try:
+        job = s.run(JobRequest(images=images, name="before_idle", variant="style"))
+        assert job.state == "done", job.error
+        worker = s.worker_pid()
+        assert worker
+        deadline = time.monotonic() + 30
+        while (s.worker_pid() is not None or s.standby_pid() is None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s.worker_pid() is None and s.standby_pid() not in (None, worker)
+        assert gone(worker)
+        standby = s.standby_pid()
+    finally:
+        s.shutdown()
+    assert gone(standby)                                   # and it goes with the service
+
+
+def test_standby_off_and_for_one_shot_jobs(worker_python, tiny_models, lora_dir, images):
+    s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, standby=False,
+                       keep_warm=False))
+    try:
+        assert s.standby() is False and s.standby_pid() is None
+        job = s.run(JobRequest(images=images, name="no_standby", variant="style"))
+        assert job.state == "done", job.error
+        assert s.worker_pid() is None and s.standby_pid() is None
+    finally:
+        s.shutdown()
+
+
+HOST_WITH_STANDBY = """
+import sys, time
+from i2l_ext.config import Config
+from i2l_ext.service import Service
+s = Service(Config(models_dir=sys.argv[1], lora_dir=sys.argv[2], worker_python=sys.argv[3]))
+s.standby()
+print(s.standby_pid(), flush=True)
+s.standby_ready(timeout=180)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_standby_ends_with_its_host(worker_python, tiny_models, lora_dir):
+    """The WebUI killed outright: its standby worker notices its pipe closing and ends (no orphan)."""
+    host = subprocess.Popen([sys.executable, "-c", HOST_WITH_STANDBY, tiny_models, lora_dir, worker_python],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        pid = int(host.stdout.readline())
+        assert host.stdout.readline().strip() == "ready"
+        assert not gone(pid, 0.5)
+        host.kill()
+        host.wait(10)
+        assert gone(pid, 15)
+    finally:
+        host.kill()

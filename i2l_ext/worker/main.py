@@ -193,17 +193,69 @@ def _start_early() -> list:
         return []
 
 
-def _warm_up(engine, early: list) -> None:
+def _standby() -> tuple[list, list[str]]:
+    """``I2L_STANDBY=1``: a worker started ahead of need (when the WebUI starts). It reads its
+    code ahead, imports torch and the model code, says ``standby``, and waits -- no GPU context,
+    no weights, about half a GB of RAM. ``wake`` (with the weight files to read) turns it into a
+    worker like any other: the reads start at once (at full speed when the imports are done, one
+    reader while they still run, as at a fresh start), then CUDA comes up and ``hello`` is sent.
+    ``shutdown``, or the host going away (end of its pipe), ends it at once.
+    Returns (the early reads, the files named by ``wake``)."""
+    from . import warmstart, weights
+    weights.FULL_SPEED.clear()
+    warmstart.watch_opens()
+    warmstart.trace("worker started (standby)")
+    warmstart.warm_code()
+    woke = threading.Event()
+    box: dict = {"early": [], "files": []}
+
+    def listen():
+        while True:
+            raw = sys.stdin.buffer.readline()
+            if not raw:
+                os._exit(0)                 # the host is gone: nothing to hand back
+            msg = protocol.decode(raw)
+            kind = (msg or {}).get("type")
+            if kind == "shutdown":
+                os._exit(0)
+            if kind == "ping":
+                send({"type": "pong"})
+            elif kind == "wake":
+                files = [p for p in msg.get("prefetch") or [] if isinstance(p, str)]
+                warmstart.trace("standby: woken")
+                try:
+                    box["early"] = warmstart.start_reads(files)
+                except OSError:
+                    pass
+                box["files"] = files
+                woke.set()
+                return
+    threading.Thread(target=listen, daemon=True, name="i2l-standby").start()
+    import torch  # noqa: F401  (no CUDA call here: a standby holds no GPU memory)
+    from .engine import Engine
+    imports = threading.Thread(target=Engine.import_models, daemon=True, name="i2l-imports")
+    imports.start()
+    while not woke.wait(0.05):
+        if not imports.is_alive():
+            send({"type": "standby", "pid": os.getpid()})
+            woke.wait()
+            break
+    return box["early"], box["files"]
+
+
+def _warm_up(engine, early: list, paths: list[str] | None = None, imports: bool = True) -> None:
     """Right after hello: the early reads handed to the engine (page-locked in place now that CUDA
-    is up), anything left read ahead, and the model code imported, all in the background."""
+    is up), anything left read ahead, and the model code imported (unless a standby did already),
+    all in the background."""
     engine.adopt(early)
-    paths = [p for p in _prefetch_list() if os.path.isfile(p)]
+    paths = [p for p in (_prefetch_list() if paths is None else paths) if os.path.isfile(p)]
     if paths:
         try:
             engine.read_ahead(paths)
         except (ValueError, OSError) as e:
             send({"type": "log", "job": None, "level": "debug", "message": f"read-ahead skipped: {e}"})
-    threading.Thread(target=engine.import_models, daemon=True, name="i2l-imports").start()
+    if imports:
+        threading.Thread(target=engine.import_models, daemon=True, name="i2l-imports").start()
 
     def warm():
         try:
@@ -319,7 +371,12 @@ def main() -> None:
     _claim_stdout()
     from .warmstart import pause_gc
     pause_gc()                       # until the model code is imported (engine.imports_done)
-    early = _start_early()
+    standby = os.environ.get("I2L_STANDBY") == "1"
+    paths = None
+    if standby:
+        early, paths = _standby()
+    else:
+        early = _start_early()
     try:
         send(_hello())
     except Exception as e:
@@ -329,7 +386,7 @@ def main() -> None:
     trace("hello: torch imported, CUDA up")
     from .engine import Engine
     engine = Engine(log=lambda level, message: send({"type": "log", "job": None, "level": level, "message": message}))
-    _warm_up(engine, early)
+    _warm_up(engine, early, paths, imports=not standby)
     recorder = _CodeRecorder(engine)
     for raw in sys.stdin.buffer:
         msg = protocol.decode(raw)
