@@ -31,6 +31,7 @@ def _config_refresh(cfg):
     cfg.idle_timeout = 60.0 * float(hosts.opt("i2l_keep_warm_minutes", 10) or 0)
     cfg.keep_warm = cfg.idle_timeout > 0
     cfg.prewarm = bool(hosts.opt("i2l_prewarm", True))
+    cfg.standby = bool(hosts.opt("i2l_standby", True))
     cfg.gpu_hold = float(hosts.opt("i2l_gpu_hold_seconds", 10) or 0)
     cfg.gpu_hold_gb = float(hosts.opt("i2l_gpu_hold_gb", 10) or 0)
 
@@ -91,6 +92,7 @@ def on_ui_settings():
     add("i2l_free_vram", True, t("settings_free_vram"))
     add("i2l_keep_warm_minutes", 10, t("settings_keep_warm"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
     add("i2l_prewarm", True, t("settings_prewarm"))
+    add("i2l_standby", True, t("settings_standby"))
     add("i2l_start_with_webui", False, t("settings_start_with_webui"))
     add("i2l_gpu_hold_seconds", 10, t("settings_gpu_hold"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
     add("i2l_gpu_hold_gb", 10, t("settings_gpu_hold_gb"), gr.Slider, {"minimum": 0, "maximum": 80, "step": 1})
@@ -98,15 +100,21 @@ def on_ui_settings():
 
 
 def on_app_started(demo, app):
-    """With "start with the WebUI" on: the worker starts now and reads the default variant's
-    weights, in the background (the WebUI's start is not held up)."""
+    """Once the WebUI is up, in the background (its start is not held up): with "start with the
+    WebUI" on, the worker starts and reads the default variant's weights; else, with the standby
+    setting on (the default), a worker starts that only imports its code and waits, holding no
+    GPU memory and no weights, so the first job skips those seconds."""
     from i2l_ext import hosts
-    if not hosts.opt("i2l_start_with_webui", False):
+    start, standby = hosts.opt("i2l_start_with_webui", False), hosts.opt("i2l_standby", True)
+    if not start and not standby:
         return
     ctl = get_controller()
     ctl.refresh_config()
-    d = ctl.defaults
-    ctl.service.prewarm(d.get("variant") or "style", None, d.get("vram_profile") or "auto")
+    if start:
+        d = ctl.defaults
+        ctl.service.prewarm(d.get("variant") or "style", None, d.get("vram_profile") or "auto")
+    else:
+        ctl.service.standby()
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)

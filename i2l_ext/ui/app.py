@@ -26,6 +26,7 @@ def serve(host: str = "127.0.0.1", port: int = 7870, lora_dir: str | None = None
     demo = create_tab(ctl, standalone_assets=True)
     compat.queue(demo, 8)
     print(f"Image to LoRA: LoRAs go to {ctl.config.lora_dir}; models from {ctl.config.models_dir}", flush=True)
+    ctl.service.standby()          # the worker's code imported while the page is being opened
     try:
         demo.launch(server_name=host, server_port=port, inbrowser=open_browser, share=False, show_api=False,
                     allowed_paths=[ctl.config.lora_dir], prevent_thread_lock=False)

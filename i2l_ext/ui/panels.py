@@ -65,6 +65,7 @@ def env_banner_loaders(ctl, banner, row, repair_btn, log):
 
         def work():
             try:
+                ctl.service.stop_standby()      # it runs from the environment about to be rebuilt
                 env.repair_env(log=lambda *m: lines.append(" ".join(str(x) for x in m)))
             except Exception as e:
                 box["error"] = e

@@ -103,7 +103,31 @@ def test_registers_tab_and_settings(webui):
     assert all(c["section"][0] == "i2l" for c in ev if c["event"] == "add_option")
     assert "torch_imported" not in webui.events()
     assert "app_started" in webui.events()
-    assert webui.workers() == []          # by default no worker until the tab is opened
+    assert "i2l_standby" in keys
+    # By default a standby worker starts once the WebUI is up: its code only, no weights named.
+    deadline = time.monotonic() + 30
+    while not webui.workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    started = webui.workers()
+    assert len(started) == 1
+    env = worker_environ(started[0])
+    assert env.get(b"I2L_STANDBY") == b"1" and b"I2L_PREFETCH" not in env
+
+
+def worker_environ(pid) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+
+
+def test_standby_setting_off_starts_no_worker_with_the_webui(ui_python, tmp_path, tiny_models, worker_python):
+    w = FakeWebUI(ui_python, str(tmp_path), tiny_models, worker_python, str(tmp_path), pause=0,
+                  opts={"i2l_standby": False})
+    try:
+        assert "app_started" in w.events()
+        time.sleep(3)
+        assert w.workers() == []          # nothing until the tab is opened
+    finally:
+        w.stop()
 
 
 def test_start_with_the_webui_setting_starts_the_worker_at_once(ui_python, tmp_path, tiny_models, worker_python,
@@ -118,6 +142,7 @@ def test_start_with_the_webui_setting_starts_the_worker_at_once(ui_python, tmp_p
             time.sleep(0.2)
         started = w.workers()
         assert len(started) == 1
+        assert b"I2L_PREFETCH" in worker_environ(started[0])        # it reads the weights too
     finally:
         w.stop()
     assert all(gone(pid, 20) for pid in started)      # the WebUI gone: its worker goes too
@@ -129,6 +154,7 @@ def test_job_in_host(page, webui, sample_images, artifacts):
     wait_count(page, 2)
     type_name(page, "host_lora")
     name_state(page, True, os.path.join(webui.lora_dir, "host_lora.safetensors"))
+    standby = webui.workers()
     page.click("#i2l_run")
     # while the job runs, a txt2img Generate waits for the queue lock
     deadline = time.monotonic() + 120
@@ -145,6 +171,7 @@ def test_job_in_host(page, webui, sample_images, artifacts):
     assert page.is_visible("#i2l_send")                    # host-only button shown
     shot(page, artifacts, "20-host-result")
     assert webui.files() == ["host_lora.json", "host_lora.preview.png", "host_lora.safetensors"]
+    assert webui.workers() == standby and len(standby) == 1     # the standby from the start did the job
     time.sleep(1.0)
     calls = webui.calls()
     ev = [c["event"] for c in calls]
