@@ -11,6 +11,10 @@ the worker process (``python -m i2l_ext.worker``) that the service starts.
 
 Scenarios, in this order, each one's figures in the JSON:
 
+0. **WebUI start**: the service is made and, if it offers ``standby`` (a worker started ahead of
+   need, as the WebUI's app-started callback does), that is called and waited for (up to
+   ``--standby-wait`` s): its GPU memory (driver's figure) and RAM are recorded. ``--no-standby``
+   skips it.
 1. ``cold``: page cache dropped, then **tab load** (a ``Service`` is made, and if the service
    offers a start-ahead hook -- ``prepare``/``prewarm``/``warm_up``/``prestart``/``preload`` --
    it is called as the tab would on load), then after ``--click-delay`` s (only when such a hook
@@ -27,7 +31,9 @@ Scenarios, in this order, each one's figures in the JSON:
    time, what it freed, the worker's GPU memory after it).
 5. ``restart``: the worker is shut down (the "worker gone" choice) and one job runs with the
    page cache still warm.
-6. ``low``: a new service whose worker runs under a VRAM cap of ``--cap-gb`` GB (2**30 bytes):
+6. ``cold_fresh`` (unless ``--no-fresh``): as ``cold`` with a new service and no standby (the
+   worker starts at tab load: a click right after the WebUI started).
+7. ``low``: a new service whose worker runs under a VRAM cap of ``--cap-gb`` GB (2**30 bytes):
    ``torch.cuda.set_per_process_memory_fraction`` is set in the worker before anything else runs
    (``bench/capped_worker.py``), and ``I2L_VRAM_CAP_GB`` is passed in its environment so the
    engine can size itself to it; page cache dropped; a job with ``--low-profile``, then a second.
@@ -82,7 +88,7 @@ class Bench:
                           "host_import_s": round(T_IMPORT, 3), "scenarios": {}}
 
     # -- set-up ---------------------------------------------------------------------------------
-    def config(self, capped: bool = False) -> Config:
+    def config(self, capped: bool = False, standby: bool = True) -> Config:
         env = {"PYTHONPATH": os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         for kv in self.a.worker_env:
             k, _, v = kv.partition("=")
@@ -94,6 +100,8 @@ class Bench:
             python = os.path.join(HERE, "capped-python")
         cfg = Config(models_dir=self.a.models, lora_dir=self.a.lora, worker_python=python, worker_env=env,
                      idle_timeout=3600.0, keep_warm=True)
+        if hasattr(cfg, "standby"):
+            cfg.standby = standby and not self.a.no_standby
         fields = {f.name for f in dataclasses.fields(Config)}
         applied, ignored = {}, []
         for kv in self.a.config:
@@ -175,11 +183,30 @@ class Bench:
     def drop(self) -> bool:
         return False if self.a.no_drop else C.drop_caches()
 
-    def cold(self) -> Service:
+    def webui_start(self, svc: Service) -> dict | None:
+        """The WebUI started a while before anyone opens the tab: the service's standby hook, called
+        as the app-started callback does, and waited for."""
+        fn = getattr(svc, "standby", None)
+        if self.a.no_standby or not callable(fn):
+            return None
+        t0 = C.now()
+        started = fn()
+        pid = svc.standby_pid() if hasattr(svc, "standby_pid") else None
+        ready = bool(svc.standby_ready(self.a.standby_wait)) if started and hasattr(svc, "standby_ready") else False
+        took = C.now() - t0
+        time.sleep(1.0)
+        rec = {"started": bool(started), "pid": pid, "ready": ready, "ready_after_s": round(took, 3) if ready else None,
+               "vram": C.process_vram(pid), "device_used": C.device_used(), "status": C.proc_status(pid)}
+        print(f"  WebUI start: standby {'ready after %.1f s' % took if ready else 'NOT ready'}, "
+              f"VRAM {C.gb(rec['vram'])} GB, RSS {C.gb(rec['status'].get('VmRSS'))} GB", flush=True)
+        return rec
+
+    def cold(self, fresh: bool = False) -> Service:
+        svc = Service(self.config(standby=not fresh))
+        standby = None if fresh else self.webui_start(svc)
         dropped = self.drop()
         t_tab = C.now()
         wall_tab = time.time()
-        svc = Service(self.config())
         hook = None
         for name in PREPARE_HOOKS:
             fn = getattr(svc, name, None)
@@ -195,8 +222,8 @@ class Bench:
         rec = self.job(svc, self.request(), keep_events=True)
         rec.update({"page_cache_dropped": dropped, "start_ahead_hook": hook, "hook_call_s": round(t_hook, 3),
                     "click_after_tab_load_s": round(delay, 3), "tab_load_unix": round(wall_tab, 3),
-                    "from_tab_load_s": round(delay + rec["from_click_s"], 3)})
-        self.out["scenarios"]["cold"] = rec
+                    "from_tab_load_s": round(delay + rec["from_click_s"], 3), "standby": standby})
+        self.out["scenarios"]["cold_fresh" if fresh else "cold"] = rec
         return svc
 
     def warm(self, svc: Service) -> None:
@@ -276,7 +303,7 @@ class Bench:
 
     def low(self) -> None:
         dropped = self.drop()
-        svc = Service(self.config(capped=True))
+        svc = Service(self.config(capped=True, standby=False))
         try:
             first = self.job(svc, self.request(profile=self.a.low_profile), keep_events=True)
             first["page_cache_dropped"] = dropped
@@ -299,6 +326,10 @@ class Bench:
                     self.restart(svc)
         finally:
             svc.shutdown()
+        if not self.a.no_fresh and not self.a.cold_only and not self.a.no_standby:
+            time.sleep(1.0)
+            fresh = self.cold(fresh=True)
+            fresh.shutdown()
         if not self.a.no_low and not self.a.cold_only:
             time.sleep(1.0)
             self.low()
@@ -322,6 +353,9 @@ def main() -> int:
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--cold-only", action="store_true", help="only the cold scenario (start-up A/B runs)")
     ap.add_argument("--no-drop", action="store_true", help="leave the page cache alone")
+    ap.add_argument("--no-standby", action="store_true", help="no worker started at 'WebUI start' (Config.standby off)")
+    ap.add_argument("--standby-wait", type=float, default=120.0, help="how long the standby may take to be ready")
+    ap.add_argument("--no-fresh", action="store_true", help="skip the cold run without a standby")
     ap.add_argument("--sample-ms", type=float, default=50.0,
                     help="the driver's per-process VRAM polled this often during jobs (0: not at all)")
     ap.add_argument("--low-jobs", type=int, default=2, help="jobs under the VRAM cap (1 or 2)")

@@ -73,11 +73,20 @@ def variant_rows(variant: str, ours: dict | None, refs: dict) -> tuple[list[list
     cold_tab = cold.get("from_tab_load_s") if cold.get("state") == "done" else None
     note = ""
     if cold_tab is not None and cold.get("start_ahead_hook"):
-        note = f"(tab load: {cold_tab:.1f}; click {cold.get('click_after_tab_load_s', 0):.0f} s after)"
+        note = f"(tab load: {cold_tab:.1f}; click {cold.get('click_after_tab_load_s', 0):.0f} s after"
+        sb = cold.get("standby") or {}
+        note += (f"; standby worker ready {sb['ready_after_s']:.0f} s after WebUI start)" if sb.get("ready")
+                 else "; no standby worker)")
     row("first LoRA, cold (s)", rd.get("first_lora_s"), rg.get("first_lora_s"), cold_click, t.get("cold"), _ratio,
         note=note)
     if cold.get("start_ahead_hook"):
         row("first LoRA from tab load (s)", rd.get("first_lora_s"), rg.get("first_lora_s"), cold_tab, None, _ratio)
+    fresh = sc.get("cold_fresh") or {}
+    if fresh:
+        ok = fresh.get("state") == "done"
+        row("first LoRA, cold, clicked before a standby was ready (s)", rd.get("first_lora_s"), rg.get("first_lora_s"),
+            fresh.get("from_click_s") if ok else None, None, _ratio,
+            note=f"(tab load: {fresh['from_tab_load_s']:.1f}; the worker starts at tab load)" if ok else "")
     row(f"next LoRA, {ours.get('images') if ours else 5} images (s)", rd.get("warm_s"), rg.get("warm_s"),
         warm.get("median_s"), t.get("warm"), _ratio, nd=2)
     row("next LoRA, 1 image (s)", rd.get("warm_1_s"), rg.get("warm_1_s"), warm1.get("median_s"), t.get("warm_1"),
@@ -232,9 +241,18 @@ def render(data: dict) -> tuple[str, str]:
         cold = sc.get("cold") or {}
         notes = [f"page cache dropped before each cold run: {cold.get('page_cache_dropped', '?')}",
                  f"start-ahead hook at tab load: {cold.get('start_ahead_hook') or 'none (the worker starts at the click)'}"]
+        sb = cold.get("standby") or {}
+        if sb:
+            st = sb.get("status") or {}
+            notes.append(f"standby worker at WebUI start: {'ready after %.1f s' % sb['ready_after_s'] if sb.get('ready') else 'NOT ready'}"
+                         f", GPU memory {C.gb(sb.get('vram')) if sb.get('vram') is not None else '?'} GB (driver's figure for its pid)"
+                         f", RSS {C.gb(st.get('VmRSS'))} GB (anonymous {C.gb(st.get('RssAnon'))} GB)")
         if _timeline(cold):
             notes.append(f"ours, cold job from the click: {_timeline(cold)}; in the worker: "
                          + ", ".join(f"{k} {x:.2f}" for k, x in (cold.get("timings") or {}).items()))
+        fresh = sc.get("cold_fresh") or {}
+        if _timeline(fresh):
+            notes.append(f"ours, cold job without a standby, from the click: {_timeline(fresh)}")
         if _phases((sc.get("warm") or {}).get("runs") or []):
             notes.append(f"ours, warm job ({n} images): {_phases(sc['warm']['runs'])}")
         if _phases((sc.get("warm_1") or {}).get("runs") or []):
