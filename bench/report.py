@@ -84,7 +84,7 @@ def variant_rows(variant: str, ours: dict | None, refs: dict) -> tuple[list[list
     fresh = sc.get("cold_fresh") or {}
     if fresh:
         ok = fresh.get("state") == "done"
-        row("first LoRA, cold, clicked before a standby was ready (s)", rd.get("first_lora_s"), rg.get("first_lora_s"),
+        row("first LoRA, cold, no standby worker (s)", rd.get("first_lora_s"), rg.get("first_lora_s"),
             fresh.get("from_click_s") if ok else None, None, _ratio,
             note=f"(tab load: {fresh['from_tab_load_s']:.1f}; the worker starts at tab load)" if ok else "")
     row(f"next LoRA, {ours.get('images') if ours else 5} images (s)", rd.get("warm_s"), rg.get("warm_s"),
