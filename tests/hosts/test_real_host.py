@@ -306,7 +306,7 @@ def test_settings_section(page, host, artifacts):
     _tab(page, "Settings")
     page.wait_for_selector("#settings_i2l", state="attached")
     for key in ("i2l_models_dir", "i2l_worker_python", "i2l_language", "i2l_vram_profile", "i2l_free_vram",
-                "i2l_keep_warm_minutes", "i2l_prewarm", "i2l_offline"):
+                "i2l_keep_warm_minutes", "i2l_prewarm", "i2l_standby", "i2l_offline"):
         assert page.query_selector(f"#setting_{key}") is not None, key
     value = page.eval_on_selector("#setting_i2l_models_dir textarea, #setting_i2l_models_dir input", "e => e.value")
     assert value == host.models_dir
