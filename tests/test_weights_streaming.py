@@ -472,3 +472,38 @@ def test_gpu_mirror_budget_reuse_and_clear():
     del a, again, b
     m.clear()
     assert ref() is None and m.nbytes == 0 and len(m) == 0 and holder
+
+
+def test_reading_note_says_how_much_is_read_until_all_is(tmp_path, monkeypatch):
+    """A first job that runs while its weights are still being read: the step's message is sent
+    again with the bytes read so far, until the files are in; then nothing more."""
+    from i2l_ext.worker.engine import ReadingNote
+    monkeypatch.setattr(weights, "CHUNK", 4096)
+    p = tmp_path / "w.safetensors"
+    _write(p, n_layers=20, dim=64)
+    wf = weights.WeightFile(str(p), pin=False).allocate()
+    got = []
+    note = ReadingNote(lambda *a: got.append(a), period=0.05)
+    note("encode", 0, 2, "Encoding 3 images")
+    try:
+        note.watch([wf])
+        time.sleep(0.4)                          # nothing read yet
+        waiting = list(got[1:])
+        assert waiting and all(m[:3] == ("encode", 0, 2) for m in waiting)
+        gb = f"{wf.nbytes / 2 ** 30:.1f}"
+        assert waiting[-1][3] == f"Encoding 3 images (weights read: 0.0 of {gb} GB)"
+        note("encode", 1, 2, "SigLIP2 done")     # later notes carry the step the job is at
+        time.sleep(0.2)
+        assert got[-1][:3] == ("encode", 1, 2) and got[-1][3].startswith("SigLIP2 done (weights read: ")
+        wf.start()
+        wf.wait()
+        assert wf.read_bytes == wf.nbytes
+        time.sleep(0.2)
+        count = len(got)
+        time.sleep(0.3)
+        assert len(got) == count                 # all read: the note has stopped
+    finally:
+        note.close()
+    quiet = ReadingNote(lambda *a: got.append(a), period=0.01)
+    quiet.watch([wf])                            # files already read: no note at all
+    assert quiet._thread is None

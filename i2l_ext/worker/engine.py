@@ -235,6 +235,43 @@ def imports_done() -> None:
     resume_gc()
 
 
+class ReadingNote:
+    """The job's progress, passed through. A first job may start before its weights are all read
+    (the worker was woken or started moments before the click): its models are built on the
+    buffers and each layer waits for its bytes inside the job's steps. Meanwhile, once a second,
+    the step's message is sent again with how much is read, so the tab shows what the job waits
+    for while its bar stands still."""
+
+    def __init__(self, progress: Callable[[str, int, int, str], None], period: float = 1.0):
+        self._progress = progress
+        self.period = period
+        self.last: tuple | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, phase: str, step: int, total: int, message: str) -> None:
+        self.last = (phase, step, total, message)
+        self._progress(phase, step, total, message)
+
+    def watch(self, files: list[WeightFile]) -> None:
+        if self._thread is not None or all(f.ready for f in files):
+            return
+        self._thread = threading.Thread(target=self._run, args=(list(files),), daemon=True, name="i2l-reading-note")
+        self._thread.start()
+
+    def _run(self, files: list[WeightFile]) -> None:
+        total = sum(f.nbytes for f in files)
+        while not self._stop.wait(self.period):
+            done = sum(f.read_bytes for f in files)
+            if done >= total or self.last is None:
+                return
+            phase, step, n, message = self.last
+            self._progress(phase, step, n, f"{message} (weights read: {done / vram.GiB:.1f} of {total / vram.GiB:.1f} GB)")
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 class Engine:
     def __init__(self, log: Callable[[str, str], None]):
         self.log = log
@@ -254,9 +291,10 @@ class Engine:
     # ------------------------------------------------------------------ public
 
     def run(self, spec: dict, images: list, progress: Callable[[str, int, int, str], None]) -> dict:
+        note = ReadingNote(progress)
         try:
             with self._lock:
-                return self._run(spec, images, progress)
+                return self._run(spec, images, note)
         except I2LError:
             raise
         except BaseException as e:
@@ -266,6 +304,8 @@ class Engine:
                                fix="Choose the low-VRAM profile (cpu_offload or disk), close other GPU apps, "
                                    "or use fewer images.", details=f"{type(e).__name__}: {e}") from None
             raise
+        finally:
+            note.close()
 
     def unload(self) -> None:
         """Free every model (VRAM and RAM)."""
@@ -388,6 +428,8 @@ class Engine:
         if bias:
             self._load_bias(plan["bias"], dev)
         progress("load", len(model_roles) + 1, len(model_roles) + 1, "Models ready")
+        if isinstance(progress, ReadingNote):
+            progress.watch([self._files[p] for r in model_roles for p in plan[r]["paths"] if p in self._files])
         imports_done()               # the model code is imported by now, whoever imported it
         self._freeze_heap()
         lap("load")

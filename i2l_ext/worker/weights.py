@@ -329,6 +329,14 @@ class WeightFile:
     def ready(self) -> bool:
         return self._mm is not None and self.done_bytes >= self.nbytes
 
+    @property
+    def read_bytes(self) -> int:
+        """Bytes of the data section read so far, in whatever order the readers went."""
+        if self.ready:
+            return self.nbytes
+        with self._cond:
+            return min(self.nbytes, len(self._chunks_done) * CHUNK)
+
     # -- tensors -----------------------------------------------------------------------------
     def shapes(self) -> dict:
         return {k: (tuple(v["shape"]), v["dtype"]) for k, v in self.header.items()}
