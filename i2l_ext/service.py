@@ -269,7 +269,7 @@ class Service:
     def standby(self) -> bool:
         """Start a worker ahead of need, when the WebUI (or the app) has started and whenever the
         warm worker has gone: it imports torch and the model code, then waits holding no GPU
-        memory and no weights (about half a GB of RAM). The next job or tab load wakes it and
+        memory and no weights (about 0.7 GB of RAM). The next job or tab load wakes it and
         starts with the weights' reading instead of seconds of imports. Returns whether one is
         there (or starting); never waits for it. Off with ``Config.standby = False``."""
         if not self.config.standby or self._closed:

@@ -196,7 +196,7 @@ def _start_early() -> list:
 def _standby() -> tuple[list, list[str]]:
     """``I2L_STANDBY=1``: a worker started ahead of need (when the WebUI starts). It reads its
     code ahead, imports torch and the model code, says ``standby``, and waits -- no GPU context,
-    no weights, about half a GB of RAM. ``wake`` (with the weight files to read) turns it into a
+    no weights, about 0.7 GB of RAM. ``wake`` (with the weight files to read) turns it into a
     worker like any other: the reads start at once (at full speed when the imports are done, one
     reader while they still run, as at a fresh start), then CUDA comes up and ``hello`` is sent.
     ``shutdown``, or the host going away (end of its pipe), ends it at once.
