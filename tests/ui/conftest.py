@@ -72,8 +72,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def app(ui_python, tmp_path_factory, tiny_models, worker_python, artifacts):
+    """The app as a user starts it. Its worker waits 1 s before writing: with a standby worker ready
+    since launch a tiny job is over in a few tenths of a second, quicker than a page polls it, and
+    the tests watch its progress."""
     d = str(tmp_path_factory.mktemp("app"))
-    a = start_app(ui_python, d, tiny_models, worker_python, artifacts, "main")
+    a = start_app(ui_python, d, tiny_models, worker_python, artifacts, "main",
+                  extra_env={"I2L_PAUSE_BEFORE_WRITE": "1"})
     yield a
     stop_app(a)
 

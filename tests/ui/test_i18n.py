@@ -226,7 +226,7 @@ def zh_models(tiny_models, tmp_path_factory):
 def zh_app(ui_python, tmp_path_factory, zh_models, worker_python, artifacts):
     from ui_helpers import start_app, stop_app
     a = start_app(ui_python, str(tmp_path_factory.mktemp("zh-app")), zh_models, worker_python, artifacts, "zh",
-                  lang="zh_CN")
+                  lang="zh_CN", extra_env={"I2L_PAUSE_BEFORE_WRITE": "1"})   # a job long enough to watch
     yield a
     stop_app(a)
 
