@@ -376,8 +376,9 @@ def test_idle_worker_gives_way_to_a_standby(worker_python, tiny_models, lora_dir
     try:
         job = s.run(JobRequest(images=images, name="before_idle", variant="style"))
         assert job.state == "done", job.error
-        worker = s.worker_pid()
-        assert worker
+        started = [line for line in job.log if "Worker ready: pid " in line]
+        assert started
+        worker = int(started[0].split("Worker ready: pid ")[1].split(",")[0])   # it may be gone already
         deadline = time.monotonic() + 30
         while (s.worker_pid() is not None or s.standby_pid() is None) and time.monotonic() < deadline:
             time.sleep(0.1)
