@@ -297,8 +297,7 @@ class Service:
         sb, self._standby = self._standby, None
         if sb is None:
             return None
-        env = dict(self.config.worker_env, I2L_STANDBY="1")
-        if sb.alive and sb.standby and sb.python == python and sb.extra_env == env:
+        if sb.alive and sb.standby and sb.python == python and sb.extra_env == dict(self.config.worker_env):
             return sb
         sb.kill()                           # settings changed since it started
         return None

@@ -37,7 +37,7 @@ class WorkerProcess:
         self.standby_ready = threading.Event()        # its code is imported (it said so)
 
     # -- life cycle -----------------------------------------------------------------------
-    def _env(self) -> dict:
+    def _env(self, more: dict | None = None) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
         env.update({
             "PYTHONPATH": EXT_ROOT, "PYTHONUNBUFFERED": "1", "PYTHONNOUSERSITE": "1",
@@ -47,6 +47,7 @@ class WorkerProcess:
             "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
         })
         env.update(self.extra_env)
+        env.update(more or {})
         return env
 
     def start(self, timeout: float = 600.0) -> dict:
@@ -57,10 +58,8 @@ class WorkerProcess:
     def start_standby(self) -> None:
         """Start the worker ahead of need: it imports its code, then waits for ``wake`` holding no
         GPU memory and no weights. Returns at once; ``standby_ready`` is set once the code is in."""
-        self.extra_env = dict(self.extra_env, I2L_STANDBY="1")
-        self.extra_env.pop("I2L_PREFETCH", None)
         self.standby = True
-        self._spawn()
+        self._spawn({"I2L_STANDBY": "1"})
 
     def wake(self, prefetch_files: list[str] | None = None, timeout: float = 600.0) -> dict:
         """Turn a standby worker into a working one: it starts reading ``prefetch_files`` at once,
@@ -69,7 +68,7 @@ class WorkerProcess:
         self.standby = False
         return self._wait_hello(timeout)
 
-    def _spawn(self) -> None:
+    def _spawn(self, more_env: dict | None = None) -> None:
         if not self.python or not os.path.exists(self.python):
             raise I2LError(I2LError.WORKER_START, f"The worker's Python was not found: {self.python or '(none set)'}",
                            REPAIR_HINT)
@@ -81,7 +80,7 @@ class WorkerProcess:
         try:
             self.proc = subprocess.Popen([self.python, "-u", "-m", "i2l_ext.worker"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=EXT_ROOT,
-                                         env=self._env(), **kwargs)
+                                         env=self._env(more_env), **kwargs)
         except OSError as e:
             raise I2LError(I2LError.WORKER_START, f"The worker could not be started with {self.python}: {e}",
                            REPAIR_HINT) from None

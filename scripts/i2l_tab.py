@@ -5,6 +5,7 @@ gradio work, no torch). The tab itself is built inside the ``on_ui_tabs`` callba
 """
 import os
 import sys
+import threading
 
 _EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXT_ROOT not in sys.path:
@@ -113,8 +114,8 @@ def on_app_started(demo, app):
     if start:
         d = ctl.defaults
         ctl.service.prewarm(d.get("variant") or "style", None, d.get("vram_profile") or "auto")
-    else:
-        ctl.service.standby()
+    else:                       # finding the worker's Python and starting it: not in the WebUI's thread
+        threading.Thread(target=ctl.service.standby, daemon=True, name="i2l-standby").start()
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)

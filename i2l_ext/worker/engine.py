@@ -374,7 +374,7 @@ class Engine:
 
     # ------------------------------------------------------------------ job
 
-    def _run(self, spec, images, progress) -> dict:
+    def _run(self, spec, images, progress: ReadingNote) -> dict:
         timings = {p: 0.0 for p in PHASES}
         warnings: list[str] = []
         t_phase = time.monotonic()
@@ -428,8 +428,7 @@ class Engine:
         if bias:
             self._load_bias(plan["bias"], dev)
         progress("load", len(model_roles) + 1, len(model_roles) + 1, "Models ready")
-        if isinstance(progress, ReadingNote):
-            progress.watch([self._files[p] for r in model_roles for p in plan[r]["paths"] if p in self._files])
+        progress.watch([self._files[p] for r in model_roles for p in plan[r]["paths"] if p in self._files])
         imports_done()               # the model code is imported by now, whoever imported it
         self._freeze_heap()
         lap("load")

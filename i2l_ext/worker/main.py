@@ -174,15 +174,22 @@ def _prefetch_list() -> list[str]:
         return []
 
 
+def _begin(what: str):
+    """The worker's first step, before torch: note the files it opens and ask for its code
+    files to be read ahead; returns the event set once they are in."""
+    from . import warmstart, weights
+    weights.FULL_SPEED.clear()         # one reader until the model code is imported (Engine.import_models)
+    warmstart.watch_opens()
+    warmstart.trace(what)
+    return warmstart.warm_code()
+
+
 def _start_early() -> list:
     """Before torch: ask for the code files and start reading the weights named in
     ``I2L_PREFETCH`` beside them (one reader until the model code is imported); both go on while
     torch is imported."""
-    from . import warmstart, weights
-    weights.FULL_SPEED.clear()         # one reader until the model code is imported (Engine.import_models)
-    warmstart.watch_opens()
-    warmstart.trace("worker started")
-    code = warmstart.warm_code()
+    from . import warmstart
+    code = _begin("worker started")
     # The code's read-ahead is many small reads that leave the disk room: the weights' first
     # reader runs beside it (measured: first LoRA 0.2 s sooner where the read-ahead took 1.3 s; it
     # took 3 s on another start). I2L_WEIGHTS_AFTER_CODE=1: after it instead (start-up A/B).
@@ -201,11 +208,8 @@ def _standby() -> tuple[list, list[str]]:
     reader while they still run, as at a fresh start), then CUDA comes up and ``hello`` is sent.
     ``shutdown``, or the host going away (end of its pipe), ends it at once.
     Returns (the early reads, the files named by ``wake``)."""
-    from . import warmstart, weights
-    weights.FULL_SPEED.clear()
-    warmstart.watch_opens()
-    warmstart.trace("worker started (standby)")
-    warmstart.warm_code()
+    from . import warmstart
+    _begin("worker started (standby)")
     woke = threading.Event()
     box: dict = {"early": [], "files": []}
 
@@ -233,13 +237,13 @@ def _standby() -> tuple[list, list[str]]:
     threading.Thread(target=listen, daemon=True, name="i2l-standby").start()
     import torch  # noqa: F401  (no CUDA call here: a standby holds no GPU memory)
     from .engine import Engine
-    imports = threading.Thread(target=Engine.import_models, daemon=True, name="i2l-imports")
-    imports.start()
-    while not woke.wait(0.05):
-        if not imports.is_alive():
+
+    def imports():                  # in a thread, so a wake meanwhile goes on to CUDA at once
+        Engine.import_models()
+        if not woke.is_set():
             send({"type": "standby", "pid": os.getpid()})
-            woke.wait()
-            break
+    threading.Thread(target=imports, daemon=True, name="i2l-imports").start()
+    woke.wait()
     return box["early"], box["files"]
 
 
