@@ -150,6 +150,7 @@ class Service:
         self._idle_timer: threading.Timer | None = None
         self._wlock = threading.RLock()      # held while the worker starts or is asked something
         self._standby: WorkerProcess | None = None   # a worker started ahead of need (``standby``)
+        self._job_thread: threading.Thread | None = None
         self._closed = False
 
     # -- checks the tab runs as the user types -------------------------------------------------
@@ -196,7 +197,9 @@ class Service:
             spec, plan = self._prepare(job)       # raises before anything runs
             self._job = job
             self._cancel_idle_timer()
-        threading.Thread(target=self._run, args=(job, spec, plan), daemon=True, name=f"i2l-job-{job.id}").start()
+        t = threading.Thread(target=self._run, args=(job, spec, plan), daemon=True, name=f"i2l-job-{job.id}")
+        self._job_thread = t
+        t.start()
         return job
 
     def run(self, req: JobRequest) -> Job:
@@ -509,6 +512,9 @@ class Service:
         self.cancel()
         if self._job is not None:
             self._job.wait(10)
+        t = self._job_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(15)                # what it does after the job (stopping a one-shot worker) ends too
         self._cancel_idle_timer()
         self._stop_worker()
         self.stop_standby()

@@ -391,15 +391,19 @@ def test_idle_worker_gives_way_to_a_standby(worker_python, tiny_models, lora_dir
 
 
 def test_standby_off_and_for_one_shot_jobs(worker_python, tiny_models, lora_dir, images):
+    """As the CLI runs: one job, no worker kept, none on standby; when it returns, its worker is gone."""
     s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, standby=False,
                        keep_warm=False))
     try:
         assert s.standby() is False and s.standby_pid() is None
         job = s.run(JobRequest(images=images, name="no_standby", variant="style"))
         assert job.state == "done", job.error
-        assert s.worker_pid() is None and s.standby_pid() is None
+        started = [line for line in job.log if "Worker ready: pid " in line]
+        worker = int(started[0].split("Worker ready: pid ")[1].split(",")[0])
     finally:
         s.shutdown()
+    assert s.worker_pid() is None and s.standby_pid() is None
+    assert gone(worker, 0.1)          # shutdown waited for the worker the job's end was stopping
 
 
 HOST_WITH_STANDBY = """
