@@ -165,6 +165,45 @@ def test_layer_lists_find_the_repeated_layers():
     assert layer_lists(net) == [net.layers]
 
 
+def test_layout_worked_out_once_and_spans_found_again_when_weights_move(tmp_path):
+    """A model's streaming layout is made once (walking a decoder's modules costs a tenth of a
+    second per job otherwise); each layer's host span is worked out again when its parameters
+    were given other memory, and not otherwise."""
+    from i2l_ext.worker.streaming import _Layout
+    p = tmp_path / "w.safetensors"
+    _write(p, n_layers=6, dim=32)
+    wf = weights.WeightFile(str(p), pin=False).start()
+    net = Net(n_layers=6, dim=32).to(torch.bfloat16)
+    net.load_state_dict(wf.state_dict(), assign=True)
+    wf.wait()
+    lay = _Layout.of(net, True)
+    assert _Layout.of(net, True) is lay and _Layout.of(net, False) is not lay
+    assert lay.layers == list(net.layers) and _Layout.of(net, False).layers == []
+    assert [n for _, n in lay.resident] == ["weight"] and lay.resident[0][0] is net.embed
+    spans = lay.spans()
+    w, b = net.layers[2].weight, net.layers[2].bias
+    assert spans[2][1] == min(w.data_ptr(), b.data_ptr())
+    assert spans[2][0].numel() == 32 * 32 * 2 + 32 * 2          # weight and bias, side by side
+    again = lay.spans()
+    assert all(x is y for x, y in zip(again, spans))            # nothing moved: the same spans
+    # layer 2 loaded again from another file: its span follows, the others stay
+    q = tmp_path / "v.safetensors"
+    sd = _write(q, n_layers=6, dim=32)
+    wf2 = weights.WeightFile(str(q), pin=False).start()
+    wf2.wait()
+    net.layers[2].weight.data = wf2.tensor("layers.2.weight")
+    net.layers[2].bias.data = wf2.tensor("layers.2.bias")
+    moved = lay.spans()
+    w = net.layers[2].weight
+    base = min(w.data_ptr(), net.layers[2].bias.data_ptr())
+    assert moved[2] is not spans[2] and moved[2][1] == base
+    at = w.data_ptr() - base
+    assert torch.equal(moved[2][0][at:at + 32 * 32 * 2].view(torch.bfloat16).view(32, 32), sd["layers.2.weight"])
+    assert all(moved[i] is spans[i] for i in (0, 1, 3, 4, 5))
+    assert [h.data_ptr() for _, h in lay.hosts[2]] == [net.layers[2].weight.data_ptr(),
+                                                        net.layers[2].bias.data_ptr()]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -197,6 +236,48 @@ def test_streamed_equals_resident(tmp_path, layered, from_file):
         assert peak < 5 * layer        # a couple of layers, never the 12
     else:
         assert peak >= 12 * layer
+
+
+@cuda
+def test_kept_layers_reused_then_new_weights_streamed(tmp_path):
+    """Two calls with a mirror: the second finds every layer kept (no copy, the kept views reused)
+    and computes the same; after the mirror is cleared and the model given other weights, the
+    result is the new weights' (nothing stale from the layout or the kept views)."""
+    from i2l_ext.worker.streaming import GpuMirror
+    p, q = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _write(p, n_layers=8, dim=256)
+    sd_b = _write(q, n_layers=8, dim=256)
+    sd_b = {k: v * 0.5 for k, v in sd_b.items()}
+    save_file(sd_b, str(q))
+    files = [weights.WeightFile(str(f), pin=True).start() for f in (p, q)]
+    net = Net(n_layers=8, dim=256).to(torch.bfloat16)
+    net.load_state_dict(files[0].state_dict(), assign=True)
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+
+    def ref(path):
+        r = Net(n_layers=8, dim=256).to(torch.bfloat16)
+        r.load_state_dict(load_file(str(path)))
+        with torch.no_grad():
+            return r.cuda()(x)
+    mirror = GpuMirror("cuda", limit=1 << 30)
+    outs, copied = [], []
+    for _ in range(2):
+        s = Streamer(net, "cuda", wait=lambda t: files[0].wait(), mirror=mirror)
+        with torch.no_grad(), s:
+            outs.append(net(x))
+        copied.append(s.bytes_copied)
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], ref(p)) and torch.equal(outs[1], outs[0])
+    assert copied[0] > 0 and copied[1] == 0 and len(mirror.views) == 8
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    mirror.clear()
+    assert not mirror.views
+    net.load_state_dict(files[1].state_dict(), assign=True)
+    with torch.no_grad(), Streamer(net, "cuda", wait=lambda t: files[1].wait(), mirror=mirror):
+        out = net(x)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref(q))
+    assert all(p.device.type == "cpu" for p in net.parameters())
 
 
 # ----------------------------------------------------------------------------- before torch

@@ -54,6 +54,89 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _span_of(slots):
+    """``Streamer._span`` for a layer's parameter slots."""
+    hosts = [getattr(m, n).data for m, n in slots]
+    if not hosts:
+        return None
+    storage = hosts[0].untyped_storage()
+    if any(h.untyped_storage().data_ptr() != storage.data_ptr() or not h.is_contiguous() for h in hosts):
+        return None
+    base = min(h.data_ptr() for h in hosts)
+    end = max(h.data_ptr() + _nbytes(h) for h in hosts)
+    if end - base > 1.25 * sum(_nbytes(h) for h in hosts) + 4096:
+        return None
+    if any((h.data_ptr() - base) % h.element_size() for h in hosts):
+        return None
+    src = torch.empty(0, dtype=torch.uint8).set_(storage, base - storage.data_ptr(), (end - base,))
+    return src, base
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU for every streamer's copies (made once: streams are not freed)."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    st = _COPY_STREAMS.get(key)
+    if st is None:
+        st = _COPY_STREAMS[key] = torch.cuda.Stream(device)
+    return st
+
+
+_COPY_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+class _Layout:
+    """What streaming a model needs that depends on its structure alone, worked out once per model
+    (walking the thousands of modules of a decoder takes a tenth of a second): the layers, each
+    layer's parameter slots, the slots outside the layers, the buffers; and each layer's host span,
+    found again while its parameters stay where they were."""
+
+    ATTR = "_i2l_stream_layout"
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, layered: bool) -> "_Layout":
+        cache = model.__dict__.setdefault(cls.ATTR, {})
+        layout = cache.get(layered)
+        if layout is None:
+            layout = cache[layered] = cls(model, layered)
+        return layout
+
+    def __init__(self, model: torch.nn.Module, layered: bool):
+        self.layers: list[torch.nn.Module] = [l for lst in layer_lists(model) for l in lst] if layered else []
+        streamed = {id(p) for l in self.layers for p in l.parameters()}
+        self.resident = [(m, n) for (m, n) in _param_slots(model) if id(getattr(m, n)) not in streamed]
+        self.slots = [_param_slots(l) for l in self.layers]
+        self.buffer_slots = [(mod, name) for mod in model.modules()
+                             for name, b in mod.named_buffers(recurse=False) if b is not None]
+        self._spans: list = [None] * len(self.layers)
+        self._marks: list = [None] * len(self.layers)
+        self.hosts: list = [None] * len(self.layers)     # per layer: [(parameter, its host tensor)]
+
+    def _mark(self, i: int):
+        """Which parameters layer ``i`` has and where its first and last lie now (what was found
+        before is still right while they have not moved: a layer's parameters are replaced all
+        together or not at all)."""
+        slots = self.slots[i]
+        if not slots:
+            return None
+        (m0, n0), (m1, n1) = slots[0], slots[-1]
+        p0, p1 = getattr(m0, n0), getattr(m1, n1)
+        return id(p0), p0.data_ptr(), id(p1), p1.data_ptr(), len(slots)
+
+    def spans(self) -> list:
+        """Each layer's (host bytes, base address), or None where its tensors do not lie together;
+        the layers' parameters and host tensors are in ``hosts`` afterwards."""
+        out = []
+        for i in range(len(self.layers)):
+            mark = self._mark(i)
+            if mark is None or mark != self._marks[i]:
+                self._spans[i] = _span_of(self.slots[i])
+                params = [getattr(m, n) for m, n in self.slots[i]]
+                self.hosts[i] = [(p, p.data) for p in params]
+                self._marks[i] = mark
+            out.append(self._spans[i])
+        return out
+
+
 class GpuMirror:
     """GPU copies of host weights kept between calls, up to ``limit`` bytes.
 
@@ -66,6 +149,11 @@ class GpuMirror:
         self.limit = limit
         self.nbytes = 0
         self._copies: dict[tuple[int, int], torch.Tensor] = {}
+        self.views: dict[tuple[int, int], list] = {}     # a layer's parameter views of a kept copy
+
+    def find(self, ptr: int, n: int) -> torch.Tensor | None:
+        """The kept copy of host ``[ptr, ptr + n)``, if there is one."""
+        return self._copies.get((ptr, n))
 
     def get(self, ptr: int, n: int) -> tuple[torch.Tensor | None, bool]:
         """(GPU bytes for host ``[ptr, ptr + n)``, True if they still have to be filled), or
@@ -83,11 +171,13 @@ class GpuMirror:
     def clear(self) -> None:
         """Free every kept copy now (whoever still holds this object)."""
         self._copies.clear()
+        self.views.clear()
         self.nbytes = 0
 
     def discard(self, ptr: int, n: int) -> None:
         """Forget a copy that was never filled (its copy failed)."""
         buf = self._copies.pop((ptr, n), None)
+        self.views.pop((ptr, n), None)
         if buf is not None:
             self.nbytes -= buf.numel()
 
@@ -114,10 +204,10 @@ class Streamer:
         self.mirror = mirror if torch.device(device).type == "cuda" else None
         self.device = torch.device(device)
         self.wait = wait or (lambda t: None)
-        self.layers: list[torch.nn.Module] = [l for lst in layer_lists(model) for l in lst] if layered else []
-        streamed = {id(p) for l in self.layers for p in l.parameters()}
-        self.resident = [(m, n) for (m, n) in _param_slots(model) if id(getattr(m, n)) not in streamed]
-        self._slots = [_param_slots(l) for l in self.layers]
+        self._layout = _Layout.of(model, layered)
+        self.layers = self._layout.layers
+        self.resident = self._layout.resident
+        self._slots = self._layout.slots
         self._host: dict[tuple[int, str], torch.Tensor] = {}
         self._resident_gpu: list[torch.Tensor] = []
         self._ring: list[torch.Tensor] = []
@@ -129,7 +219,8 @@ class Streamer:
         self._free: dict[int, torch.cuda.Event] = {}   # slot -> event: compute done with it
         self._hooks = []
         self._buffers = []
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.copy_stream = _copy_stream(self.device) if self.device.type == "cuda" else None
+        self._compute = None            # the stream the model runs on, from entering
         self.bytes_copied = 0
 
     # -- copies -------------------------------------------------------------------------------
@@ -137,41 +228,36 @@ class Streamer:
         """(host bytes, base pointer) when layer ``i``'s parameters lie together in one host buffer
         (they do in a safetensors file: a layer's tensors are stored side by side), so the layer
         moves with one copy; None otherwise."""
-        hosts = [getattr(m, n).data for m, n in self._slots[i]]
-        if not hosts:
-            return None
-        storage = hosts[0].untyped_storage()
-        if any(h.untyped_storage().data_ptr() != storage.data_ptr() or not h.is_contiguous() for h in hosts):
-            return None
-        base = min(h.data_ptr() for h in hosts)
-        end = max(h.data_ptr() + _nbytes(h) for h in hosts)
-        if end - base > 1.25 * sum(_nbytes(h) for h in hosts) + 4096:
-            return None
-        if any((h.data_ptr() - base) % h.element_size() for h in hosts):
-            return None
-        src = torch.empty(0, dtype=torch.uint8).set_(storage, base - storage.data_ptr(), (end - base,))
-        return src, base
+        return _span_of(self._slots[i])
 
     def span(self, i: int) -> tuple[torch.Tensor, int]:
         """(GPU bytes of layer ``i``, the host address they mirror) inside ``layer(i)`` when not pointing."""
         return self._span_bufs[i]
 
-    def _point(self, i: int, buf: torch.Tensor, base: int) -> None:
-        """Make layer ``i``'s parameters views of ``buf``, which holds its host span from ``base``."""
+    def _point(self, i: int, buf: torch.Tensor, base: int, mirrored: bool = False) -> None:
+        """Make layer ``i``'s parameters views of ``buf``, which holds its host span from ``base``
+        (the views of a copy the mirror keeps are made once and kept with it)."""
         if not self.point:
             self._span_bufs[i] = (buf, base)
             return
-        for mod, name in self._slots[i]:
-            p = getattr(mod, name)
-            host = p.data
-            off = host.data_ptr() - base
-            self._host[(id(mod), name)] = host
-            p.data = buf[off:off + _nbytes(host)].view(host.dtype).view(host.shape)
+        hosts = self._layout.hosts[i]
+        key = (base, self._spans[i][0].numel()) if mirrored else None
+        views = self.mirror.views.get(key) if mirrored else None
+        if views is None:
+            views = [buf[h.data_ptr() - base:h.data_ptr() - base + _nbytes(h)].view(h.dtype).view(h.shape)
+                     for _, h in hosts]
+            if mirrored:
+                self.mirror.views[key] = views
+        for (p, _), v in zip(hosts, views):
+            p.data = v
 
     def _mirrored(self, src: torch.Tensor, ptr: int) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
         """The mirror's copy of host ``src`` (whose bytes start at ``ptr``), filled on the copy
         stream if new there: (GPU bytes, event to wait for or None), or (None, None) if no room."""
         n = _nbytes(src)
+        buf = self.mirror.find(ptr, n)
+        if buf is not None:
+            return buf, None
         with torch.cuda.stream(self.copy_stream):
             buf, fresh = self.mirror.get(ptr, n)
             if buf is None or not fresh:
@@ -196,17 +282,16 @@ class Streamer:
         buf, ev = self._mirrored(src, base)
         if buf is None:
             return False
-        self._point(i, buf, base)
+        self._point(i, buf, base, mirrored=True)
         self._ready[i] = ev
         self._in_slot[i] = None
         return True
 
     def _ring_buffers(self) -> list[torch.Tensor]:
         if not self._ring and self._ring_size:
-            compute = torch.cuda.current_stream(self.device)
             self._ring = [torch.empty(self._ring_size, dtype=torch.uint8, device=self.device)
                           for _ in range(min(RING, len(self.layers)))]
-            self.copy_stream.wait_stream(compute)
+            self.copy_stream.wait_stream(self._compute)
         return self._ring
 
     def _fetch(self, i: int) -> None:
@@ -246,7 +331,10 @@ class Streamer:
         self._in_slot[i] = slot
 
     def _restore(self, i: int) -> None:
-        if self.point:
+        if self.point and self._spans[i] is not None:
+            for p, host in self._layout.hosts[i]:
+                p.data = host
+        elif self.point:
             for mod, name in self._slots[i]:
                 getattr(mod, name).data = self._host.pop((id(mod), name))
         else:
@@ -255,7 +343,7 @@ class Streamer:
         if slot is None:                 # a mirrored layer: its copy stays where it is
             return
         ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
+        ev.record(self._compute)
         self._free[slot] = ev
 
     # -- hooks --------------------------------------------------------------------------------
@@ -264,7 +352,7 @@ class Streamer:
             self._fetch(i)
             ready = self._ready.pop(i)
             if ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(ready)
+                self._compute.wait_event(ready)
             for j in range(i + 1, min(i + RING, len(self.layers))):
                 self._fetch(j)          # the next layers' copies overlap this layer's compute (the
                                         # ring may not exist yet when layers go to the mirror)
@@ -295,7 +383,7 @@ class Streamer:
             for mod, name in _param_slots(self.model):
                 self.wait(getattr(mod, name).data)
             return self
-        compute = torch.cuda.current_stream(self.device)
+        compute = self._compute = torch.cuda.current_stream(self.device)
         self.copy_stream.wait_stream(compute)
         for mod, name in self.resident:
             p = getattr(mod, name)
@@ -304,13 +392,13 @@ class Streamer:
             self._host[(id(mod), name)] = host
             p.data = self._resident_copy(host)
         compute.wait_stream(self.copy_stream)
-        for mod in self.model.modules():
-            for name, b in mod.named_buffers(recurse=False):
-                if b is not None and b.device != self.device:
-                    self._buffers.append((mod, name, b))
-                    mod._buffers[name] = b.to(self.device, non_blocking=True)
+        for mod, name in self._layout.buffer_slots:
+            b = mod._buffers.get(name)
+            if b is not None and b.device != self.device:
+                self._buffers.append((mod, name, b))
+                mod._buffers[name] = b.to(self.device, non_blocking=True)
         if self.layers:
-            self._spans = [self._span(i) for i in range(len(self.layers))]
+            self._spans = self._layout.spans()
             if any(sp is None for sp in self._spans):
                 self.point = True
             size = max(_aligned(span[0].numel()) if span is not None else
