@@ -66,7 +66,9 @@ def test_one_reader_while_the_code_imports_then_all(tmp_path, monkeypatch):
         assert wf.ready
         waiting = [t for t in wf._threads[1:] if t.is_alive()]
         assert len(waiting) == 3                       # held back, nothing read by them
+        wf._threads[0].join(5)                         # (it may still be returning from its last read)
         assert not wf._threads[0].is_alive()
+        assert all(t.is_alive() for t in waiting)
     finally:
         weights.FULL_SPEED.set()
     for t in wf._threads:
@@ -236,6 +238,47 @@ def test_streamed_equals_resident(tmp_path, layered, from_file):
         assert peak < 5 * layer        # a couple of layers, never the 12
     else:
         assert peak >= 12 * layer
+
+
+def test_plan_keeps_the_small_parts_then_the_biggest_layers_spread(tmp_path):
+    """What a mirror keeps for a job: every part outside the layers first, then the model with the
+    biggest layers; where only some of its layers fit, those left to the ring are spread evenly;
+    the budget is never passed; a plan frees kept copies it leaves out."""
+    from i2l_ext.worker.streaming import GpuMirror, _aligned, _Layout, plan_holds
+    nets = []
+    for name, n, dim in (("small", 8, 16), ("big", 6, 64)):
+        p = tmp_path / f"{name}.safetensors"
+        _write(p, n_layers=n, dim=dim)
+        wf = weights.WeightFile(str(p), pin=False).start()
+        wf.wait()
+        net = Net(n_layers=n, dim=dim).to(torch.bfloat16)
+        net.load_state_dict(wf.state_dict(), assign=True)
+        nets.append((net, wf))
+    (small, _), (big, _) = nets
+
+    def key_of(t):
+        return t.data_ptr(), t.numel() * t.element_size()
+    residents = {key_of(small.embed.weight), key_of(big.embed.weight)}
+    spans = {id(net): [(base, src.numel()) for src, base in _Layout.of(net, True).spans()] for net in (small, big)}
+    big_layer, small_layer = _aligned(spans[id(big)][0][1]), _aligned(spans[id(small)][0][1])
+    res_bytes = sum(_aligned(n) for _, n in residents)
+    models = [(small, True), (big, True)]          # job order: the small model runs first
+    everything = plan_holds(models, 1 << 30)
+    assert everything == residents | set(spans[id(small)]) | set(spans[id(big)])
+    budget = res_bytes + 3 * big_layer + 8 * small_layer
+    plan = plan_holds(models, budget)
+    assert plan == residents | {spans[id(big)][i] for i in (0, 2, 4)} | set(spans[id(small)])
+    assert sum(_aligned(n) for _, n in plan) <= budget
+    tight = plan_holds(models, res_bytes + big_layer + small_layer)
+    assert tight == residents | {spans[id(big)][2], spans[id(small)][3]}      # one of each, mid-model
+    assert plan_holds(models, 10) == set()
+    m = GpuMirror("cpu", limit=1 << 30)
+    for k in everything:
+        m.get(*k)
+    m.plan(plan)
+    assert set(m._copies) == plan and m.nbytes == sum(_aligned(n) for _, n in plan)
+    left_out = next(iter(everything - plan))
+    assert m.get(*left_out) == (None, False)          # room, but not in the plan
 
 
 @cuda

@@ -30,7 +30,7 @@ from .. import catalog, lora_format, output
 from ..errors import I2LError
 from ..images import crop_and_resize
 from . import lightimport, lora_file, tiny, vram, weights
-from .streaming import GpuMirror, Streamer
+from .streaming import GpuMirror, Streamer, plan_holds
 from .weights import WeightFile
 
 lightimport.install()
@@ -372,6 +372,14 @@ class Engine:
             self._mirror = GpuMirror("cuda", limit)
         self._mirror.limit = limit
 
+    def _plan_holds(self, roles) -> None:
+        """Which of the job's weights the kept copies are made of (``streaming.plan_holds``)."""
+        if self._mirror is None:
+            return
+        models = [(m.model, m.profile == "cpu_offload") for m in (self._models.get(r) for r in roles)
+                  if m is not None and m.dev == "cuda" and m.profile in PINNED_PROFILES]
+        self._mirror.plan(plan_holds(models, self._mirror.limit))
+
     # ------------------------------------------------------------------ job
 
     def _run(self, spec, images, progress: ReadingNote) -> dict:
@@ -427,6 +435,7 @@ class Engine:
             self._load_processor(plan["processor"]["paths"][0])
         if bias:
             self._load_bias(plan["bias"], dev)
+        self._plan_holds(model_roles)
         progress("load", len(model_roles) + 1, len(model_roles) + 1, "Models ready")
         progress.watch([self._files[p] for r in model_roles for p in plan[r]["paths"] if p in self._files])
         imports_done()               # the model code is imported by now, whoever imported it

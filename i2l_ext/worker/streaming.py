@@ -137,6 +137,48 @@ class _Layout:
         return out
 
 
+def plan_holds(models: list, budget: int) -> set:
+    """Which host spans a mirror of ``budget`` bytes keeps for a job that runs ``models``
+    (``(model, layered)`` pairs), as keys for ``GpuMirror.plan``.
+
+    A streamed layer's copy overlaps the computing only from two layers ahead, so what is kept
+    decides when the copying can run: the small parts outside the layers are kept first; then
+    the biggest layers (a DINOv3 layer is 335 MB and computes in about a millisecond for one image:
+    its copy is the hardest to hide), while the small ones (SigLIP2's 58 MB, a decoder block's
+    20 MB) are copied while the processor issues the work of the layers around them. Where only
+    part of a model's layers fit, those that go through the ring are spread evenly among them,
+    so the copying runs all along the model instead of waiting for its end."""
+    keys: set = set()
+    used = 0
+
+    def take(ptr: int, n: int) -> bool:
+        nonlocal used
+        if used + _aligned(n) > budget:
+            return False
+        keys.add((ptr, n))
+        used += _aligned(n)
+        return True
+    groups = []
+    for model, layered in models:
+        layout = _Layout.of(model, layered)
+        for m, name in layout.resident:
+            h = getattr(m, name).data
+            if h.device.type == "cpu" and h.is_contiguous() and _nbytes(h):
+                take(h.data_ptr(), _nbytes(h))
+        spans = [sp for sp in layout.spans() if sp is not None]
+        if spans:
+            groups.append(spans)
+    for spans in sorted(groups, key=lambda g: -sum(sp[0].numel() for sp in g) / len(g)):
+        size = max(_aligned(sp[0].numel()) for sp in spans)
+        fit = min(len(spans), max(0, budget - used) // size)
+        rest = len(spans) - fit
+        through_ring = {int((j + 0.5) * len(spans) / rest) for j in range(rest)} if rest else set()
+        for i, (src, base) in enumerate(spans):
+            if i not in through_ring:
+                take(base, src.numel())
+    return keys
+
+
 class GpuMirror:
     """GPU copies of host weights kept between calls, up to ``limit`` bytes.
 
@@ -150,6 +192,14 @@ class GpuMirror:
         self.nbytes = 0
         self._copies: dict[tuple[int, int], torch.Tensor] = {}
         self.views: dict[tuple[int, int], list] = {}     # a layer's parameter views of a kept copy
+        self._plan: set | None = None                    # the host spans it may keep; None: any
+
+    def plan(self, keys: set | None) -> None:
+        """Keep only these host spans from now on (``plan_holds``); copies outside them are freed."""
+        self._plan = keys
+        if keys is not None:
+            for key in [k for k in self._copies if k not in keys]:
+                self.discard(*key)
 
     def find(self, ptr: int, n: int) -> torch.Tensor | None:
         """The kept copy of host ``[ptr, ptr + n)``, if there is one."""
@@ -161,7 +211,7 @@ class GpuMirror:
         buf = self._copies.get((ptr, n))
         if buf is not None:
             return buf, False
-        if self.nbytes + _aligned(n) > self.limit:
+        if self.nbytes + _aligned(n) > self.limit or (self._plan is not None and (ptr, n) not in self._plan):
             return None, False
         buf = torch.empty(_aligned(n), dtype=torch.uint8, device=self.device)
         self._copies[(ptr, n)] = buf
@@ -175,7 +225,7 @@ class GpuMirror:
         self.nbytes = 0
 
     def discard(self, ptr: int, n: int) -> None:
-        """Forget a copy that was never filled (its copy failed)."""
+        """Forget a copy (one whose copy failed, or one a new plan leaves out)."""
         buf = self._copies.pop((ptr, n), None)
         self.views.pop((ptr, n), None)
         if buf is not None:
@@ -410,7 +460,8 @@ class Streamer:
             for i, layer in enumerate(self.layers):
                 self._hooks.append(layer.register_forward_pre_hook(self._pre(i)))
                 self._hooks.append(layer.register_forward_hook(self._post(i)))
-            self._fetch(0)
+            for j in range(min(RING, len(self.layers))):
+                self._fetch(j)          # the first copies start now, while the inputs are prepared
         return self
 
     def __exit__(self, *exc) -> None:
