@@ -1,9 +1,11 @@
-"""Where a warm job's time goes: the engine in this process, one job to warm up, then a job per
-image count under torch's profiler; prints the phases and the busiest operations.
+"""Where a warm job's time goes: the engine in this process, one job to load, then per image
+count ``--reps`` warm jobs (phases, and the time of each of the engine's steps) and one under
+cProfile; with ``--trace``, one more under torch's profiler (busiest operations, timeline).
 
     python3 bench/profile_job.py --models DIR --images a.png,b.png --variant style [--counts 1,5]
+        [--reps 5]         (warm jobs timed per image count)
         [--hold-gb 10]     (layers kept on the GPU between jobs, as the product's default; 0: none)
-        [--trace DIR]      (also writes each profiled job's timeline there, for chrome://tracing or
+        [--trace DIR]      (also writes a profiled job's timeline there, for chrome://tracing or
                             Perfetto; the engine's steps appear as named ranges)
 """
 from __future__ import annotations
