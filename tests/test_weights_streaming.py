@@ -272,6 +272,16 @@ def test_plan_keeps_the_small_parts_then_the_biggest_layers_spread(tmp_path):
     tight = plan_holds(models, res_bytes + big_layer + small_layer)
     assert tight == residents | {spans[id(big)][2], spans[id(small)][3]}      # one of each, mid-model
     assert plan_holds(models, 10) == set()
+    # a model run many times over (the text encoder: once per chunk of images, for Coarse and Fine)
+    # is kept before bigger layers run once
+    many = plan_holds([(small, True, 20), (big, True)], res_bytes + 8 * small_layer + big_layer)
+    assert many == residents | set(spans[id(small)]) | {spans[id(big)][2]}
+    # a model with two lists of layers: each list planned as its own group
+    two = torch.nn.Module()
+    two.a, two.b = big.layers, small.layers
+    lay2 = _Layout.of(two, True)
+    assert [len(lay2.layers[sl]) for sl in lay2.lists] == [6, 8]
+    assert plan_holds([(two, True)], 2 * big_layer) == {spans[id(big)][1], spans[id(big)][4]}
     m = GpuMirror("cpu", limit=1 << 30)
     for k in everything:
         m.get(*k)

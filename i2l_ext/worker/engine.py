@@ -372,12 +372,17 @@ class Engine:
             self._mirror = GpuMirror("cuda", limit)
         self._mirror.limit = limit
 
-    def _plan_holds(self, roles) -> None:
-        """Which of the job's weights the kept copies are made of (``streaming.plan_holds``)."""
+    def _plan_holds(self, roles, n_images: int) -> None:
+        """Which of the job's weights the kept copies are made of (``streaming.plan_holds``); the
+        text encoder runs once per chunk of images for each of Coarse and Fine."""
         if self._mirror is None:
             return
-        models = [(m.model, m.profile == "cpu_offload") for m in (self._models.get(r) for r in roles)
-                  if m is not None and m.dev == "cuda" and m.profile in PINNED_PROFILES]
+        te_passes = sum(-(-n_images // TEXT_ENCODER_CHUNK[d]) for d in ("coarse", "fine") if d in roles)
+        models = []
+        for r in roles:
+            m = self._models.get(r)
+            if m is not None and m.dev == "cuda" and m.profile in PINNED_PROFILES:
+                models.append((m.model, m.profile == "cpu_offload", te_passes if r == "text_encoder" else 1))
         self._mirror.plan(plan_holds(models, self._mirror.limit))
 
     # ------------------------------------------------------------------ job
@@ -435,7 +440,7 @@ class Engine:
             self._load_processor(plan["processor"]["paths"][0])
         if bias:
             self._load_bias(plan["bias"], dev)
-        self._plan_holds(model_roles)
+        self._plan_holds(model_roles, len(images))
         progress("load", len(model_roles) + 1, len(model_roles) + 1, "Models ready")
         progress.watch([self._files[p] for r in model_roles for p in plan[r]["paths"] if p in self._files])
         imports_done()               # the model code is imported by now, whoever imported it

@@ -101,7 +101,10 @@ class _Layout:
         return layout
 
     def __init__(self, model: torch.nn.Module, layered: bool):
-        self.layers: list[torch.nn.Module] = [l for lst in layer_lists(model) for l in lst] if layered else []
+        lists = layer_lists(model) if layered else []
+        self.layers: list[torch.nn.Module] = [l for lst in lists for l in lst]
+        starts = [sum(len(x) for x in lists[:k]) for k in range(len(lists))]
+        self.lists = [slice(a, a + len(x)) for a, x in zip(starts, lists)]    # each list's layers
         streamed = {id(p) for l in self.layers for p in l.parameters()}
         self.resident = [(m, n) for (m, n) in _param_slots(model) if id(getattr(m, n)) not in streamed]
         self.slots = [_param_slots(l) for l in self.layers]
@@ -139,15 +142,17 @@ class _Layout:
 
 def plan_holds(models: list, budget: int) -> set:
     """Which host spans a mirror of ``budget`` bytes keeps for a job that runs ``models``
-    (``(model, layered)`` pairs), as keys for ``GpuMirror.plan``.
+    (``(model, layered)`` or ``(model, layered, passes)``: how many times the job runs the model's
+    layers), as keys for ``GpuMirror.plan``.
 
     A streamed layer's copy overlaps the computing only from two layers ahead, so what is kept
     decides when the copying can run: the small parts outside the layers are kept first; then
-    the biggest layers (a DINOv3 layer is 335 MB and computes in about a millisecond for one image:
-    its copy is the hardest to hide), while the small ones (SigLIP2's 58 MB, a decoder block's
-    20 MB) are copied while the processor issues the work of the layers around them. Where only
-    part of a model's layers fit, those that go through the ring are spread evenly among them,
-    so the copying runs all along the model instead of waiting for its end."""
+    the layers whose copies cost a job most, by their size times the model's passes (a DINOv3
+    layer is 335 MB and computes in about a millisecond for one image: its copy is the hardest to
+    hide; Qwen2.5-VL's 466 MB layers run twice or more), while the small ones (SigLIP2's 58 MB, a
+    decoder block's 20 MB) are copied while the processor issues the work of the layers around
+    them. Where only part of a model's layers fit, those that go through the ring are spread
+    evenly among them, so the copying runs all along the model instead of waiting for its end."""
     keys: set = set()
     used = 0
 
@@ -159,16 +164,20 @@ def plan_holds(models: list, budget: int) -> set:
         used += _aligned(n)
         return True
     groups = []
-    for model, layered in models:
+    for entry in models:
+        model, layered = entry[0], entry[1]
+        passes = entry[2] if len(entry) > 2 else 1
         layout = _Layout.of(model, layered)
         for m, name in layout.resident:
             h = getattr(m, name).data
             if h.device.type == "cpu" and h.is_contiguous() and _nbytes(h):
                 take(h.data_ptr(), _nbytes(h))
-        spans = [sp for sp in layout.spans() if sp is not None]
-        if spans:
-            groups.append(spans)
-    for spans in sorted(groups, key=lambda g: -sum(sp[0].numel() for sp in g) / len(g)):
+        every = layout.spans()
+        for lst in layout.lists:
+            spans = [sp for sp in every[lst] if sp is not None]
+            if spans:
+                groups.append((passes * sum(sp[0].numel() for sp in spans) / len(spans), spans))
+    for _, spans in sorted(groups, key=lambda g: -g[0]):
         size = max(_aligned(sp[0].numel()) for sp in spans)
         fit = min(len(spans), max(0, budget - used) // size)
         rest = len(spans) - fit
