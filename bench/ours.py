@@ -29,8 +29,10 @@ Scenarios, in this order, each one's figures in the JSON:
 4. ``after_idle``: one more job after that wait (parked weights coming back, or a new worker).
    ``park``: right after it, ``Service.park()``, what the WebUI calls before it generates (its
    time, what it freed, the worker's GPU memory after it).
-5. ``restart``: the worker is shut down (the "worker gone" choice) and one job runs with the
-   page cache still warm.
+5. ``restart``: the worker is shut down (the "worker gone" choice) and, as the service does when
+   its idle timeout passes, a standby worker started (unless ``--no-standby``); once that is
+   ready, one job. The code files are still in the page cache; the weights are not (they are
+   read with O_DIRECT) and come from the disk again.
 6. ``cold_fresh`` (unless ``--no-fresh``): as ``cold`` with a new service and no standby (the
    worker starts at tab load: a click right after the WebUI started).
 7. ``low``: a new service whose worker runs under a VRAM cap of ``--cap-gb`` GB (2**30 bytes):
@@ -296,9 +298,18 @@ class Bench:
         print(f"  park: {took:.3f} s, {C.gb(before)} -> {C.gb(after)} GB", flush=True)
 
     def restart(self, svc: Service) -> None:
+        """The idle timeout passed (the "worker gone" choice): as the service does then, the
+        worker stops and a standby worker takes its place (unless ``--no-standby``); one job once
+        that is ready (its weights come from the disk again)."""
         svc._stop_worker() if hasattr(svc, "_stop_worker") else svc.shutdown()
+        waited = None
+        if not self.a.no_standby and hasattr(svc, "standby") and svc.standby():
+            t = C.now()
+            if svc.standby_ready(120):
+                waited = round(C.now() - t, 2)
         rec = self.job(svc, self.request())
         rec["page_cache"] = "warm"
+        rec["standby_ready_after_s"] = waited
         self.out["scenarios"]["restart"] = rec
 
     def low(self) -> None:

@@ -114,8 +114,11 @@ def variant_rows(variant: str, ours: dict | None, refs: dict) -> tuple[list[list
         row("WebUI generates: worker frees kept VRAM (s)", None, None, park.get("seconds"), None, _ratio, nd=3,
             note=f"({C.gb(park.get('held_before'))} -> {C.gb(park.get('held_after'))} GB)")
     if restart:
-        row("next LoRA, worker gone, page cache warm (s)", None, None,
-            restart.get("from_click_s") if restart.get("state") == "done" else None, None, _ratio)
+        sb = restart.get("standby_ready_after_s") is not None
+        row("next LoRA, worker gone (s)", None, None,
+            restart.get("from_click_s") if restart.get("state") == "done" else None, None, _ratio,
+            note=("(a standby worker in its place, as after the idle timeout" if sb else "(a new worker")
+            + "; the weights read from disk again)")
     peaks = [r.get("peak_vram") for r in [cold] + (warm.get("runs") or []) + (warm1.get("runs") or [])
              if r.get("peak_vram") is not None]
     row(f"peak VRAM, profile {ours.get('profile') if ours else '?'} (GB)", C.gb(rd.get("peak_vram")),
