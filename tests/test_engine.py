@@ -227,6 +227,8 @@ def test_style_equals_diffsynth(engine, tiny_dir, images, tmp_path):
     assert meta["modelspec.title"] == "Test style" and meta["note"] == "x" and meta["i2l.variant"] == "style"
     assert meta["i2l.images"] == "3" and len(json.loads(meta["i2l.image_sha256"])) == 3
     assert meta["i2l.bias"] == "false" and meta["ss_base_model_version"] == "qwen_image"
+    from importlib.metadata import version
+    assert meta["i2l.diffsynth_version"] == version("diffsynth")
 
 
 def test_coarse_fine_bias_equals_diffsynth(engine, tiny_dir, images, tmp_path):

@@ -13,6 +13,7 @@ The file is always written in bfloat16.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -50,6 +51,17 @@ DS_NAMES = {
 LOAD_ORDER = ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine")
 # The Qwen2.5-VL pass of the Coarse / Fine residual runs in chunks of this many images.
 TEXT_ENCODER_CHUNK = {"coarse": 16, "fine": 4}
+
+
+@functools.lru_cache(maxsize=1)
+def _diffsynth_version() -> str | None:
+    """The installed diffsynth's version, for the LoRA's metadata (looked up once: the lookup
+    walks the interpreter's search path, a few milliseconds of every job)."""
+    try:
+        from importlib.metadata import version
+        return version("diffsynth")
+    except Exception:
+        return None
 
 
 def _import(dotted: str):
@@ -1224,11 +1236,7 @@ class Engine:
                 else:
                     h.update(im.tobytes())
                 shas.append(h.hexdigest())
-        try:
-            from importlib.metadata import version
-            dsv = version("diffsynth")
-        except Exception:
-            dsv = None
+        dsv = _diffsynth_version()
         extra = dict(spec.get("metadata") or {})
         title = extra.pop("modelspec.title", None) or extra.pop("title", None)
         return lora_format.build_metadata(variant, shas, bias=bias, key_format=key_format, title=title,
