@@ -55,7 +55,9 @@ def _aligned(n: int) -> int:
 
 
 def _span_of(slots):
-    """``Streamer._span`` for a layer's parameter slots."""
+    """(host bytes, base pointer) when the parameters in ``slots`` (a layer's) lie together in one
+    host buffer (they do in a safetensors file: a layer's tensors are stored side by side), so the
+    layer moves with one copy; None otherwise."""
     hosts = [getattr(m, n).data for m, n in slots]
     if not hosts:
         return None
@@ -283,12 +285,6 @@ class Streamer:
         self.bytes_copied = 0
 
     # -- copies -------------------------------------------------------------------------------
-    def _span(self, i: int):
-        """(host bytes, base pointer) when layer ``i``'s parameters lie together in one host buffer
-        (they do in a safetensors file: a layer's tensors are stored side by side), so the layer
-        moves with one copy; None otherwise."""
-        return _span_of(self._slots[i])
-
     def span(self, i: int) -> tuple[torch.Tensor, int]:
         """(GPU bytes of layer ``i``, the host address they mirror) inside ``layer(i)`` when not pointing."""
         return self._span_bufs[i]
