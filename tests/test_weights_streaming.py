@@ -262,7 +262,7 @@ def test_plan_keeps_the_small_parts_then_the_biggest_layers_spread(tmp_path):
     spans = {id(net): [(base, src.numel()) for src, base in _Layout.of(net, True).spans()] for net in (small, big)}
     big_layer, small_layer = _aligned(spans[id(big)][0][1]), _aligned(spans[id(small)][0][1])
     res_bytes = sum(_aligned(n) for _, n in residents)
-    models = [(small, True), (big, True)]          # job order: the small model runs first
+    models = [(small, True, 1), (big, True, 1)]    # job order: the small model runs first
     everything = plan_holds(models, 1 << 30)
     assert everything == residents | set(spans[id(small)]) | set(spans[id(big)])
     budget = res_bytes + 3 * big_layer + 8 * small_layer
@@ -274,14 +274,14 @@ def test_plan_keeps_the_small_parts_then_the_biggest_layers_spread(tmp_path):
     assert plan_holds(models, 10) == set()
     # a model run many times over (the text encoder: once per chunk of images, for Coarse and Fine)
     # is kept before bigger layers run once
-    many = plan_holds([(small, True, 20), (big, True)], res_bytes + 8 * small_layer + big_layer)
+    many = plan_holds([(small, True, 20), (big, True, 1)], res_bytes + 8 * small_layer + big_layer)
     assert many == residents | set(spans[id(small)]) | {spans[id(big)][2]}
     # a model with two lists of layers: each list planned as its own group
     two = torch.nn.Module()
     two.a, two.b = big.layers, small.layers
     lay2 = _Layout.of(two, True)
     assert [len(lay2.layers[sl]) for sl in lay2.lists] == [6, 8]
-    assert plan_holds([(two, True)], 2 * big_layer) == {spans[id(big)][1], spans[id(big)][4]}
+    assert plan_holds([(two, True, 1)], 2 * big_layer) == {spans[id(big)][1], spans[id(big)][4]}
     m = GpuMirror("cpu", limit=1 << 30)
     for k in everything:
         m.get(*k)

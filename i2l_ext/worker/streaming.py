@@ -76,7 +76,8 @@ def _span_of(slots):
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per GPU for every streamer's copies (made once: streams are not freed)."""
-    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    device = torch.device(device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
     st = _COPY_STREAMS.get(key)
     if st is None:
         st = _COPY_STREAMS[key] = torch.cuda.Stream(device)
@@ -144,8 +145,8 @@ class _Layout:
 
 def plan_holds(models: list, budget: int) -> set:
     """Which host spans a mirror of ``budget`` bytes keeps for a job that runs ``models``
-    (``(model, layered)`` or ``(model, layered, passes)``: how many times the job runs the model's
-    layers), as keys for ``GpuMirror.plan``.
+    (``(model, layered, passes)``: passes, how many times the job runs the model's layers), as
+    keys for ``GpuMirror.plan``.
 
     A streamed layer's copy overlaps the computing only from two layers ahead, so what is kept
     decides when the copying can run: the small parts outside the layers are kept first; then
@@ -166,9 +167,7 @@ def plan_holds(models: list, budget: int) -> set:
         used += _aligned(n)
         return True
     groups = []
-    for entry in models:
-        model, layered = entry[0], entry[1]
-        passes = entry[2] if len(entry) > 2 else 1
+    for model, layered, passes in models:
         layout = _Layout.of(model, layered)
         for m, name in layout.resident:
             h = getattr(m, name).data
