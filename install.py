@@ -3,9 +3,8 @@
 Installs nothing into the WebUI's venv. The worker gets a venv of its own (``.venv-worker`` in this
 folder) because diffsynth needs transformers 5; the WebUI's torch is reused when it is recent
 enough. When nothing changed this takes a few milliseconds and calls no pip.
-Flags (via COMMANDLINE_ARGS or here): --skip-install, --i2l-python, --i2l-worker-env, --i2l-wheels,
---i2l-offline, --i2l-own-torch, --index-url, --repair. Environment: I2L_SKIP_INSTALL, I2L_PYTHON,
-I2L_WORKER_ENV, I2L_WHEELS, I2L_OFFLINE, INDEX_URL / PIP_INDEX_URL.
+Its settings (flags here or in COMMANDLINE_ARGS, the WebUI's settings, the environment) are
+the ones README's settings table lists; ``--repair`` rebuilds the environment from scratch.
 """
 import os
 import sys
@@ -27,8 +26,7 @@ def main(argv=None) -> int:
         import traceback
         print("Image to LoRA: install.py failed unexpectedly: %s: %s" % (type(e).__name__, e))
         print("  To repair: cd \"%s\" && \"%s\" -m i2l_ext env repair" % (_ROOT, sys.executable))
-        if os.environ.get("I2L_DEBUG"):
-            traceback.print_exc()
+        traceback.print_exc()
         return 1
 
 

@@ -36,9 +36,8 @@ Scenarios, in this order, each one's figures in the JSON:
 6. ``cold_fresh`` (unless ``--no-fresh``): as ``cold`` with a new service and no standby (the
    worker starts at tab load: a click right after the WebUI started).
 7. ``low``: a new service whose worker runs under a VRAM cap of ``--cap-gb`` GB (2**30 bytes):
-   ``torch.cuda.set_per_process_memory_fraction`` is set in the worker before anything else runs
-   (``bench/capped_worker.py``), and ``I2L_VRAM_CAP_GB`` is passed in its environment so the
-   engine can size itself to it; page cache dropped; a job with ``--low-profile``, then a second.
+   ``torch.cuda.set_per_process_memory_fraction`` is set in the worker when it starts
+   (the product's own ``vram_limit_gb`` setting, which also sizes the engine to it); page cache dropped; a job with ``--low-profile``, then a second.
 
 Peak VRAM of each job: the worker's own ``peak_vram`` (``torch.cuda.max_memory_allocated``, as
 the reference) and the driver's per-process peak sampled every 50 ms.
@@ -61,7 +60,7 @@ sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 
 T_IMPORT = time.perf_counter()
-from i2l_ext.config import Config  # noqa: E402
+from i2l_ext.settings import Settings  # noqa: E402
 from i2l_ext.service import JobRequest, Service  # noqa: E402
 T_IMPORT = time.perf_counter() - T_IMPORT
 
@@ -90,21 +89,16 @@ class Bench:
                           "host_import_s": round(T_IMPORT, 3), "scenarios": {}}
 
     # -- set-up ---------------------------------------------------------------------------------
-    def config(self, capped: bool = False, standby: bool = True) -> Config:
+    def config(self, capped: bool = False, standby: bool = True) -> Settings:
         env = {"PYTHONPATH": os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         for kv in self.a.worker_env:
             k, _, v = kv.partition("=")
             env[k] = v
         python = self.a.python or sys.executable
-        if capped:
-            env["I2L_VRAM_CAP_GB"] = str(self.a.cap_gb)
-            env["I2L_BENCH_PYTHON"] = python
-            python = os.path.join(HERE, "capped-python")
-        cfg = Config(models_dir=self.a.models, lora_dir=self.a.lora, worker_python=python, worker_env=env,
-                     idle_timeout=3600.0, keep_warm=True)
-        if hasattr(cfg, "standby"):
-            cfg.standby = standby and not self.a.no_standby
-        fields = {f.name for f in dataclasses.fields(Config)}
+        cfg = Settings(models_dir=self.a.models, lora_dir=self.a.lora, worker_python=python, worker_env_vars=env,
+                       keep_warm_minutes=60.0, vram_limit_gb=self.a.cap_gb if capped else 0.0,
+                       trace=self.a.trace, standby=standby and not self.a.no_standby)
+        fields = {f.name for f in dataclasses.fields(Settings)}
         applied, ignored = {}, []
         for kv in self.a.config:
             k, _, v = kv.partition("=")
@@ -373,6 +367,7 @@ def main() -> int:
     ap.add_argument("--python", default=None, help="the worker's Python (default: this one)")
     ap.add_argument("--config", action="append", default=[], help="Config field=JSON value (if the field exists)")
     ap.add_argument("--worker-env", action="append", default=[], help="K=V for the worker's environment")
+    ap.add_argument("--trace", default=None, help="the worker appends its start-up steps to this file")
     a = ap.parse_args()
     os.makedirs(a.lora, exist_ok=True)
     res = Bench(a).run()

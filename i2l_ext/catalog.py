@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 ENCODERS_REPO = "DiffSynth-Studio/General-Image-Encoders"
-I2L_REPO = "DiffSynth-Studio/Qwen-Image-i2L"
+QWEN_I2L_REPO = "DiffSynth-Studio/Qwen-Image-i2L"
 QWEN_IMAGE_REPO = "Qwen/Qwen-Image"
 QWEN_EDIT_REPO = "Qwen/Qwen-Image-Edit"
 
@@ -149,10 +149,10 @@ FILES: dict[str, ModelFile] = {f.role: f for f in [
     ModelFile("text_encoder", QWEN_IMAGE_REPO, "text_encoder/model*.safetensors", int(16.6 * GB),
               "Qwen2.5-VL text encoder", _TE_KNOWN),
     ModelFile("processor", QWEN_EDIT_REPO, "processor/", 12_000_000, "Qwen2-VL processor", _PROC_KNOWN),
-    ModelFile("style", I2L_REPO, "Qwen-Image-i2L-Style.safetensors", int(4.8 * GB), "i2L Style decoder"),
-    ModelFile("coarse", I2L_REPO, "Qwen-Image-i2L-Coarse.safetensors", int(15.9 * GB), "i2L Coarse decoder"),
-    ModelFile("fine", I2L_REPO, "Qwen-Image-i2L-Fine.safetensors", int(15.1 * GB), "i2L Fine decoder"),
-    ModelFile("bias", I2L_REPO, "Qwen-Image-i2L-Bias.safetensors", 60_000_000, "i2L Bias LoRA"),
+    ModelFile("style", QWEN_I2L_REPO, "Qwen-Image-i2L-Style.safetensors", int(4.8 * GB), "i2L Style decoder"),
+    ModelFile("coarse", QWEN_I2L_REPO, "Qwen-Image-i2L-Coarse.safetensors", int(15.9 * GB), "i2L Coarse decoder"),
+    ModelFile("fine", QWEN_I2L_REPO, "Qwen-Image-i2L-Fine.safetensors", int(15.1 * GB), "i2L Fine decoder"),
+    ModelFile("bias", QWEN_I2L_REPO, "Qwen-Image-i2L-Bias.safetensors", 60_000_000, "i2L Bias LoRA"),
 ]}
 
 

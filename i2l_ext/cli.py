@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from . import __version__
+from . import __version__, settings
 from .errors import I2LError
 
 # Modules that add their own sub-commands with ``register(subparsers)``.
@@ -42,17 +42,9 @@ class ProgressBar:
             self.stream.flush()
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models-dir", help="folder with the model files (default: the WebUI's models/i2L, else ~/.i2l/models)")
-    p.add_argument("--python", dest="worker_python", help="Python interpreter of the worker environment")
-    p.add_argument("--offline", action="store_true", default=None, help="never contact a model hub")
-
-
-def _config(args):
-    from .config import default_config
-    return default_config(models_dir=getattr(args, "models_dir", None), lora_dir=getattr(args, "lora_dir", None),
-                          worker_python=getattr(args, "worker_python", None), offline=getattr(args, "offline", None),
-                          host="cli", keep_warm=False, standby=False)
+def _config(args) -> settings.Settings:
+    """The settings for a one-shot command: no worker kept warm, no standby worker."""
+    return settings.from_args(args, host="cli", keep_warm_minutes=0.0, standby=False)
 
 
 def cmd_make(args) -> int:
@@ -60,7 +52,7 @@ def cmd_make(args) -> int:
     cfg = _config(args)
     name = args.name or os.path.splitext(os.path.basename(args.images[0].rstrip("/\\")))[0]
     req = JobRequest(images=args.images, name=name, variant=args.variant, bias=args.bias, subfolder=args.subfolder,
-                     overwrite=args.overwrite, key_format=args.key_format, vram_profile=args.vram_profile,
+                     overwrite=args.overwrite, key_format=cfg.key_format, vram_profile=cfg.vram_profile,
                      preferred_weight=args.weight, activation_text=args.activation_text, description=args.description)
     service = Service(cfg)
     bar = ProgressBar()
@@ -102,7 +94,7 @@ def _fail(e: I2LError | None) -> int:
     print(f"error: {e.message}", file=sys.stderr)
     if e.fix:
         print(f"fix: {e.fix}", file=sys.stderr)
-    if e.details and os.environ.get("I2L_DEBUG"):
+    if e.details and settings.resolve().debug:
         print(e.details, file=sys.stderr)
     return 2 if e.code in (I2LError.BAD_INPUT, I2LError.OUTPUT) else 1
 
@@ -114,17 +106,30 @@ def cmd_tiny_models(args) -> int:
     if not python:
         try:
             from .envsetup import find_worker_python
-            python = find_worker_python()
+            python = find_worker_python(env_dir=cfg.worker_env)
         except I2LError as e:
             return _fail(e)
-    from .config import EXT_ROOT
-    env = dict(os.environ, PYTHONPATH=EXT_ROOT)
+    env = dict(os.environ, PYTHONPATH=settings.EXT_ROOT)
     t0 = time.monotonic()
     rc = subprocess.call([python, "-m", "i2l_ext.worker.tiny", os.path.abspath(args.dir)], env=env)
     if rc == 0:
         print(f"Tiny model set written to {os.path.abspath(args.dir)} in {time.monotonic() - t0:.1f} s "
               f"(random weights: its LoRAs are meaningless, the code path is the real one).")
     return rc
+
+
+def cmd_settings(args) -> int:
+    """The settings in force here and where each came from (or README's table)."""
+    if args.markdown:
+        print(settings.markdown_table())
+        return 0
+    cfg = settings.from_args(args)
+    width = max(len(s.name) for s in settings.SETTINGS)
+    for name, value, source in settings.describe(cfg):
+        print(f"{name:<{width}}  {value or '-'}  ({source})")
+    for s, where, raw, why in cfg.problems:
+        print(f"ignored: {s.env if where == 'env' else s.name}={raw!r} ({why})", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,27 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make", help="make a LoRA from images", description="Make a LoRA from one image or a few.")
     p.add_argument("images", nargs="+", help="image files, or folders of images")
     p.add_argument("--name", help="LoRA name (default: the first image's name)")
-    p.add_argument("--variant", default="style", help="style (default), coarse-fine, coarse or fine")
+    p.add_argument("--variant", default="style", choices=list(settings.VARIANT_KEYS), help="style (default), coarse-fine, coarse or fine")
     bias = p.add_mutually_exclusive_group()
     bias.add_argument("--no-bias", dest="bias", action="store_false", default=None, help="leave the Bias LoRA out (coarse-fine)")
     bias.add_argument("--bias", dest="bias", action="store_true", help="merge the Bias LoRA in")
-    p.add_argument("--lora-dir", help="where the LoRA goes (default: the WebUI's models/Lora, else ~/.i2l/Lora)")
+    settings.add_cli_flag(p, "lora_dir")
     p.add_argument("--subfolder", default="", help="a subfolder inside the Lora folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing LoRA of the same name")
-    p.add_argument("--key-format", default="diffusers", choices=["diffusers", "kohya"],
-                   help="diffusers: diffusion_model.*.lora_A/B (default); kohya: lora_unet_*.lora_down/up + alpha")
-    p.add_argument("--vram-profile", default="auto", choices=["auto", "gpu", "cpu_offload", "disk"])
+    settings.add_cli_flag(p, "key_format")
+    settings.add_cli_flag(p, "vram_profile")
+    settings.add_cli_flag(p, "vram_limit_gb", metavar="GB")
     p.add_argument("--weight", type=float, default=1.0, help="preferred weight written to the card (default 1)")
     p.add_argument("--activation-text", default="", help="activation text for the card")
     p.add_argument("--description", default="", help="description for the card")
     p.add_argument("-v", "--verbose", action="count", default=0)
-    _add_common(p)
+    for name in ("models_dir", "worker_python", "worker_env", "offline"):
+        settings.add_cli_flag(p, name)
     p.set_defaults(func=cmd_make)
 
     p = sub.add_parser("tiny-models", help="write a tiny random-weight model set (for trying the whole path on a CPU)")
     p.add_argument("dir")
-    p.add_argument("--python", dest="worker_python", help="Python interpreter of the worker environment")
+    settings.add_cli_flag(p, "worker_python")
+    settings.add_cli_flag(p, "worker_env")
     p.set_defaults(func=cmd_tiny_models)
+
+    p = sub.add_parser("settings", help="show the settings in force and where each comes from")
+    p.add_argument("--markdown", action="store_true", help="print README's settings table")
+    p.set_defaults(func=cmd_settings)
 
     for mod in SUBCOMMAND_MODULES:
         try:
@@ -169,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import i18n
     parser = build_parser()
     args = parser.parse_args(argv)
+    i18n.set_language(settings.from_args(args).language)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

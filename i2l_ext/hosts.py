@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 
+from . import settings as settings_mod
 from .service import HostHooks
 
 HOSTS = ("a1111", "forge", "neo", "reforge", "standalone")
@@ -100,6 +101,33 @@ def models_root() -> str | None:
 
 
 # -- settings -------------------------------------------------------------------------------------
+def saved_option(key: str):
+    """A WebUI setting's value, or None while it is at its default (the WebUIs store every
+    setting with its default): a setting left alone leaves the choice to the environment and the
+    default (see ``i2l_ext.settings``)."""
+    try:
+        from modules import shared
+        value = shared.opts.data.get(key)
+        info = shared.opts.data_labels.get(key)
+    except Exception:
+        return None
+    if info is not None and value == getattr(info, "default", None):
+        return None
+    return value
+
+
+def settings(**runtime) -> settings_mod.Settings:
+    """The settings in force in this WebUI: our flags on its command line, its settings, the
+    environment, and defaults from its folders and language."""
+    try:
+        from modules import shared
+        flags = settings_mod.flags_from_cmd_opts(shared.cmd_opts)
+    except Exception:
+        flags = {}
+    ctx = settings_mod.Context(models_root=models_root(), lora_dir=lora_dir(), language=host_language())
+    return settings_mod.resolve(flags, option=saved_option, context=ctx, host=detect_host(), **runtime)
+
+
 def opt(key: str, default=None):
     try:
         from modules import shared
@@ -113,9 +141,6 @@ def opt(key: str, default=None):
 
 def host_language() -> str | None:
     """The host's UI language, from its localization setting (e.g. 'zh_CN', 'zh-Hans (Stable)')."""
-    lang = opt("i2l_language", "auto")
-    if lang and lang != "auto":
-        return lang
     loc = opt("localization", "None")
     if loc and str(loc).lower() != "none":
         s = str(loc).lower()
@@ -266,21 +291,20 @@ def lora_cards_refreshable(host: str | None = None) -> bool:
 class WebUIHooks(HostHooks):
     """Frees the host's VRAM before a job, gives it back after (A1111), watches Interrupt."""
 
-    def __init__(self, host: str | None = None, free_vram: bool = True, restore: bool = True):
+    def __init__(self, host: str | None = None, restore: bool = True):
         self.host = host or detect_host()
-        self.free_vram = free_vram
         self.restore = restore
         self._moved_model = None
         self._began = False
 
-    def before_job(self) -> None:
+    def before_job(self, settings) -> None:
         try:
             from modules import shared
             shared.state.begin(job="i2l")        # clears a stale Interrupt and shows the job as busy
             self._began = True
         except Exception:
             self._began = False
-        if opt("i2l_free_vram", self.free_vram):      # the setting as it is now, not at start
+        if settings.free_vram:
             self._free()
 
     def after_job(self) -> None:
@@ -341,4 +365,4 @@ def make_hooks(host: str | None = None) -> HostHooks:
     host = host or detect_host()
     if host == "standalone":
         return HostHooks()
-    return WebUIHooks(host, free_vram=bool(opt("i2l_free_vram", True)))
+    return WebUIHooks(host)

@@ -2,8 +2,8 @@
 
 ``t("key", **fields)`` looks the key up in the current language (``locales/<lang>.json``), falls
 back to English, then to the key itself, and fills ``{fields}``. Adding a language is adding one
-JSON file with the same keys. The language comes from ``set_language`` (the host's setting or
-``serve --lang``), else ``I2L_LANG``, else the system locale.
+JSON file with the same keys. The language comes from ``set_language`` (the ``language`` setting),
+else the system locale.
 """
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def normalize(lang: str | None) -> str | None:
 
 
 def detect() -> str:
-    for cand in (os.environ.get("I2L_LANG"), os.environ.get("LC_ALL"), os.environ.get("LC_MESSAGES"),
-                 os.environ.get("LANG")):
+    for cand in (os.environ.get("LC_ALL"), os.environ.get("LC_MESSAGES"), os.environ.get("LANG")):
         lang = normalize(cand)
         if lang:
             return lang

@@ -31,7 +31,7 @@ BLOCK_LINEARS: dict[str, tuple[int, int]] = {
     "txt_mlp.net.0.proj": (3072, 12288), "txt_mlp.net.2": (12288, 3072),
 }
 # The 12 modules the i2L decoders (and the Bias LoRA) write.
-I2L_MODULES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.2", "img_mod.1",
+QWEN_I2L_MODULES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.2", "img_mod.1",
                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
                "txt_mlp.net.2", "txt_mod.1")
 # Linear modules outside the blocks.

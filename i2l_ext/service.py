@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import catalog, images as images_mod, output
-from .config import Config
+from .settings import Settings
 from .errors import I2LError
 from .supervisor import WorkerProcess
 
@@ -40,7 +40,7 @@ class JobRequest:
 class HostHooks:
     """What a host does around a job. The default (standalone, CLI) does nothing."""
 
-    def before_job(self) -> None:
+    def before_job(self, settings) -> None:
         pass
 
     def after_job(self) -> None:
@@ -141,7 +141,7 @@ class Job:
 
 
 class Service:
-    def __init__(self, config: Config, hooks: HostHooks | None = None):
+    def __init__(self, config: Settings, hooks: HostHooks | None = None):
         self.config = config
         self.hooks = hooks or HostHooks()
         self._lock = threading.Lock()
@@ -235,16 +235,14 @@ class Service:
         spec = {"variant": variant.key, "bias": bias, "images": paths, "image_sha256": [i.sha256 for i in infos],
                 "files": files, "models_dir": self.config.models_dir, "output": plan.to_dict(),
                 "key_format": req.key_format, "vram_profile": req.vram_profile,
-                "gpu_hold_s": max(0.0, float(self.config.gpu_hold or 0)),
+                "gpu_hold_s": max(0.0, float(self.config.gpu_hold_seconds or 0)),
                 "gpu_hold_gb": max(0.0, float(self.config.gpu_hold_gb or 0)),
                 "metadata": {"modelspec.title": req.name}, "card": card}
         return spec, plan
 
     def _worker_python(self) -> str:
-        if self.config.worker_python:
-            return self.config.worker_python
         from .envsetup import find_worker_python
-        return find_worker_python()
+        return find_worker_python(self.config.worker_python, self.config.worker_env)
 
     def _spawn(self, prefetch_files: list[str] | None = None) -> WorkerProcess:
         python = self._worker_python()
@@ -259,13 +257,10 @@ class Service:
                 if sb.alive:
                     raise
                 sb.kill()               # it died while waiting: a fresh worker says why, if anything
-        env = dict(self.config.worker_env)
-        if prefetch_files:
-            import json
-            env["I2L_PREFETCH"] = json.dumps(prefetch_files)
-        w = WorkerProcess(python, extra_env=env, log=self._route_log)
+        w = WorkerProcess(python, extra_env=dict(self.config.worker_env_vars), args=self.config.worker_args(),
+                          log=self._route_log)
         self._worker = w
-        w.start(timeout=self.config.start_timeout)
+        w.start(prefetch_files, timeout=self.config.start_timeout)
         return w
 
     # -- standby worker ----------------------------------------------------------------------------
@@ -286,7 +281,8 @@ class Service:
             if sb is not None and sb.alive:
                 return True
             try:
-                w = WorkerProcess(self._worker_python(), extra_env=dict(self.config.worker_env))
+                w = WorkerProcess(self._worker_python(), extra_env=dict(self.config.worker_env_vars),
+                                  args=self.config.worker_args())
                 w.start_standby()
             except I2LError:
                 return False                # no environment yet: the job will say what to do
@@ -300,7 +296,8 @@ class Service:
         sb, self._standby = self._standby, None
         if sb is None:
             return None
-        if sb.alive and sb.standby and sb.python == python and sb.extra_env == dict(self.config.worker_env):
+        if sb.alive and sb.standby and sb.python == python and sb.extra_env == dict(self.config.worker_env_vars) \
+                and sb.args == self.config.worker_args():
             return sb
         sb.kill()                           # settings changed since it started
         return None
@@ -322,7 +319,9 @@ class Service:
     def _ensure_worker(self, job: Job, spec: dict) -> WorkerProcess:
         with self._wlock:
             w = self._worker
-            if w is not None and w.alive:
+            if w is not None and w.alive and w.args != self.config.worker_args():
+                self._stop_worker()             # started with other settings (the VRAM limit)
+            elif w is not None and w.alive:
                 job._log("info", "Using the warm worker (pid %s)." % w.pid)
                 return w
             job._progress("start", 0, 1, "Starting the worker")
@@ -410,7 +409,7 @@ class Service:
         state, result, error = "error", None, None
         deadline = time.monotonic() + self.config.job_timeout
         try:
-            self.hooks.before_job()
+            self.hooks.before_job(self.config)
             job.state = "running"
             worker = self._ensure_worker(job, spec)
             if job._cancel.is_set():

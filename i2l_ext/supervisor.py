@@ -15,7 +15,7 @@ import threading
 import time
 
 from . import protocol
-from .config import EXT_ROOT
+from .settings import EXT_ROOT
 from .errors import I2LError
 
 IS_WINDOWS = os.name == "nt"
@@ -23,10 +23,11 @@ REPAIR_HINT = "Run `python -m i2l_ext env repair` (or 'Repair worker environment
 
 
 class WorkerProcess:
-    def __init__(self, python: str, log=None, extra_env: dict | None = None):
+    def __init__(self, python: str, log=None, extra_env: dict | None = None, args: list[str] | None = None):
         self.python = python
         self.log = log or (lambda level, message: None)
         self.extra_env = extra_env or {}
+        self.args = list(args or [])                  # the worker's settings (``Settings.worker_args``)
         self.proc: subprocess.Popen | None = None
         self.hello: dict | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
@@ -37,7 +38,7 @@ class WorkerProcess:
         self.standby_ready = threading.Event()        # its code is imported (it said so)
 
     # -- life cycle -----------------------------------------------------------------------
-    def _env(self, more: dict | None = None) -> dict:
+    def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
         env.update({
             "PYTHONPATH": EXT_ROOT, "PYTHONUNBUFFERED": "1", "PYTHONNOUSERSITE": "1",
@@ -47,19 +48,18 @@ class WorkerProcess:
             "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
         })
         env.update(self.extra_env)
-        env.update(more or {})
         return env
 
-    def start(self, timeout: float = 600.0) -> dict:
-        """Start the worker and wait for its ``hello`` (CUDA up, reading what ``I2L_PREFETCH`` names)."""
-        self._spawn()
+    def start(self, prefetch_files: list[str] | None = None, timeout: float = 600.0) -> dict:
+        """Start the worker and wait for its ``hello`` (CUDA up, reading ``prefetch_files``)."""
+        self._spawn(["--prefetch", *prefetch_files] if prefetch_files else [])
         return self._wait_hello(timeout)
 
     def start_standby(self) -> None:
         """Start the worker ahead of need: it imports its code, then waits for ``wake`` holding no
         GPU memory and no weights. Returns at once; ``standby_ready`` is set once the code is in."""
         self.standby = True
-        self._spawn({"I2L_STANDBY": "1"})
+        self._spawn(["--standby"])
 
     def wake(self, prefetch_files: list[str] | None = None, timeout: float = 600.0) -> dict:
         """Turn a standby worker into a working one: it starts reading ``prefetch_files`` at once,
@@ -68,7 +68,7 @@ class WorkerProcess:
         self.standby = False
         return self._wait_hello(timeout)
 
-    def _spawn(self, more_env: dict | None = None) -> None:
+    def _spawn(self, more_args: list[str]) -> None:
         if not self.python or not os.path.exists(self.python):
             raise I2LError(I2LError.WORKER_START, f"The worker's Python was not found: {self.python or '(none set)'}",
                            REPAIR_HINT)
@@ -78,9 +78,9 @@ class WorkerProcess:
         else:
             kwargs["start_new_session"] = True
         try:
-            self.proc = subprocess.Popen([self.python, "-u", "-m", "i2l_ext.worker"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=EXT_ROOT,
-                                         env=self._env(more_env), **kwargs)
+            self.proc = subprocess.Popen([self.python, "-u", "-m", "i2l_ext.worker", *self.args, *more_args],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         cwd=EXT_ROOT, env=self._env(), **kwargs)
         except OSError as e:
             raise I2LError(I2LError.WORKER_START, f"The worker could not be started with {self.python}: {e}",
                            REPAIR_HINT) from None

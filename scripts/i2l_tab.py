@@ -19,34 +19,14 @@ else:
 
 from modules import script_callbacks  # noqa: E402
 
-SECTION = ("i2l", "Image to LoRA")
-
-
-def _config_refresh(cfg):
-    """Re-read the settings that may change while the WebUI runs."""
-    from i2l_ext import hosts
-    cfg.lora_dir = hosts.lora_dir() or cfg.lora_dir
-    cfg.models_dir = os.path.abspath(hosts.opt("i2l_models_dir", "") or cfg.models_dir)
-    cfg.worker_python = hosts.opt("i2l_worker_python", "") or os.environ.get("I2L_WORKER_PYTHON") or None
-    cfg.offline = bool(hosts.opt("i2l_offline", False))
-    cfg.idle_timeout = 60.0 * float(hosts.opt("i2l_keep_warm_minutes", 10) or 0)
-    cfg.keep_warm = cfg.idle_timeout > 0
-    cfg.prewarm = bool(hosts.opt("i2l_prewarm", True))
-    cfg.standby = bool(hosts.opt("i2l_standby", True))
-    cfg.gpu_hold = float(hosts.opt("i2l_gpu_hold_seconds", 10) or 0)
-    cfg.gpu_hold_gb = float(hosts.opt("i2l_gpu_hold_gb", 10) or 0)
+SECTION = "i2l"
 
 
 def _make_controller():
     from i2l_ext import hosts
-    from i2l_ext.config import default_config
     from i2l_ext.ui.tab import Controller
     host = hosts.detect_host()
-    root = hosts.models_root()
-    models_dir = os.environ.get("I2L_MODELS_DIR") or (os.path.join(root, "i2L") if root else None)
-    cfg = default_config(host=host, lora_dir=hosts.lora_dir(), models_dir=models_dir)
-    _config_refresh(cfg)
-    return Controller(cfg, hosts.make_hooks(host), host=host, config_refresh=_config_refresh)
+    return Controller(hosts.settings(), hosts.make_hooks(host), host=host, settings_source=hosts.settings)
 
 
 def get_controller():
@@ -54,50 +34,42 @@ def get_controller():
     as a new module while the ``i2l_ext`` package stays imported, so the controller is kept there: a
     reload reuses it and its worker instead of starting a second worker beside the first."""
     from i2l_ext import hosts
-    ctl = hosts.webui_controller(_make_controller)
-    ctl.defaults.update(variant=hosts.opt("i2l_default_variant", "style"),
-                        vram_profile=hosts.opt("i2l_vram_profile", "auto"),
-                        key_format=hosts.opt("i2l_key_format", "diffusers"))
-    return ctl
+    return hosts.webui_controller(_make_controller)
 
 
 def on_ui_tabs():
     from i2l_ext import hosts, i18n
-    i18n.set_language(hosts.host_language())
+    ctl = get_controller()
+    ctl.refresh_config()
+    i18n.set_language(ctl.config.language)
     from i2l_ext.ui import create_tab
-    blocks = create_tab(get_controller())
+    blocks = create_tab(ctl)
     return [(blocks, i18n.t("tab_title"), "i2l_tab")]
 
 
 def on_ui_settings():
+    """Settings -> Image to LoRA: every setting of ``i2l_ext.settings`` that has a WebUI setting."""
     import gradio as gr
     from modules import shared
-    from i2l_ext import hosts, i18n
-    from i2l_ext.catalog import VARIANTS
+    from i2l_ext import hosts, i18n, settings
 
-    i18n.set_language(hosts.host_language())      # settings are built before the tab: same language
-    t = i18n.t
-    section = (SECTION[0], t("settings_section"))
-
-    def add(key, default, label, component=None, args=None):
-        info = shared.OptionInfo(default, label, component, args, section=section) if component else \
-            shared.OptionInfo(default, label, section=section)
-        shared.opts.add_option(key, info)
-
-    add("i2l_models_dir", "", t("settings_models_dir"))
-    add("i2l_worker_python", "", t("settings_worker_python"))
-    add("i2l_language", "auto", t("settings_language"), gr.Radio, {"choices": ["auto"] + i18n.available()})
-    add("i2l_default_variant", "style", t("settings_variant"), gr.Radio, {"choices": list(VARIANTS)})
-    add("i2l_vram_profile", "auto", t("settings_vram"), gr.Radio, {"choices": ["auto", "gpu", "cpu_offload", "disk"]})
-    add("i2l_key_format", "diffusers", t("settings_keys"), gr.Radio, {"choices": ["diffusers", "kohya"]})
-    add("i2l_free_vram", True, t("settings_free_vram"))
-    add("i2l_keep_warm_minutes", 10, t("settings_keep_warm"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
-    add("i2l_prewarm", True, t("settings_prewarm"))
-    add("i2l_standby", True, t("settings_standby"))
-    add("i2l_start_with_webui", False, t("settings_start_with_webui"))
-    add("i2l_gpu_hold_seconds", 10, t("settings_gpu_hold"), gr.Slider, {"minimum": 0, "maximum": 120, "step": 1})
-    add("i2l_gpu_hold_gb", 10, t("settings_gpu_hold_gb"), gr.Slider, {"minimum": 0, "maximum": 80, "step": 1})
-    add("i2l_offline", False, t("settings_offline"))
+    i18n.set_language(hosts.settings().language)      # settings are built before the tab: same language
+    section = (SECTION, i18n.t("settings_section"))
+    for s in settings.SETTINGS:
+        if not s.option:
+            continue
+        label = i18n.t("settings_" + s.name)
+        if s.name == "language":
+            info = shared.OptionInfo("auto", label, gr.Radio, {"choices": ["auto"] + i18n.available()}, section=section)
+        elif s.kind == "choice":
+            info = shared.OptionInfo(s.default, label, gr.Radio, {"choices": list(s.choices)}, section=section)
+        elif s.slider:
+            lo, hi, step = s.slider
+            info = shared.OptionInfo(s.default, label, gr.Slider, {"minimum": lo, "maximum": hi, "step": step},
+                                     section=section)
+        else:
+            info = shared.OptionInfo("" if s.default is None else s.default, label, section=section)
+        shared.opts.add_option(s.option, info)
 
 
 def on_app_started(demo, app):
@@ -105,16 +77,12 @@ def on_app_started(demo, app):
     WebUI" on, the worker starts and reads the default variant's weights; else, with the standby
     setting on (the default), a worker starts that only imports its code and waits, holding no
     GPU memory and no weights, so the first job skips those seconds."""
-    from i2l_ext import hosts
-    start, standby = hosts.opt("i2l_start_with_webui", False), hosts.opt("i2l_standby", True)
-    if not start and not standby:
-        return
     ctl = get_controller()
     ctl.refresh_config()
-    if start:
-        d = ctl.defaults
-        ctl.service.prewarm(d.get("variant") or "style", None, d.get("vram_profile") or "auto")
-    else:                       # finding the worker's Python and starting it: not in the WebUI's thread
+    cfg = ctl.config
+    if cfg.start_with_webui:
+        ctl.service.prewarm(cfg.default_variant, None, cfg.vram_profile)
+    elif cfg.standby:           # finding the worker's Python and starting it: not in the WebUI's thread
         threading.Thread(target=ctl.service.standby, daemon=True, name="i2l-standby").start()
 
 

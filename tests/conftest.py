@@ -14,7 +14,7 @@ from helpers import ROOT, make_image  # noqa: E402
 
 
 def _worker_python() -> str | None:
-    for cand in (os.environ.get("I2L_WORKER_PYTHON"), os.path.join(ROOT, ".venv-worker", "bin", "python"),
+    for cand in (os.environ.get("I2L_TEST_WORKER_PYTHON"), os.path.join(ROOT, ".venv-worker", "bin", "python"),
                  os.path.join(ROOT, ".venv-worker", "Scripts", "python.exe")):
         if cand and os.path.exists(cand):
             return cand
@@ -25,7 +25,7 @@ def _worker_python() -> str | None:
 def worker_python() -> str:
     py = _worker_python()
     if py is None:
-        pytest.fail("No worker interpreter: set I2L_WORKER_PYTHON or run `python install.py` (see README).")
+        pytest.fail("No worker interpreter: set I2L_TEST_WORKER_PYTHON or run `python install.py` (see README).")
     return py
 
 

@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLOW_PYTHON = os.path.join(ROOT, "tests", "shims", "slow-python")
 CHROMIUM = os.environ.get("I2L_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -78,3 +79,9 @@ def gone(pid, timeout=10.0):
             return True
         time.sleep(0.1)
     return False
+
+
+def slow_worker(worker_python: str, pause: float = 30.0) -> tuple[str, dict]:
+    """(the worker interpreter, its extra environment) for a worker that pauses ``pause`` s before
+    it moves a job's files into place (tests/shims/slow_worker.py)."""
+    return SLOW_PYTHON, {"SHIM_PYTHON": worker_python, "SHIM_PAUSE_BEFORE_WRITE": str(pause)}

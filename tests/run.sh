@@ -26,7 +26,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
-export I2L_WORKER_PYTHON="$WORKER"
+export I2L_TEST_WORKER_PYTHON="$WORKER"
 export I2L_GRADIO3_PYTHON="$(pwd)/.venv-gradio3/bin/python"
 export I2L_GRADIO4_PYTHON="$(pwd)/.venv-gradio4/bin/python"
 export I2L_CHROMIUM="$(command -v chromium)"

@@ -28,12 +28,10 @@ def test_venv_python_layouts():
     assert layout.venv_site_packages("C:\\e", (3, 10, 6), windows=True) == os.path.join("C:\\e", "Lib", "site-packages")
 
 
-def test_worker_env_dir_default_env_var_and_argument(monkeypatch, tmp_path):
-    monkeypatch.delenv("I2L_WORKER_ENV", raising=False)
+def test_worker_env_dir_default_and_argument(monkeypatch, tmp_path):
+    monkeypatch.setenv("I2L_WORKER_ENV", str(tmp_path / "w"))       # read by the settings, not here
     assert envsetup.worker_env_dir() == os.path.join(ROOT, ".venv-worker")
     assert envsetup.worker_env_dir(str(tmp_path)) == os.path.join(str(tmp_path), ".venv-worker")
-    monkeypatch.setenv("I2L_WORKER_ENV", str(tmp_path / "w"))
-    assert envsetup.worker_env_dir() == str(tmp_path / "w")
     assert layout.worker_env_dir(env_dir=str(tmp_path / "x")) == str(tmp_path / "x")
 
 
@@ -232,9 +230,7 @@ def test_explicit_interpreter_wins(tmp_path, monkeypatch):
     mine = tmp_path / "python"
     mine.write_text("")
     assert envsetup.find_worker_python(str(mine), env_dir=str(env)) == str(mine)
-    monkeypatch.setenv("I2L_PYTHON", str(mine))
-    assert envsetup.find_worker_python(env_dir=str(env)) == str(mine)
-    st = envsetup.env_status(str(env))
+    st = envsetup.env_status(str(env), explicit=str(mine))
     assert st["state"] == "external" and st["ok"]
     with pytest.raises(I2LError) as e:
         envsetup.find_worker_python(str(tmp_path / "nope"))
@@ -347,20 +343,26 @@ def test_error_tail_keeps_the_reason():
 
 # --- install.py options and preload flags -----------------------------------------------------
 
-def test_parse_options_sources_and_precedence(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_parse_options_sources_and_precedence(tmp_path):
+    """install.py: its own arguments > the WebUI's flags (COMMANDLINE_ARGS) > the WebUI's settings file
+    (the one --ui-settings-file names) > the environment > the defaults."""
     env = {"COMMANDLINE_ARGS": '--xformers --i2l-python "/a b/python" --skip-install --i2l-offline',
-           "INDEX_URL": "https://host-index/simple"}
-    o = hostinstall.parse_options([], env)
-    assert o.skip_install and o.i2l_python == "/a b/python" and o.i2l_offline
-    assert o.index_url == "https://host-index/simple"
-    o = hostinstall.parse_options(["--i2l-python", "/mine"], env)
-    assert o.i2l_python == "/mine"
-    o = hostinstall.parse_options([], {"I2L_SKIP_INSTALL": "1", "I2L_WHEELS": "/w", "I2L_WORKER_ENV": "/e"})
-    assert o.skip_install and o.i2l_wheels == "/w" and o.i2l_worker_env == "/e" and not o.i2l_offline
-    assert o.i2l_python is None and o.index_url is None
+           "INDEX_URL": "https://host-index/simple", "I2L_PYTHON": "/from/env"}
+    st, _ = hostinstall.parse_options([], env, cwd=str(tmp_path))
+    assert st.skip_install and st.worker_python == "/a b/python" and st.offline
+    assert st.index_url == "https://host-index/simple"
+    st, _ = hostinstall.parse_options(["--i2l-python", "/mine"], env, cwd=str(tmp_path))
+    assert st.worker_python == "/mine"
+    st, _ = hostinstall.parse_options([], {"I2L_SKIP_INSTALL": "1", "I2L_WHEELS": "/w", "I2L_WORKER_ENV": "/e"},
+                                      cwd=str(tmp_path))
+    assert st.skip_install and st.wheels == "/w" and st.worker_env == "/e" and not st.offline
+    assert st.worker_python is None and st.index_url is None
     (tmp_path / "config.json").write_text(json.dumps({"i2l_worker_python": "/from/settings"}))
-    assert hostinstall.parse_options([], {}).i2l_python == "/from/settings"
+    assert hostinstall.parse_options([], {"I2L_PYTHON": "/from/env"}, cwd=str(tmp_path))[0].worker_python \
+        == "/from/settings"
+    (tmp_path / "mine.json").write_text(json.dumps({"i2l_worker_python": "/from/other/settings"}))
+    st, _ = hostinstall.parse_options([], {"COMMANDLINE_ARGS": "--ui-settings-file mine.json"}, cwd=str(tmp_path))
+    assert st.worker_python == "/from/other/settings"
 
 
 def run_install_py(env_extra, *args, timeout=120):
@@ -406,6 +408,7 @@ def test_preload_adds_prefixed_flags_and_never_clashes():
 
 def test_cli_registers_env_commands(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("I2L_PYTHON", raising=False)
+    monkeypatch.delenv("I2L_WORKER_ENV", raising=False)
     from i2l_ext.envsetup import cli
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))

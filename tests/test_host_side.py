@@ -9,7 +9,7 @@ from i2l_ext.errors import I2LError
 from helpers import ROOT, QueueLock
 
 HOST_MODULES = ["i2l_ext", "i2l_ext.cli", "i2l_ext.service", "i2l_ext.supervisor", "i2l_ext.output",
-                "i2l_ext.images", "i2l_ext.catalog", "i2l_ext.config", "i2l_ext.protocol"]
+                "i2l_ext.images", "i2l_ext.catalog", "i2l_ext.settings", "i2l_ext.protocol"]
 
 
 def test_host_modules_import_no_torch():

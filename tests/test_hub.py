@@ -19,12 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hubstub import COMMIT, HubStub  # noqa: E402
 
 from i2l_ext import catalog, hub  # noqa: E402
-from i2l_ext.catalog import ENCODERS_REPO, I2L_REPO, QWEN_EDIT_REPO, QWEN_IMAGE_REPO  # noqa: E402
+from i2l_ext.catalog import ENCODERS_REPO, QWEN_I2L_REPO, QWEN_EDIT_REPO, QWEN_IMAGE_REPO  # noqa: E402
 from i2l_ext.errors import I2LError  # noqa: E402
 from i2l_ext.hub import cli as hub_cli  # noqa: E402
 from i2l_ext.hub.sources import Source  # noqa: E402
-
-WORKER_PY = os.environ.get("I2L_HUB_CLIENTS_PYTHON", "/work/venvs/worker/bin/python")
 
 
 def _blob(n: int, seed: int) -> bytes:
@@ -41,7 +39,7 @@ def make_repos() -> dict[str, dict[str, bytes]]:
     return {
         ENCODERS_REPO: {"SigLIP2-G384/model.safetensors": _blob(3000, 1), "DINOv3-7B/model.safetensors": _blob(9000, 2),
                         "README.md": b"encoders"},
-        I2L_REPO: {"Qwen-Image-i2L-Style.safetensors": _blob(5000, 3), "Qwen-Image-i2L-Coarse.safetensors": _blob(6000, 4),
+        QWEN_I2L_REPO: {"Qwen-Image-i2L-Style.safetensors": _blob(5000, 3), "Qwen-Image-i2L-Coarse.safetensors": _blob(6000, 4),
                    "Qwen-Image-i2L-Fine.safetensors": _blob(6500, 5), "Qwen-Image-i2L-Bias.safetensors": _blob(700, 6),
                    "README.md": b"i2l"},
         QWEN_IMAGE_REPO: {"text_encoder/model-00001-of-00002.safetensors": _blob(4000, 7),
@@ -106,8 +104,9 @@ def parts_under(d):
 
 
 # -- the real clients against the stand-in -------------------------------------------------------------
-@pytest.mark.skipif(not os.path.exists(WORKER_PY), reason="no interpreter with huggingface_hub and modelscope")
-def test_real_clients_download_from_stub_and_their_caches_are_used_in_place(stub, tmp_path, models_dir):
+def test_real_clients_download_from_stub_and_their_caches_are_used_in_place(stub, tmp_path, models_dir, worker_python):
+    """The hub clients the worker environment installs (huggingface_hub, modelscope) download from
+    the stand-in, and the caches they fill are then used in place."""
     hf_home, ms_cache = tmp_path / "hf-home", tmp_path / "ms-cache"
     env = dict(os.environ, HF_ENDPOINT=stub.url, MODELSCOPE_ENDPOINT=stub.url, HF_HOME=str(hf_home),
                MODELSCOPE_CACHE=str(ms_cache), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
@@ -120,17 +119,17 @@ out = {{}}
 out["hf_siglip"] = hf_hub_download({ENCODERS_REPO!r}, "SigLIP2-G384/model.safetensors")
 out["hf_dino"] = hf_hub_download({ENCODERS_REPO!r}, "DINOv3-7B/model.safetensors")
 out["hf_json"] = hf_hub_download({QWEN_IMAGE_REPO!r}, "text_encoder/config.json")
-out["ms_style"] = model_file_download({I2L_REPO!r}, "Qwen-Image-i2L-Style.safetensors")
+out["ms_style"] = model_file_download({QWEN_I2L_REPO!r}, "Qwen-Image-i2L-Style.safetensors")
 out["ms_snap"] = snapshot_download({QWEN_EDIT_REPO!r}, allow_patterns=["processor/*"])
 print(json.dumps(out))
 """
-    r = subprocess.run([WORKER_PY, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([worker_python, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     repos = make_repos()
     assert_same(out["hf_siglip"], repos[ENCODERS_REPO]["SigLIP2-G384/model.safetensors"])
     assert_same(out["hf_dino"], repos[ENCODERS_REPO]["DINOv3-7B/model.safetensors"])
-    assert_same(out["ms_style"], repos[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
+    assert_same(out["ms_style"], repos[QWEN_I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
     assert os.path.isfile(os.path.join(out["ms_snap"], "processor", "tokenizer.json"))
     assert stub.count("/api/v1/models/") > 0 and stub.count(f"/{ENCODERS_REPO}/resolve/main/") > 0
 
@@ -154,7 +153,7 @@ def test_full_download_huggingface_api(stub, models_dir):
     result = dl.download("style")
     repos = make_repos()
     for repo, path in [(ENCODERS_REPO, "SigLIP2-G384/model.safetensors"), (ENCODERS_REPO, "DINOv3-7B/model.safetensors"),
-                       (I2L_REPO, "Qwen-Image-i2L-Style.safetensors")]:
+                       (QWEN_I2L_REPO, "Qwen-Image-i2L-Style.safetensors")]:
         assert_same(repo_file(models_dir, repo, path), repos[repo][path])
     assert len(result["downloaded"]) == 3 and result["bytes"] == 3000 + 9000 + 5000
     assert not os.path.exists(repo_file(models_dir, ENCODERS_REPO, "README.md"))   # only what the variant needs
@@ -165,8 +164,8 @@ def test_full_download_huggingface_api(stub, models_dir):
     files = catalog.resolve_files("style", models_dir)
     assert set(files) == {"siglip2", "dinov3", "style"}
     manifest = catalog.load_manifest(models_dir)
-    assert manifest[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"]["sha256"] == HubStub.sha256(
-        repos[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
+    assert manifest[QWEN_I2L_REPO]["Qwen-Image-i2L-Style.safetensors"]["sha256"] == HubStub.sha256(
+        repos[QWEN_I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
     # Everything present: a second download asks nothing.
     n = len(stub.requests)
     again = downloader(models_dir, hf(stub)).download("style")
@@ -206,7 +205,7 @@ def test_interrupted_transfer_then_resume_later(stub, models_dir):
     with pytest.raises(I2LError) as e:
         downloader(models_dir, ms(stub), retries=0, chunk=1000).download("style")
     assert e.value.code == I2LError.DOWNLOAD
-    dest = repo_file(models_dir, I2L_REPO, path)
+    dest = repo_file(models_dir, QWEN_I2L_REPO, path)
     assert not os.path.exists(dest)
     assert os.path.getsize(dest + ".part") == 3000
     # Finished files stay; the next run fetches only the rest of the unfinished one.
@@ -214,7 +213,7 @@ def test_interrupted_transfer_then_resume_later(stub, models_dir):
     assert [(i.remote.path, i.have) for i in plan.items] == [(path, 3000)]
     n_before = len(stub.ranges(path))
     downloader(models_dir, ms(stub)).download("style")
-    assert_same(dest, make_repos()[I2L_REPO][path])
+    assert_same(dest, make_repos()[QWEN_I2L_REPO][path])
     assert stub.ranges(path)[n_before:] == ["bytes=3000-"]
     assert parts_under(models_dir) == []
 
@@ -276,7 +275,7 @@ def test_corrupted_file_is_detected_and_fetched_again(stub, models_dir):
     stub.corrupt[path] = 1
     dl = downloader(models_dir, hf(stub))
     dl.download("style")
-    assert_same(repo_file(models_dir, I2L_REPO, path), make_repos()[I2L_REPO][path])
+    assert_same(repo_file(models_dir, QWEN_I2L_REPO, path), make_repos()[QWEN_I2L_REPO][path])
     assert len(stub.ranges(path)) == 2
     assert any("sha256" in line and path in line for line in dl.log)
 
@@ -287,7 +286,7 @@ def test_file_corrupted_every_time_is_never_used(stub, models_dir):
     with pytest.raises(I2LError) as e:
         downloader(models_dir, ms(stub), attempts=3).download("style")
     assert e.value.code == I2LError.DOWNLOAD and "damaged 3 times" in e.value.message
-    dest = repo_file(models_dir, I2L_REPO, path)
+    dest = repo_file(models_dir, QWEN_I2L_REPO, path)
     assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
     with pytest.raises(I2LError) as e:
         catalog.resolve_files("style", models_dir)
@@ -310,13 +309,13 @@ def test_refuses_when_the_disk_is_too_small(stub, models_dir, monkeypatch):
         downloader(models_dir, hf(stub)).download("style")
     msg = e.value.message
     assert e.value.code == I2LError.DOWNLOAD and "need 17 KB" in msg and "10 KB free" in msg
-    assert stub.count(f"/{ENCODERS_REPO}/resolve/") == 0 and stub.count(f"/{I2L_REPO}/resolve/") == 0
+    assert stub.count(f"/{ENCODERS_REPO}/resolve/") == 0 and stub.count(f"/{QWEN_I2L_REPO}/resolve/") == 0
     assert parts_under(models_dir) == []
 
 
 def test_user_files_are_never_overwritten_or_deleted(stub, models_dir):
     downloader(models_dir, hf(stub)).download("coarse")       # the hub's listing is now known
-    dest = repo_file(models_dir, I2L_REPO, "Qwen-Image-i2L-Style.safetensors")
+    dest = repo_file(models_dir, QWEN_I2L_REPO, "Qwen-Image-i2L-Style.safetensors")
     with open(dest, "wb") as f:
         f.write(b"my own partial copy")
     with pytest.raises(I2LError) as e:
@@ -324,7 +323,7 @@ def test_user_files_are_never_overwritten_or_deleted(stub, models_dir):
     assert e.value.code == I2LError.WEIGHTS_INVALID and dest in e.value.message
     assert_same(dest, b"my own partial copy")
     # A same-size file with other bytes: present for a job, reported by verify, left alone.
-    good = make_repos()[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"]
+    good = make_repos()[QWEN_I2L_REPO]["Qwen-Image-i2L-Style.safetensors"]
     with open(dest, "wb") as f:
         f.write(b"x" * len(good))
     downloader(models_dir, hf(stub)).download("style")
@@ -376,9 +375,9 @@ def test_offline_job_with_everything_present_makes_no_request(stub, models_dir, 
             files = catalog.resolve_files(v, models_dir)
             assert files and all(files.values())
         # The job service resolves the same way before starting the worker.
-        from i2l_ext.config import Config
+        from i2l_ext.settings import Settings
         from i2l_ext.service import Service
-        svc = Service(Config(models_dir=models_dir, lora_dir=str(tmp_path / "Lora"), offline=True))
+        svc = Service(Settings(models_dir=models_dir, lora_dir=str(tmp_path / "Lora"), offline=True))
         assert set(svc.resolve_files("coarse-fine", True)) == {"siglip2", "dinov3", "text_encoder", "processor",
                                                                "coarse", "fine", "bias"}
         assert all(v["complete"] for v in hub.models_status(models_dir))
@@ -427,10 +426,10 @@ def test_hf_cache_and_diffsynth_folder_used_in_place_without_copies(stub, models
     enc = repos[ENCODERS_REPO]
     _hf_cache_entry(cache, ENCODERS_REPO, {k: v for k, v in enc.items() if k != "README.md"})
     diffsynth = tmp_path / "DiffSynth-Studio" / "models"
-    style = repo_file(str(diffsynth), I2L_REPO, "Qwen-Image-i2L-Style.safetensors")
+    style = repo_file(str(diffsynth), QWEN_I2L_REPO, "Qwen-Image-i2L-Style.safetensors")
     os.makedirs(os.path.dirname(style))
     with open(style, "wb") as f:
-        f.write(repos[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
+        f.write(repos[QWEN_I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
     dirs = [cache, str(diffsynth)]
     files = catalog.resolve_files("style", models_dir, search_dirs=dirs)
     assert files["siglip2"][0] == os.path.join(cache, f"models--DiffSynth-Studio--General-Image-Encoders",
@@ -446,16 +445,16 @@ def test_hf_cache_and_diffsynth_folder_used_in_place_without_copies(stub, models
     assert sorted(catalog.resolve_files("coarse", models_dir, search_dirs=dirs)) == [
         "coarse", "dinov3", "processor", "siglip2", "text_encoder"]
     # Nothing in the search folders changed.
-    assert_same(style, repos[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
+    assert_same(style, repos[QWEN_I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
 
 
 def test_remembered_search_folders_and_hub_caches(stub, models_dir, tmp_path, capsys):
     repos = make_repos()
     diffsynth = tmp_path / "DiffSynth-Studio" / "models"
-    style = repo_file(str(diffsynth), I2L_REPO, "Qwen-Image-i2L-Style.safetensors")
+    style = repo_file(str(diffsynth), QWEN_I2L_REPO, "Qwen-Image-i2L-Style.safetensors")
     os.makedirs(os.path.dirname(style))
     with open(style, "wb") as f:
-        f.write(repos[I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
+        f.write(repos[QWEN_I2L_REPO]["Qwen-Image-i2L-Style.safetensors"])
     enc = repos[ENCODERS_REPO]
     _hf_cache_entry(str(tmp_path / "hf-home" / "hub"), ENCODERS_REPO, {k: v for k, v in enc.items() if k != "README.md"})
     with pytest.raises(I2LError):
@@ -531,7 +530,7 @@ def test_proxy_variables_are_honoured(stub, models_dir, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "")
     monkeypatch.setenv("no_proxy", "")
     src = hub.get_source("custom", "http://hub.invalid", "huggingface")
-    files = hub.list_repo(src, I2L_REPO)
+    files = hub.list_repo(src, QWEN_I2L_REPO)
     assert {f.path for f in files} >= {"Qwen-Image-i2L-Style.safetensors"}
 
 

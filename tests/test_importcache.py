@@ -16,6 +16,7 @@ PROBE = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from i2l_ext.worker import importcache, lightimport
+importcache.PATHS = [sys.argv[2]] if sys.argv[2] != "0" else []
 lightimport.install()
 import transformers
 from transformers import Siglip2VisionModel, DINOv3ViTModel, Siglip2ImageProcessor
@@ -33,8 +34,7 @@ print(json.dumps(dict(importcache.state, same=same, classes=[Siglip2VisionModel.
 
 
 def probe(cache):
-    env = dict(os.environ, I2L_IMPORT_CACHE=str(cache))
-    r = subprocess.run([sys.executable, "-c", PROBE, ROOT], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", PROBE, ROOT, str(cache)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

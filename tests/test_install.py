@@ -145,7 +145,7 @@ def test_install_py_builds_worker_env_without_touching_the_host(host_python, tmp
     r = _run([wpy, "-m", "i2l_ext.worker.tiny", models], env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from helpers import make_image
-    from i2l_ext.config import Config
+    from i2l_ext.settings import Settings
     from i2l_ext.envsetup import find_worker_python
     from i2l_ext.service import JobRequest, Service
     imgs = [make_image(tmp_path / f"i{i}.png", color=(60 * i, 100, 200)) for i in range(2)]
@@ -153,7 +153,8 @@ def test_install_py_builds_worker_env_without_touching_the_host(host_python, tmp
     lora.mkdir()
     worker = find_worker_python(env_dir=env_dir)
     assert worker == wpy
-    svc = Service(Config(models_dir=models, lora_dir=str(lora), worker_python=worker, host="cli", keep_warm=False))
+    svc = Service(Settings(models_dir=models, lora_dir=str(lora), worker_python=worker, host="cli",
+                            keep_warm_minutes=0))
     try:
         job = svc.run(JobRequest(images=imgs, name="from_env", variant="style"))
     finally:

@@ -24,7 +24,7 @@ class Shape:
 def i2l_keys(num_blocks=2):
     keys = []
     for i in range(num_blocks):
-        for m in lora_format.I2L_MODULES:
+        for m in lora_format.QWEN_I2L_MODULES:
             keys += [f"transformer_blocks.{i}.{m}.lora_A.default.weight", f"transformer_blocks.{i}.{m}.lora_B.default.weight"]
     return keys
 

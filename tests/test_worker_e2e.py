@@ -15,10 +15,10 @@ import time
 import pytest
 
 from i2l_ext import catalog
-from i2l_ext.config import Config
+from i2l_ext.settings import Settings
 from i2l_ext.errors import I2LError
 from i2l_ext.service import JobRequest, Service
-from helpers import ROOT, gone
+from helpers import ROOT, gone, slow_worker
 
 
 def group_members(pgid):
@@ -37,8 +37,8 @@ def group_members(pgid):
 
 @pytest.fixture
 def service(worker_python, tiny_models, lora_dir):
-    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, host="cli",
-                 idle_timeout=60)
+    cfg = Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, host="cli",
+                   keep_warm_minutes=1)
     s = Service(cfg)
     yield s
     s.shutdown()
@@ -47,8 +47,8 @@ def service(worker_python, tiny_models, lora_dir):
 @pytest.fixture
 def paused_service(worker_python, tiny_models, lora_dir):
     """A service whose worker pauses 30 s before writing, so a test can act mid-job."""
-    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python,
-                 worker_env={"I2L_PAUSE_BEFORE_WRITE": "30"})
+    python, env = slow_worker(worker_python, 30)
+    cfg = Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=python, worker_env_vars=env)
     s = Service(cfg)
     yield s
     s.shutdown()
@@ -150,7 +150,7 @@ def test_worker_killed_mid_run(paused_service, lora_dir, images):
 
 
 def test_missing_weights_named(worker_python, tmp_path, lora_dir, images):
-    cfg = Config(models_dir=str(tmp_path / "empty"), lora_dir=lora_dir, worker_python=worker_python)
+    cfg = Settings(models_dir=str(tmp_path / "empty"), lora_dir=lora_dir, worker_python=worker_python)
     with pytest.raises(I2LError) as e:
         Service(cfg).start(JobRequest(images=images, name="x", variant="style"))
     assert e.value.code == I2LError.WEIGHTS_MISSING
@@ -169,7 +169,7 @@ def broken_models(tiny_models, tmp_path):
 def test_wrong_weight_file_named(worker_python, broken_models, lora_dir, images):
     style = catalog.FILES["style"].local_path(str(broken_models))
     shutil.copy(catalog.FILES["siglip2"].local_path(str(broken_models)), style)
-    cfg = Config(models_dir=str(broken_models), lora_dir=lora_dir, worker_python=worker_python)
+    cfg = Settings(models_dir=str(broken_models), lora_dir=lora_dir, worker_python=worker_python)
     service = Service(cfg)
     try:
         job = service.run(JobRequest(images=images, name="x", variant="style"))
@@ -191,7 +191,7 @@ def test_pickle_weight_file_refused(worker_python, broken_models, lora_dir, imag
             return (open, (str(marker), "w"))
     with open(style, "wb") as f:
         pickle.dump({"x": Boom()}, f)
-    cfg = Config(models_dir=str(broken_models), lora_dir=lora_dir, worker_python=worker_python)
+    cfg = Settings(models_dir=str(broken_models), lora_dir=lora_dir, worker_python=worker_python)
     service = Service(cfg)
     try:
         job = service.run(JobRequest(images=images, name="x", variant="style"))
@@ -281,10 +281,10 @@ def test_park_during_a_job_returns_at_once(paused_service, images):
 
 
 def test_bad_worker_python(tiny_models, lora_dir, images, tmp_path):
-    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=str(tmp_path / "no-python"))
+    cfg = Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=str(tmp_path / "no-python"))
     job = Service(cfg).run(JobRequest(images=images, name="x", variant="style"))
-    assert job.state == "error" and job.error.code == I2LError.WORKER_START
-    assert "repair" in job.error.fix
+    assert job.state == "error" and job.error.code == I2LError.ENVIRONMENT
+    assert "no-python" in job.error.message and "--i2l-python" in job.error.fix
 
 
 def test_cli_make_and_bad_input(worker_python, tiny_models, tmp_path, images):
@@ -314,20 +314,20 @@ def test_cli_make_and_bad_input(worker_python, tiny_models, tmp_path, images):
 
 
 # -- the standby worker (started ahead of need: code imported, no weights, no GPU) -------------------
-def _environ(pid) -> dict:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+def _cmdline(pid) -> list[bytes]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")
 
 
 def test_standby_worker_takes_the_next_job(worker_python, tiny_models, lora_dir, images):
-    s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, idle_timeout=60))
+    s = Service(Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, keep_warm_minutes=1))
     try:
         assert s.standby() is True
         pid = s.standby_pid()
         assert pid and s.worker_pid() is None
         assert s.standby_ready(timeout=180), "the standby worker never said its code was imported"
-        env = _environ(pid)
-        assert env.get(b"I2L_STANDBY") == b"1" and b"I2L_PREFETCH" not in env     # it reads no weights
+        args = _cmdline(pid)
+        assert b"--standby" in args and b"--prefetch" not in args                  # it reads no weights
         assert s.standby() is True and s.standby_pid() == pid                       # one at a time
         job = s.run(JobRequest(images=images, name="from_standby", variant="style"))
         assert job.state == "done", job.error
@@ -341,7 +341,7 @@ def test_standby_worker_takes_the_next_job(worker_python, tiny_models, lora_dir,
 
 
 def test_standby_woken_while_it_still_imports(worker_python, tiny_models, lora_dir, images):
-    s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, idle_timeout=60))
+    s = Service(Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, keep_warm_minutes=1))
     try:
         s.standby()
         pid = s.standby_pid()
@@ -355,24 +355,24 @@ def test_standby_woken_while_it_still_imports(worker_python, tiny_models, lora_d
 
 
 def test_standby_not_used_once_the_settings_changed(worker_python, tiny_models, lora_dir, images):
-    cfg = Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, idle_timeout=60)
+    cfg = Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, keep_warm_minutes=1)
     s = Service(cfg)
     try:
         s.standby()
         old = s.standby_pid()
-        cfg.worker_env = {"I2L_GPU_NOTE": "changed"}     # e.g. the user changed the worker's settings
+        cfg.vram_limit_gb = 6.5                         # the user changed a setting the worker keeps
         job = s.run(JobRequest(images=images, name="fresh", variant="style"))
         assert job.state == "done", job.error
         assert s.worker_pid() not in (None, old)
         assert gone(old)
-        assert _environ(s.worker_pid()).get(b"I2L_GPU_NOTE") == b"changed"
+        assert b"6.5" in _cmdline(s.worker_pid())
     finally:
         s.shutdown()
 
 
 def test_idle_worker_gives_way_to_a_standby(worker_python, tiny_models, lora_dir, images):
     """The warm worker (weights in RAM) goes after its idle time; a standby (code only) takes its place."""
-    s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, idle_timeout=1))
+    s = Service(Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, keep_warm_minutes=1 / 60))
     try:
         job = s.run(JobRequest(images=images, name="before_idle", variant="style"))
         assert job.state == "done", job.error
@@ -392,8 +392,8 @@ def test_idle_worker_gives_way_to_a_standby(worker_python, tiny_models, lora_dir
 
 def test_standby_off_and_for_one_shot_jobs(worker_python, tiny_models, lora_dir, images):
     """As the CLI runs: one job, no worker kept, none on standby; when it returns, its worker is gone."""
-    s = Service(Config(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, standby=False,
-                       keep_warm=False))
+    s = Service(Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=worker_python, standby=False,
+                         keep_warm_minutes=0))
     try:
         assert s.standby() is False and s.standby_pid() is None
         job = s.run(JobRequest(images=images, name="no_standby", variant="style"))
@@ -408,9 +408,9 @@ def test_standby_off_and_for_one_shot_jobs(worker_python, tiny_models, lora_dir,
 
 HOST_WITH_STANDBY = """
 import sys, time
-from i2l_ext.config import Config
+from i2l_ext.settings import Settings
 from i2l_ext.service import Service
-s = Service(Config(models_dir=sys.argv[1], lora_dir=sys.argv[2], worker_python=sys.argv[3]))
+s = Service(Settings(models_dir=sys.argv[1], lora_dir=sys.argv[2], worker_python=sys.argv[3]))
 s.standby()
 print(s.standby_pid(), flush=True)
 s.standby_ready(timeout=180)

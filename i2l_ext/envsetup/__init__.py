@@ -40,8 +40,8 @@ _STATE_MESSAGES = {
 
 
 def explicit_python(explicit: str | None = None) -> str | None:
-    """The interpreter the user chose (argument, then ``I2L_PYTHON``), resolved; None if none."""
-    cand = (explicit or os.environ.get("I2L_PYTHON") or "").strip()
+    """The interpreter the user chose (the ``worker_python`` setting), resolved; None if none."""
+    cand = (explicit or "").strip()
     if not cand:
         return None
     if os.sep not in cand and (os.altsep is None or os.altsep not in cand):
@@ -97,8 +97,9 @@ def env_status(env_dir: str | None = None, explicit: str | None = None) -> dict:
 
 
 def find_worker_python(explicit: str | None = None, env_dir: str | None = None) -> str:
-    """The worker's interpreter: the user's choice (``--i2l-python`` / setting / ``I2L_PYTHON``) or
-    the environment install.py built, when that is complete. Raises ``I2LError(ENVIRONMENT)``."""
+    """The worker's interpreter: the user's choice (the ``worker_python`` setting) or the environment
+    install.py built in ``env_dir`` (the ``worker_env`` setting), when that is complete. Raises
+    ``I2LError(ENVIRONMENT)``."""
     chosen = explicit_python(explicit)
     if chosen:
         if os.path.isfile(chosen):

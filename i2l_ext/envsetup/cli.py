@@ -5,18 +5,12 @@ import argparse
 import json
 import sys
 
+from .. import settings
+
 
 def _add_install_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", dest="env_dir", help="worker environment folder (default: <extension>/.venv-worker, "
-                   "or I2L_WORKER_ENV)")
-    p.add_argument("--wheels", help="install only from this folder of wheels, no index (offline machines; "
-                   "or I2L_WHEELS)")
-    p.add_argument("--index-url", help="package index to use (default: INDEX_URL / PIP_INDEX_URL / PyPI)")
-    p.add_argument("--torch-index-url", help="extra index for torch when one is installed into the worker "
-                   "(default: I2L_TORCH_INDEX_URL / TORCH_INDEX_URL)")
-    p.add_argument("--own-torch", action="store_true", help="install a torch into the worker venv even if "
-                   "this Python's torch could be reused")
-    p.add_argument("--offline", action="store_true", default=None, help="never contact a package index")
+    for name in ("worker_env", "wheels", "index_url", "torch_index_url", "own_torch", "offline"):
+        settings.add_cli_flag(p, name)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the outcome")
 
 
@@ -27,8 +21,8 @@ def register(subparsers) -> None:
     sub = env.add_subparsers(dest="env_command", metavar="ACTION")
 
     p = sub.add_parser("status", help="show whether the worker environment is ready")
-    p.add_argument("--env", dest="env_dir", help="worker environment folder")
-    p.add_argument("--python", dest="worker_python", help="a worker interpreter chosen by the user")
+    settings.add_cli_flag(p, "worker_env")
+    settings.add_cli_flag(p, "worker_python")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--verify", action="store_true", help="also import torch, transformers and diffsynth in the "
                    "worker interpreter (slow)")
@@ -47,7 +41,8 @@ def register(subparsers) -> None:
 
 def cmd_status(args) -> int:
     from . import env_status
-    st = env_status(args.env_dir, explicit=getattr(args, "worker_python", None))
+    cfg = settings.from_args(args)
+    st = env_status(cfg.worker_env, explicit=cfg.worker_python)
     if args.verify and st["python"] and st["state"] != "missing":
         st["verify"] = verify_python(st["python"])
         if not st["verify"]["ok"]:
@@ -92,9 +87,10 @@ def cmd_setup(args) -> int:
     from . import ensure_env
     from .installer import PREFIX
     log = (lambda m: print(m, flush=True)) if not args.quiet else (lambda m: None)
-    st = ensure_env(reuse_host_torch=not args.own_torch, wheels=args.wheels, index_url=args.index_url,
-                    log=log, env_dir=args.env_dir, rebuild=args.rebuild, offline=args.offline,
-                    torch_index_url=args.torch_index_url)
+    cfg = settings.from_args(args)
+    st = ensure_env(reuse_host_torch=not cfg.own_torch, wheels=cfg.wheels, index_url=cfg.index_url,
+                    log=log, env_dir=cfg.worker_env, rebuild=args.rebuild, offline=cfg.offline,
+                    torch_index_url=cfg.torch_index_url)
     if st["ok"]:
         if args.quiet or not args.rebuild:
             print(f"{PREFIX} {st['message']} ({st['python']})")

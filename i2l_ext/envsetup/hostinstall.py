@@ -1,39 +1,42 @@
 """What ``install.py`` does when the WebUI runs it (in the WebUI's venv, at every launch).
 
 It installs nothing into the WebUI's venv: it only checks (or builds) the worker's own venv.
-Options come from, in order: install.py's own arguments, ``COMMANDLINE_ARGS`` (the WebUI's flags
-set in webui-user), ``I2L_*`` environment variables, and the WebUI's settings file.
+Its settings come from ``i2l_ext.settings`` like everyone's: install.py's own arguments and the
+WebUI's flags (``COMMANDLINE_ARGS``, set in webui-user), then the WebUI's settings file (the one
+``--ui-settings-file`` names, else ``config.json``), then the environment, then the defaults.
 
 The WebUI captures install.py's output and prints it only when the script ends; to show a long
 install live, lines also go straight to the console (``/dev/tty`` or ``CONOUT$``) when there is one
-(``I2L_INSTALL_TTY=0`` turns that off).
+(the ``install_tty`` setting turns that off).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 
-_TRUE = ("1", "true", "yes", "on")
+from .. import settings as settings_mod
 
 
 def _flag_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="install.py", add_help=True,
                                 description="Prepare Image to LoRA's worker environment (not the WebUI's venv).")
-    p.add_argument("--skip-install", action="store_true")
-    p.add_argument("--i2l-python", dest="i2l_python")
-    p.add_argument("--i2l-worker-env", dest="i2l_worker_env")
-    p.add_argument("--i2l-wheels", dest="i2l_wheels")
-    p.add_argument("--i2l-offline", dest="i2l_offline", action="store_true")
-    p.add_argument("--i2l-own-torch", dest="i2l_own_torch", action="store_true")
-    p.add_argument("--index-url", dest="index_url")
+    for s in settings_mod.SETTINGS:
+        if s.flag:
+            p.add_argument(s.flag, dest=s.name, **({"action": "store_true", "default": None} if s.kind == "bool"
+                                                    else {"default": None}))
+    p.add_argument("--index-url", dest="index_url", default=None)
+    p.add_argument("--ui-settings-file", dest="ui_settings_file", default=None)
     p.add_argument("--repair", action="store_true", help="rebuild the worker environment from scratch")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
-def parse_options(argv: list[str] | None = None, environ: dict | None = None) -> argparse.Namespace:
+def parse_options(argv: list[str] | None = None, environ: dict | None = None,
+                  cwd: str | None = None) -> tuple[settings_mod.Settings, argparse.Namespace]:
+    """(the settings in force, install.py's own options ``repair`` and ``quiet``)."""
     environ = os.environ if environ is None else environ
     parser = _flag_parser()
     words = []
@@ -46,35 +49,29 @@ def parse_options(argv: list[str] | None = None, environ: dict | None = None) ->
     for k, v in vars(own).items():         # our own arguments win over the WebUI's flags
         if v not in (None, False):
             setattr(host, k, v)
-    o = host
-    o.skip_install = bool(o.skip_install) or environ.get("I2L_SKIP_INSTALL", "").lower() in _TRUE
-    o.i2l_python = o.i2l_python or environ.get("I2L_PYTHON") or _setting("i2l_worker_python", environ) or None
-    o.i2l_worker_env = o.i2l_worker_env or environ.get("I2L_WORKER_ENV") or None
-    o.i2l_wheels = o.i2l_wheels or environ.get("I2L_WHEELS") or None
-    o.i2l_offline = bool(o.i2l_offline) or environ.get("I2L_OFFLINE", "").lower() in _TRUE
-    o.i2l_own_torch = bool(o.i2l_own_torch) or environ.get("I2L_OWN_TORCH", "").lower() in _TRUE
-    o.index_url = o.index_url or environ.get("I2L_INDEX_URL") or environ.get("INDEX_URL") or None
-    return o
+    config = _settings_file(host.ui_settings_file or "config.json", cwd)
+    flags = {s.name: getattr(host, s.name, None) for s in settings_mod.SETTINGS}
+    st = settings_mod.resolve(flags, option=config.get, environ=environ)
+    return st, host
 
 
-def _setting(key: str, environ) -> str | None:
-    """A value from the WebUI's settings file (``config.json`` in the WebUI folder, the cwd here)."""
-    path = environ.get("I2L_WEBUI_CONFIG") or os.path.join(os.getcwd(), "config.json")
-    if not os.path.isfile(path) or os.path.getsize(path) > 5_000_000:
-        return None
+def _settings_file(path: str, cwd: str | None = None) -> dict:
+    """The WebUI's settings file (relative to the WebUI folder, the cwd here), or {}."""
+    path = os.path.join(cwd or os.getcwd(), path)
     try:
-        import json
+        if os.path.getsize(path) > 5_000_000:
+            return {}
         with open(path, encoding="utf-8") as f:
-            value = json.load(f).get(key)
-        return value.strip() if isinstance(value, str) and value.strip() else None
-    except (OSError, ValueError, AttributeError):
-        return None
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 class Console:
     """Live lines to the terminal when there is one; a summary on stdout for the WebUI's log."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, tty: bool = True):
         self.quiet = quiet
         self.tty = None
         self.summary: list[str] = []
@@ -83,7 +80,7 @@ class Console:
             self.live_stdout = sys.stdout.isatty()
         except (AttributeError, ValueError):
             pass
-        if not self.live_stdout and os.environ.get("I2L_INSTALL_TTY", "1").lower() not in ("0", "false", "no"):
+        if not self.live_stdout and tty:
             try:
                 self.tty = open("CONOUT$" if os.name == "nt" else "/dev/tty", "w", encoding="utf-8",
                                 errors="replace")
@@ -136,33 +133,33 @@ def _safe_print(msg: str, stream) -> None:
 
 def run_install(argv: list[str] | None = None) -> int:
     """0: ready, skipped, or the user's own interpreter; 1: the install failed (the WebUI goes on)."""
-    opts = parse_options(argv)
-    if opts.skip_install and not opts.repair:
+    st, opts = parse_options(argv)
+    if st.skip_install and not opts.repair:
         return 0
     from . import env_status, explicit_python
-    if opts.i2l_python:
-        py = explicit_python(opts.i2l_python)
+    if st.worker_python:
+        py = explicit_python(st.worker_python)
         if not os.path.isfile(py):
-            print(f"Image to LoRA: the worker interpreter {py} (--i2l-python / I2L_PYTHON / setting) does not "
-                  "exist; the tab will report this until it is fixed.")
+            print(f"Image to LoRA: the worker interpreter {py} (--i2l-python, the setting, or I2L_PYTHON) does "
+                  "not exist; the tab will report this until it is fixed.")
             return 1
         return 0                           # the user manages that environment
     from .installer import ensure_env
-    console = Console(quiet=opts.quiet)
+    console = Console(quiet=opts.quiet, tty=st.install_tty)
     try:
-        st = ensure_env(reuse_host_torch=not opts.i2l_own_torch, wheels=opts.i2l_wheels, index_url=opts.index_url,
-                        log=console.line, env_dir=opts.i2l_worker_env, rebuild=opts.repair,
-                        offline=opts.i2l_offline)
+        res = ensure_env(reuse_host_torch=not st.own_torch, wheels=st.wheels, index_url=st.index_url,
+                         torch_index_url=st.torch_index_url, log=console.line, env_dir=st.worker_env,
+                         rebuild=opts.repair, offline=st.offline)
     except KeyboardInterrupt:
         console.result("Image to LoRA: the worker environment install was interrupted; it is not used until "
-                       f"repaired: {env_status(opts.i2l_worker_env)['repair_command']}")
+                       f"repaired: {env_status(st.worker_env)['repair_command']}")
         return 130
     finally:
         console.close()
-    if st["ok"]:
+    if res["ok"]:
         return 0
-    console.result(f"Image to LoRA: {st['message']}")
-    if st.get("log_path"):
-        console.result(f"  Full log: {st['log_path']}")
-    console.result(f"  To repair: {st['repair_command']}")
+    console.result(f"Image to LoRA: {res['message']}")
+    if res.get("log_path"):
+        console.result(f"  Full log: {res['log_path']}")
+    console.result(f"  To repair: {res['repair_command']}")
     return 1

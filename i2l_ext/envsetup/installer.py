@@ -401,8 +401,7 @@ class Installer:
         specs = [f"{n}{special.get(n, '')}" for n in TORCH_NAMES]
         self.set_step("torch", "Installing torch and torchvision into the worker venv: " + " ".join(specs))
         extra = []
-        url = (self.torch_index_url or os.environ.get("I2L_TORCH_INDEX_URL") or os.environ.get("TORCH_INDEX_URL")
-               or (WINDOWS_TORCH_INDEX if os.name == "nt" else None))
+        url = self.torch_index_url or (WINDOWS_TORCH_INDEX if os.name == "nt" else None)
         if url and not self.wheels:
             extra = ["--extra-index-url", url]
             self.say(f"{PREFIX}   torch index: {url}")
@@ -559,10 +558,7 @@ def ensure_env(reuse_host_torch: bool = True, wheels: str | None = None, index_u
     """
     from . import env_status
     env_dir = worker_env_dir(env_dir=env_dir)
-    wheels = wheels or os.environ.get("I2L_WHEELS") or None
-    index_url = index_url or os.environ.get("I2L_INDEX_URL") or os.environ.get("INDEX_URL") or None
-    if offline is None:
-        offline = os.environ.get("I2L_OFFLINE", "") not in ("", "0", "false", "no")
+    offline = bool(offline)
     if not rebuild and not verify:
         key = wanted_key(env_dir, reuse_host_torch, requirements)
         state, _reason, _stamp = quick_state(env_dir, key)

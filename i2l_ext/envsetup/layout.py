@@ -43,8 +43,8 @@ SPECIAL_NAMES = ("pip",) + TORCH_NAMES
 
 
 def worker_env_dir(ext_root: str | None = None, env_dir: str | None = None) -> str:
-    """The worker environment folder: argument, then ``I2L_WORKER_ENV``, then ``<ext root>/.venv-worker``."""
-    d = env_dir or os.environ.get("I2L_WORKER_ENV") or os.path.join(ext_root or EXT_ROOT, DEFAULT_ENV_NAME)
+    """The worker environment folder: ``env_dir`` (the ``worker_env`` setting), else ``<ext root>/.venv-worker``."""
+    d = env_dir or os.path.join(ext_root or EXT_ROOT, DEFAULT_ENV_NAME)
     return os.path.abspath(os.path.expanduser(d))
 
 

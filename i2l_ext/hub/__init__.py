@@ -13,11 +13,11 @@ For the tab::
 from .download import Downloader, Plan, Progress, offline_error
 from .remote import RemoteFile, list_repo
 from .sources import (CUSTOM, HUGGINGFACE, LABELS, MODELSCOPE, MODELSCOPE_INTL, SOURCE_NAMES, Source, get_source,
-                      load_settings, offline_from_env, save_settings, search_dirs_for)
+                      load_settings, save_settings, search_dirs_for)
 from .status import models_status, role_status, status_rows, verify
 from .task import DownloadTask
 
 __all__ = ["Downloader", "Plan", "Progress", "offline_error", "RemoteFile", "list_repo", "CUSTOM", "HUGGINGFACE",
            "LABELS", "MODELSCOPE", "MODELSCOPE_INTL", "SOURCE_NAMES", "Source", "get_source", "load_settings",
-           "offline_from_env", "save_settings", "search_dirs_for", "models_status", "role_status", "status_rows",
+           "save_settings", "search_dirs_for", "models_status", "role_status", "status_rows",
            "verify", "DownloadTask"]

@@ -7,25 +7,17 @@ import shutil
 import sys
 import time
 
+from .. import settings
 from ..catalog import VARIANTS, human_size
 from ..errors import I2LError
 
 
-def _default_models_dir() -> str:
-    try:
-        from ..config import default_models_dir
-        return default_models_dir()
-    except Exception:  # noqa: BLE001 - config is optional here
-        return os.path.join(os.path.expanduser("~"), ".i2l", "models")
-
-
 def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
-    p.add_argument("--models-dir", help="models folder (default: the WebUI's models/i2L, else ~/.i2l/models; "
-                                        "or I2L_MODELS_DIR)")
+    settings.add_cli_flag(p, "models_dir")
     p.add_argument("--search-dir", action="append", default=[], metavar="DIR",
                    help="another folder that may already hold the files, used in place (a DiffSynth models "
                         "folder, a Hugging Face or ModelScope cache); repeatable")
-    p.add_argument("--offline", action="store_true", default=None, help="never contact a model hub (or I2L_OFFLINE=1)")
+    settings.add_cli_flag(p, "offline")
     if source:
         p.add_argument("--source", help="modelscope (default), modelscope-intl, huggingface or custom (this run only; "
                                         "`models source` remembers one)")
@@ -59,14 +51,14 @@ def _add_subcommands(sub) -> None:
     p.set_defaults(models_func=cmd_verify)
 
     p = sub.add_parser("path", help="print the models folder")
-    p.add_argument("--models-dir", help=argparse.SUPPRESS)
+    settings.add_cli_flag(p, "models_dir", help=argparse.SUPPRESS)
     p.set_defaults(models_func=cmd_path)
 
     p = sub.add_parser("source", help="show or remember where downloads come from")
     p.add_argument("name", nargs="?", help="modelscope, modelscope-intl, huggingface or custom")
     p.add_argument("--endpoint", help="a mirror's address (with custom, or another address for the named hub)")
     p.add_argument("--api", choices=["huggingface", "modelscope"], help="which API the mirror speaks")
-    p.add_argument("--models-dir", help=argparse.SUPPRESS)
+    settings.add_cli_flag(p, "models_dir", help=argparse.SUPPRESS)
     p.set_defaults(models_func=cmd_source)
 
     p = sub.add_parser("search-dirs", help="show or remember folders whose files are used in place")
@@ -76,7 +68,7 @@ def _add_subcommands(sub) -> None:
     g.add_argument("--hub-caches", dest="hub_caches", action="store_true", default=None,
                    help="also look in this user's Hugging Face and ModelScope caches")
     g.add_argument("--no-hub-caches", dest="hub_caches", action="store_false", help="do not (default)")
-    p.add_argument("--models-dir", help=argparse.SUPPRESS)
+    settings.add_cli_flag(p, "models_dir", help=argparse.SUPPRESS)
     p.set_defaults(models_func=cmd_search_dirs)
 
 
@@ -117,20 +109,19 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- context --------------------------------------------------------------------------------------
 def _models_dir(args) -> str:
-    return os.path.abspath(os.path.expanduser(getattr(args, "models_dir", None) or _default_models_dir()))
+    return settings.from_args(args).models_dir
 
 
 def _ctx(args):
-    from .sources import get_source, load_settings, offline_from_env, search_dirs_for
-    models_dir = _models_dir(args)
-    settings = load_settings(models_dir)
-    dirs = search_dirs_for(models_dir, getattr(args, "search_dir", []) or [], settings)
-    offline = bool(getattr(args, "offline", None)) or offline_from_env()
+    from .sources import get_source, load_settings, search_dirs_for
+    cfg = settings.from_args(args)
+    remembered = load_settings(cfg.models_dir)
+    dirs = search_dirs_for(cfg.models_dir, getattr(args, "search_dir", []) or [], remembered)
     if getattr(args, "source", None) or getattr(args, "endpoint", None):
         source = get_source(args.source, args.endpoint, getattr(args, "api", None))
     else:
-        source = get_source(settings=settings)
-    return models_dir, dirs, offline, source
+        source = get_source(settings=remembered)
+    return cfg.models_dir, dirs, cfg.offline, source
 
 
 # -- progress bar -----------------------------------------------------------------------------------

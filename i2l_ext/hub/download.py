@@ -27,7 +27,7 @@ from .. import catalog
 from ..catalog import FILES, human_size, load_manifest, locate, save_manifest
 from ..errors import I2LError
 from .remote import RemoteFile, http_error, list_repo, network_error, open_url
-from .sources import Source, get_source, load_settings, offline_from_env, search_dirs_for
+from .sources import Source, get_source, load_settings, search_dirs_for
 
 LOCK_NAME = ".i2l-download.lock"
 LOCK_STALE_S = 120.0
@@ -158,7 +158,7 @@ class Downloader:
         self.models_dir = os.path.abspath(models_dir)
         self.source = source
         self.search_dirs = tuple(search_dirs_for(self.models_dir, search_dirs or ()))
-        self.offline = offline_from_env() if offline is None else bool(offline)
+        self.offline = bool(offline)
         self.progress = progress if isinstance(progress, Progress) else Progress(progress)
         self.cancel_event = cancel or threading.Event()
         self.retries, self.attempts, self.backoff = retries, attempts, backoff

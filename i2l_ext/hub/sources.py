@@ -170,7 +170,3 @@ def search_dirs_for(models_dir: str, extra=(), settings: dict | None = None) -> 
             seen.add(key)
             out.append(os.path.abspath(os.path.expanduser(d)))
     return out
-
-
-def offline_from_env() -> bool:
-    return os.environ.get("I2L_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from ..config import EXT_ROOT
+from ..settings import EXT_ROOT
 
 JS_PATH = os.path.join(EXT_ROOT, "javascript", "i2l.js")
 CSS_PATH = os.path.join(EXT_ROOT, "style.css")

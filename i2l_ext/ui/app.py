@@ -4,25 +4,19 @@ from __future__ import annotations
 import os
 
 from .. import i18n
-from ..config import default_config
+from ..settings import Settings
 
 
-def make_controller(lora_dir: str | None = None, models_dir: str | None = None, worker_python: str | None = None,
-                    offline: bool | None = None):
+def make_controller(cfg: Settings):
     from .tab import Controller
-    cfg = default_config(lora_dir=lora_dir and os.path.abspath(os.path.expanduser(lora_dir)),
-                         models_dir=models_dir and os.path.abspath(os.path.expanduser(models_dir)),
-                         worker_python=worker_python, offline=offline, host="standalone")
     os.makedirs(cfg.lora_dir, exist_ok=True)
     return Controller(cfg, None, host="standalone")
 
 
-def serve(host: str = "127.0.0.1", port: int = 7870, lora_dir: str | None = None, models_dir: str | None = None,
-          worker_python: str | None = None, offline: bool | None = None, lang: str | None = None,
-          open_browser: bool = False) -> int:
-    i18n.set_language(lang)
+def serve(cfg: Settings, host: str = "127.0.0.1", port: int = 7870, open_browser: bool = False) -> int:
+    i18n.set_language(cfg.language)
     from . import compat, create_tab
-    ctl = make_controller(lora_dir, models_dir, worker_python, offline)
+    ctl = make_controller(cfg)
     demo = create_tab(ctl, standalone_assets=True)
     compat.queue(demo, 8)
     print(f"Image to LoRA: LoRAs go to {ctl.config.lora_dir}; models from {ctl.config.models_dir}", flush=True)

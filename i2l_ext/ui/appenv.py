@@ -12,18 +12,12 @@ import os
 import subprocess
 import sys
 
-from ..config import EXT_ROOT
 from ..errors import I2LError
 
 REQUIREMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements-app.txt")
 
 
-def app_env_dir() -> str:
-    return os.environ.get("I2L_APP_ENV") or os.path.join(EXT_ROOT, ".venv-app")
-
-
-def app_python(env_dir: str | None = None) -> str:
-    env_dir = env_dir or app_env_dir()
+def app_python(env_dir: str) -> str:
     if os.name == "nt":
         return os.path.join(env_dir, "Scripts", "python.exe")
     return os.path.join(env_dir, "bin", "python")
@@ -34,9 +28,9 @@ def _wanted() -> str:
         return hashlib.sha256(f.read() + sys.version.encode()).hexdigest()
 
 
-def ensure_app_env(log=print) -> str:
-    """The app environment's interpreter, made or updated if needed (pip output shown live)."""
-    env_dir = app_env_dir()
+def ensure_app_env(env_dir: str, log=print) -> str:
+    """The interpreter of the app environment in ``env_dir`` (the ``app_env`` setting), made or
+    updated if needed (pip output shown live)."""
     py = app_python(env_dir)
     stamp = os.path.join(env_dir, "i2l-app-stamp")
     want = _wanted()

@@ -268,7 +268,7 @@ class ModelsPanel:
                 hub.save_settings(ctl.config.models_dir, source=source_name,
                                   endpoint=mirror_url if source_name == "custom" else None)
             task = hub.DownloadTask(ctl.config.models_dir, variant, bias=bias, source=src,
-                                    search_dirs=list(ctl.config.search_dirs), offline=ctl.config.offline or None).start()
+                                    search_dirs=list(ctl.config.search_dirs), offline=ctl.config.offline).start()
         except I2LError as e:
             yield self.Step(error_html(e), finished=True, error=e)
             return

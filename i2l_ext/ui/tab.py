@@ -46,22 +46,21 @@ def err_of(e: I2LError) -> str:
 class Controller:
     """State shared by every page: one service, so one job at a time across all of them."""
 
-    def __init__(self, config, hooks=None, host: str = "standalone", config_refresh=None):
+    def __init__(self, config, hooks=None, host: str = "standalone", settings_source=None):
         self.host = host
         self.standalone = host == "standalone"
         self.service = Service(config, hooks)
-        self.config_refresh = config_refresh     # host: re-read settings before each job
+        self.settings_source = settings_source   # host: the settings in force, read again before each job
         self._waiting = threading.Lock()          # a click waiting for the host's queue lock
-        self.defaults = {"variant": "style", "vram_profile": "auto", "key_format": "diffusers"}
 
     @property
     def config(self):
         return self.service.config
 
     def refresh_config(self) -> None:
-        if self.config_refresh is not None:
+        if self.settings_source is not None:
             try:
-                self.config_refresh(self.service.config)
+                self.service.config = self.settings_source()
             except Exception:
                 pass
 
@@ -443,7 +442,7 @@ def build(ctl: Controller):
                     clear_btn = gr.Button(t("clear_images"), elem_id="i2l_clear", size="sm")
                 folder = gr.Textbox(label=t("folder_label"), placeholder=t("folder_placeholder"), elem_id="i2l_folder",
                                     lines=1, max_lines=1)
-                variant = gr.Radio(choices=variant_choices(), value=ctl.defaults["variant"], label=t("variant_label"),
+                variant = gr.Radio(choices=variant_choices(), value=ctl.config.default_variant, label=t("variant_label"),
                                    elem_id="i2l_variant")
                 gr.HTML(variants_md(), elem_id="i2l_variant_info")
                 name = gr.Textbox(label=t("name_label"), placeholder="my_style", elem_id="i2l_name", lines=1, max_lines=1)
@@ -454,10 +453,10 @@ def build(ctl: Controller):
                     weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=t("weight_label"), elem_id="i2l_weight")
                     activation = gr.Textbox(label=t("activation_text"), elem_id="i2l_activation", lines=1, max_lines=1)
                 with gr.Accordion(t("advanced"), open=False, elem_id="i2l_advanced"):
-                    vram = gr.Radio(choices=[(t(f"vram_{p}"), p) for p in VRAM_PROFILES], value=ctl.defaults["vram_profile"],
+                    vram = gr.Radio(choices=[(t(f"vram_{p}"), p) for p in VRAM_PROFILES], value=ctl.config.vram_profile,
                                     label=t("vram_label"), elem_id="i2l_vram")
                     key_format = gr.Radio(choices=[(t(f"keys_{k}"), k) for k in KEY_FORMATS],
-                                          value=ctl.defaults["key_format"], label=t("keys_label"), elem_id="i2l_keys")
+                                          value=ctl.config.key_format, label=t("keys_label"), elem_id="i2l_keys")
                     with gr.Row():
                         bias = gr.Checkbox(value=True, label=t("bias_label"), elem_id="i2l_bias")
                         overwrite = gr.Checkbox(value=False, label=t("overwrite_label"), elem_id="i2l_overwrite")

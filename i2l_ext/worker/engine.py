@@ -208,7 +208,7 @@ def _bias_problem(shapes: dict, num_blocks: int) -> str | None:
     """Why a Bias LoRA does not fit the decoders' key set (None when it does)."""
     want = set()
     for i in range(num_blocks):
-        for m in lora_format.I2L_MODULES:
+        for m in lora_format.QWEN_I2L_MODULES:
             want.add(f"transformer_blocks.{i}.{m}")
     got = {}
     for k, s in shapes.items():

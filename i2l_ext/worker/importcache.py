@@ -8,7 +8,7 @@ that importing transformers takes, with the same answer every time for the insta
 code list of ``warmstart``); the key is the folder's path and the modification times of the folder
 and of transformers' ``__init__.py`` (an upgrade or reinstall changes them). A missing, stale or
 unreadable file is rebuilt by transformers' own function and written for the next start. Every
-other call goes to the original. ``I2L_IMPORT_CACHE``: the file to use (tests); ``0``: no cache.
+other call goes to the original. ``PATHS``, when set, replaces the files to try (``[]``: no cache).
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ NAME = "i2l-transformers-models.json"
 TARGET = "transformers.utils.import_utils"
 _lock = threading.Lock()
 state = {"hits": 0, "misses": 0, "writes": 0}
+PATHS: list[str] | None = None
 
 
 def cache_paths() -> list[str]:
-    explicit = os.environ.get("I2L_IMPORT_CACHE")
-    if explicit:
-        return [] if explicit == "0" else [explicit]
+    if PATHS is not None:
+        return list(PATHS)
     from .warmstart import saved_file_paths
     return saved_file_paths(NAME)
 
@@ -130,7 +130,7 @@ _finder = _Finder()
 
 
 def install() -> None:
-    """Before transformers is imported (no-op after, or with ``I2L_IMPORT_CACHE=0``)."""
+    """Before transformers is imported (no-op after, or with ``PATHS == []``)."""
     if "transformers" in sys.modules or TARGET in sys.modules or not cache_paths():
         return
     if _finder not in sys.meta_path:

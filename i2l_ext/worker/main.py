@@ -34,13 +34,27 @@ def _claim_stdout() -> None:
     _out = os.fdopen(fd, "wb", buffering=0)
 
 
-def _apply_vram_cap() -> None:
-    """``I2L_VRAM_CAP_GB``: never use more than this much VRAM (tests and benchmarks of low-VRAM cards)."""
+def parse_args(argv: list[str]):
+    """The worker's command line, given by the host (``supervisor.WorkerProcess``):
+    ``[--vram-limit-gb GB] [--trace FILE] [--standby | --prefetch FILE...] [--record-code]``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m i2l_ext.worker", add_help=False)
+    p.add_argument("--vram-limit-gb", type=float, default=0.0)
+    p.add_argument("--trace", default=None)
+    p.add_argument("--standby", action="store_true")
+    p.add_argument("--prefetch", nargs="*", default=[])
+    p.add_argument("--record-code", action="store_true")
+    return p.parse_args(argv)
+
+
+def _apply_vram_limit(gb: float) -> None:
+    """The ``vram_limit_gb`` setting: this process never uses more VRAM than that."""
     import torch
-    cap = float(os.environ.get("I2L_VRAM_CAP_GB", "0") or 0)
-    if cap > 0 and torch.cuda.is_available():
+    from . import vram
+    vram.LIMIT_BYTES = int(gb * vram.GiB) if gb > 0 else None
+    if vram.LIMIT_BYTES and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1024 ** 3 / total))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, vram.LIMIT_BYTES / total))
 
 
 _parks = 0          # park requests answered (the host asks before each of its generations)
@@ -57,9 +71,9 @@ def _stats(engine=None) -> dict:
     return info
 
 
-def _hello() -> dict:
+def _hello(vram_limit_gb: float = 0.0) -> dict:
     import torch
-    _apply_vram_cap()
+    _apply_vram_limit(vram_limit_gb)
     info = {"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(),
             "python": sys.version.split()[0], "torch": torch.__version__, "device": "cpu",
             "vram_total": None, "vram_free": None}
@@ -142,10 +156,6 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
                 raise output.write_failed("preview and card", plan.folder, e) from None
         side = _Background(extras)
         info = engine.run(spec, pictures, progress)
-        pause = float(os.environ.get("I2L_PAUSE_BEFORE_WRITE", "0") or 0)   # lets tests stop a job here
-        if pause:
-            log("debug", f"pausing {pause} s before writing")
-            time.sleep(pause)
         progress("write", 1, 2, "Moving the files into place")
         side.join()
         output.commit(plan)
@@ -165,15 +175,6 @@ def run_job(engine, job_id: str, spec: dict) -> dict:
     return result
 
 
-def _prefetch_list() -> list[str]:
-    """The files named in ``I2L_PREFETCH`` (a JSON list, in order of use)."""
-    import json
-    try:
-        return [p for p in json.loads(os.environ.get("I2L_PREFETCH") or "[]") if isinstance(p, str)]
-    except ValueError:
-        return []
-
-
 def _begin(what: str):
     """The worker's first step, before torch: note the files it opens and ask for its code
     files to be read ahead; returns the event set once they are in."""
@@ -184,24 +185,20 @@ def _begin(what: str):
     return warmstart.warm_code()
 
 
-def _start_early() -> list:
-    """Before torch: ask for the code files and start reading the weights named in
-    ``I2L_PREFETCH`` beside them (one reader until the model code is imported); both go on while
-    torch is imported."""
+def _start_early(files: list[str]) -> list:
+    """Before torch: ask for the code files and start reading the weights ``files`` beside them
+    (one reader until the model code is imported); both go on while torch is imported. (The
+    code's read-ahead is many small reads that leave the disk room for the weights' first reader.)"""
     from . import warmstart
-    code = _begin("worker started")
-    # The code's read-ahead is many small reads that leave the disk room: the weights' first
-    # reader runs beside it (measured: first LoRA 0.2 s sooner where the read-ahead took 1.3 s; it
-    # took 3 s on another start). I2L_WEIGHTS_AFTER_CODE=1: after it instead (start-up A/B).
-    after = code if os.environ.get("I2L_WEIGHTS_AFTER_CODE", "0") == "1" else None
+    _begin("worker started")
     try:
-        return warmstart.start_reads(_prefetch_list(), after=after)
+        return warmstart.start_reads(files)
     except OSError:
         return []
 
 
 def _standby() -> tuple[list, list[str]]:
-    """``I2L_STANDBY=1``: a worker started ahead of need (when the WebUI starts). It reads its
+    """``--standby``: a worker started ahead of need (when the WebUI starts). It reads its
     code ahead, imports torch and the model code, says ``standby``, and waits -- no GPU context,
     no weights, about 0.7 GB of RAM. ``wake`` (with the weight files to read) turns it into a
     worker like any other: the reads start at once (at full speed when the imports are done, one
@@ -247,12 +244,12 @@ def _standby() -> tuple[list, list[str]]:
     return box["early"], box["files"]
 
 
-def _warm_up(engine, early: list, paths: list[str] | None = None, imports: bool = True) -> None:
+def _warm_up(engine, early: list, paths: list[str], imports: bool = True) -> None:
     """Right after hello: the early reads handed to the engine (page-locked in place now that CUDA
     is up), anything left read ahead, and the model code imported (unless a standby did already),
     all in the background."""
     engine.adopt(early)
-    paths = [p for p in (_prefetch_list() if paths is None else paths) if os.path.isfile(p)]
+    paths = [p for p in paths if os.path.isfile(p)]
     if paths:
         try:
             engine.read_ahead(paths)
@@ -266,8 +263,7 @@ def _warm_up(engine, early: list, paths: list[str] | None = None, imports: bool 
             _warm_cuda()
         except Exception as e:     # only a missed head start
             send({"type": "log", "job": None, "level": "debug", "message": f"GPU warm-up skipped: {e}"})
-    if os.environ.get("I2L_WARM_CUDA", "1") != "0":       # 0: leave it to the first job (benchmark A/B)
-        threading.Thread(target=warm, daemon=True, name="i2l-warm-cuda").start()
+    threading.Thread(target=warm, daemon=True, name="i2l-warm-cuda").start()
 
 
 def _warm_cuda() -> None:
@@ -369,20 +365,22 @@ def record_code_main() -> int:
     return 0 if where else 1
 
 
-def main() -> None:
-    if "--record-code" in sys.argv[1:]:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from . import warmstart
+    warmstart.TRACE_FILE = args.trace
+    if args.record_code:
         sys.exit(record_code_main())
     _claim_stdout()
-    from .warmstart import pause_gc
-    pause_gc()                       # until the model code is imported (engine.imports_done)
-    standby = os.environ.get("I2L_STANDBY") == "1"
-    paths = None
+    warmstart.pause_gc()             # until the model code is imported (engine.imports_done)
+    standby = args.standby
     if standby:
         early, paths = _standby()
     else:
-        early = _start_early()
+        paths = list(args.prefetch)
+        early = _start_early(paths)
     try:
-        send(_hello())
+        send(_hello(args.vram_limit_gb))
     except Exception as e:
         send({"type": "error", "job": None, "error": _classify(e).to_dict()})
         sys.exit(3)

@@ -31,10 +31,12 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+LIMIT_BYTES: int | None = None        # the ``vram_limit_gb`` setting, set when the worker starts
+
+
 def vram_cap() -> int | None:
-    """``I2L_VRAM_CAP_GB`` (set for low-VRAM tests and benchmarks) in bytes."""
-    cap = float(os.environ.get("I2L_VRAM_CAP_GB", "0") or 0)
-    return int(cap * GiB) if cap > 0 else None
+    """The VRAM this worker may use at most, in bytes (None: the whole card)."""
+    return LIMIT_BYTES
 
 
 def free_vram() -> tuple[int, int] | None:

@@ -66,9 +66,12 @@ def _process_counters() -> str:
     return out + "]"
 
 
+TRACE_FILE: str | None = None      # the ``trace`` setting (the worker's ``--trace``)
+
+
 def trace(event: str) -> None:
-    """With ``I2L_TRACE=<file>``: append when each start-up step ended (for the benchmark)."""
-    path = os.environ.get("I2L_TRACE")
+    """With the ``trace`` setting: append when each start-up step ended (for the benchmark)."""
+    path = TRACE_FILE
     if path:
         try:
             line = f"{time.time():.3f} +{time.time() - _T0:7.2f}s pid {os.getpid()} {event}{_process_counters()}\n"
@@ -86,8 +89,8 @@ def pause_gc() -> None:
     thousands of long-lived objects, and each full pass the allocator triggers meanwhile walks
     all of them again (measured on a 2-core machine, medians of five starts: the model code was
     ready 6.4 s after the worker's start instead of 7.4).
-    ``resume_gc`` ends it once the model code is in. ``I2L_GC_DURING_IMPORTS=1``: left on (A/B)."""
-    if os.environ.get("I2L_GC_DURING_IMPORTS", "0") == "1" or not gc.isenabled():
+    ``resume_gc`` ends it once the model code is in."""
+    if not gc.isenabled():
         return
     gc.disable()
     _GC_PAUSED.append(True)

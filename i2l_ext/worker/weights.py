@@ -23,16 +23,16 @@ import struct
 import threading
 import time
 
-CHUNK = int(os.environ.get("I2L_READ_CHUNK_MB", "64")) << 20   # few, large requests: a reader needs the interpreter lock once per chunk
-READERS = int(os.environ.get("I2L_READ_THREADS", "4"))
+CHUNK = 64 << 20                 # few, large requests: a reader needs the interpreter lock once per chunk
+READERS = 4
 # While a cold worker imports its code, only this many readers run: more of them, each faulting
 # in fresh pages, slow the imports down (measured: model code ready 6 s later with four) for
 # less than they gain. The rest start when ``FULL_SPEED`` is set (imports done).
-READERS_WHILE_IMPORTING = max(1, int(os.environ.get("I2L_READ_THREADS_IMPORTING", "1")))
+READERS_WHILE_IMPORTING = 1
 FULL_SPEED = threading.Event()
 FULL_SPEED.set()                 # cleared by the worker at a cold start, set again when imported
 ALIGN = 4096                     # what O_DIRECT needs of offsets, lengths and addresses
-DIRECT = os.environ.get("I2L_DIRECT_IO", "1") != "0" and hasattr(os, "O_DIRECT") and hasattr(os, "preadv")
+DIRECT = hasattr(os, "O_DIRECT") and hasattr(os, "preadv")
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
@@ -67,9 +67,6 @@ def cudart_ctypes():
     return found
 
 
-PRIVATE = os.environ.get("I2L_PRIVATE_BUFFERS", "1") != "0"
-
-
 def anonymous_memory(n: int) -> mmap.mmap:
     """``n`` bytes of fresh, page-aligned memory for a file's contents, in huge pages where the
     system allows them.
@@ -78,11 +75,10 @@ def anonymous_memory(n: int) -> mmap.mmap:
     backs with shared memory (shmem); with the usual ``shmem_enabled=never`` that is 4 KiB pages
     whatever ``MADV_HUGEPAGE`` asks, so filling 19 GB costs five million page faults. A private
     mapping gets transparent huge pages (2 MiB) when ``enabled`` is ``madvise`` or ``always``:
-    measured, touching 4 GiB took 4.3 s of CPU instead of 10.3 on a small machine.
-    (``I2L_PRIVATE_BUFFERS=0``: the shared mapping, for start-up A/B.)"""
+    measured, touching 4 GiB took 4.3 s of CPU instead of 10.3 on a small machine."""
     flags = getattr(mmap, "MAP_PRIVATE", None)
     anon = getattr(mmap, "MAP_ANONYMOUS", None)
-    if PRIVATE and flags is not None and anon is not None:
+    if flags is not None and anon is not None:
         mm = mmap.mmap(-1, n, flags=flags | anon)
     else:
         mm = mmap.mmap(-1, n)         # Windows: memory backed by the paging file

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from helpers import chromium
+from helpers import chromium, slow_worker
 from ui_helpers import start_app, stop_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,8 +76,8 @@ def app(ui_python, tmp_path_factory, tiny_models, worker_python, artifacts):
     since launch a tiny job is over in a few tenths of a second, quicker than a page polls it, and
     the tests watch its progress."""
     d = str(tmp_path_factory.mktemp("app"))
-    a = start_app(ui_python, d, tiny_models, worker_python, artifacts, "main",
-                  extra_env={"I2L_PAUSE_BEFORE_WRITE": "1"})
+    python, env = slow_worker(worker_python, 1)
+    a = start_app(ui_python, d, tiny_models, python, artifacts, "main", extra_env=env)
     yield a
     stop_app(a)
 
@@ -86,8 +86,8 @@ def app(ui_python, tmp_path_factory, tiny_models, worker_python, artifacts):
 def slow_app(ui_python, tmp_path_factory, tiny_models, worker_python, artifacts):
     """An app whose worker pauses before writing (so a job can be caught mid-run), in Chinese."""
     d = str(tmp_path_factory.mktemp("slow-app"))
-    a = start_app(ui_python, d, tiny_models, worker_python, artifacts, "slow", lang="zh_CN",
-                  extra_env={"I2L_PAUSE_BEFORE_WRITE": "60"})
+    python, env = slow_worker(worker_python, 60)
+    a = start_app(ui_python, d, tiny_models, python, artifacts, "slow", lang="zh_CN", extra_env=env)
     yield a
     stop_app(a)
 

@@ -7,13 +7,18 @@ sys.path only during the import), renders the tab beside a txt2img tab (prompt b
 guarded by the queue lock, Interrupt, the hidden Lora refresh button) and serves it. Every host
 call is appended to ``$FAKE_WEBUI_LOG`` as a JSON line, for the test to read.
 
-Usage: python tests/ui/fake_webui.py ROOT PORT   (env: FAKE_WEBUI_LOG, I2L_PYTHON, ...)
+The WebUI's command line is ``FAKE_WEBUI_ARGS``, parsed as a WebUI does: its own ``--lora-dir``
+plus the flags the extension's preload.py adds.
+
+Usage: python tests/ui/fake_webui.py ROOT PORT   (env: FAKE_WEBUI_LOG, FAKE_WEBUI_ARGS, I2L_PYTHON, ...)
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
+import shlex
 import sys
 import time
 import types
@@ -80,13 +85,24 @@ class State:
         record("state.interrupt")
 
 
+def parse_cmd_opts():
+    """The WebUI's flags (the one the Lora extension adds) and the extension's, from preload.py."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lora-dir", default=os.path.join(WEBUI, "models", "Lora"))
+    spec = importlib.util.spec_from_file_location("preload", os.path.join(ROOT, "preload.py"))
+    preload = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preload)
+    preload.preload(parser)
+    return parser.parse_args(shlex.split(os.environ.get("FAKE_WEBUI_ARGS", "")))
+
+
 callbacks = {}
 modules = module("modules", __path__=[])
 module("modules.script_callbacks", on_ui_tabs=lambda f: callbacks.setdefault("ui_tabs", f),
        on_ui_settings=lambda f: callbacks.setdefault("ui_settings", f),
        on_app_started=lambda f: callbacks.setdefault("app_started", f))
 shared = module("modules.shared", opts=Options(), OptionInfo=OptionInfo, state=State(),
-                cmd_opts=types.SimpleNamespace(lora_dir=os.path.join(WEBUI, "models", "Lora")))
+                cmd_opts=parse_cmd_opts())
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,22 +11,24 @@ import urllib.request
 
 import pytest
 
-from helpers import gone
+from helpers import gone, slow_worker
 from ui_helpers import ROOT, free_port, name_state, progress, shot, type_name, upload, wait_count, wait_finished
 
 
 class FakeWebUI:
-    def __init__(self, python, tmp_dir, tiny_models, worker_python, artifacts, pause, opts=None):
+    def __init__(self, python, tmp_dir, tiny_models, worker_python, artifacts, pause, opts=None, args="",
+                 env=None):
         self.root = os.path.join(tmp_dir, "webui")
         self.lora_dir = os.path.join(self.root, "models", "Lora")
         os.makedirs(self.lora_dir)
         self.log_path = os.path.join(tmp_dir, "host-calls.jsonl")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}/"
+        python_for_worker, shim_env = slow_worker(worker_python, pause) if pause else (worker_python, {})
         env = dict(os.environ, PYTHONPATH="", FAKE_WEBUI_LOG=self.log_path, FAKE_WEBUI_ROOT=self.root,
-                   I2L_PYTHON=worker_python, I2L_MODELS_DIR=tiny_models, I2L_LANG="en",
-                   I2L_PAUSE_BEFORE_WRITE=str(pause), GRADIO_ANALYTICS_ENABLED="False",
-                   FAKE_WEBUI_OPTS=json.dumps(opts or {}))
+                   I2L_PYTHON=python_for_worker, I2L_MODELS_DIR=tiny_models, I2L_LANG="en",
+                   GRADIO_ANALYTICS_ENABLED="False", FAKE_WEBUI_OPTS=json.dumps(opts or {}), FAKE_WEBUI_ARGS=args,
+                   **shim_env, **(env or {}))
         self.out = open(os.path.join(artifacts, "fake-webui.log"), "w")
         self.proc = subprocess.Popen([python, os.path.join(ROOT, "tests", "ui", "fake_webui.py"), ROOT, str(port)],
                                      cwd=self.root, env=env, stdout=self.out, stderr=subprocess.STDOUT)
@@ -110,13 +112,13 @@ def test_registers_tab_and_settings(webui):
         time.sleep(0.2)
     started = webui.workers()
     assert len(started) == 1
-    env = worker_environ(started[0])
-    assert env.get(b"I2L_STANDBY") == b"1" and b"I2L_PREFETCH" not in env
+    args = worker_args(started[0])
+    assert b"--standby" in args and b"--prefetch" not in args
 
 
-def worker_environ(pid) -> dict:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+def worker_args(pid) -> list[bytes]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")
 
 
 def test_standby_setting_off_starts_no_worker_with_the_webui(ui_python, tmp_path, tiny_models, worker_python):
@@ -142,7 +144,7 @@ def test_start_with_the_webui_setting_starts_the_worker_at_once(ui_python, tmp_p
             time.sleep(0.2)
         started = w.workers()
         assert len(started) == 1
-        assert b"I2L_PREFETCH" in worker_environ(started[0])        # it reads the weights too
+        assert b"--prefetch" in worker_args(started[0])              # it reads the weights too
     finally:
         w.stop()
     assert all(gone(pid, 20) for pid in started)      # the WebUI gone: its worker goes too

@@ -224,9 +224,11 @@ def zh_models(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zh_app(ui_python, tmp_path_factory, zh_models, worker_python, artifacts):
+    from helpers import slow_worker
     from ui_helpers import start_app, stop_app
-    a = start_app(ui_python, str(tmp_path_factory.mktemp("zh-app")), zh_models, worker_python, artifacts, "zh",
-                  lang="zh_CN", extra_env={"I2L_PAUSE_BEFORE_WRITE": "1"})   # a job long enough to watch
+    python, env = slow_worker(worker_python, 1)                                  # a job long enough to watch
+    a = start_app(ui_python, str(tmp_path_factory.mktemp("zh-app")), zh_models, python, artifacts, "zh",
+                  lang="zh_CN", extra_env=env)
     yield a
     stop_app(a)
 

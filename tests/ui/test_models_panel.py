@@ -120,9 +120,9 @@ def ready(page, variant) -> str | None:
 
 
 def test_download_cancel_resume(page, hub_app, hub, tiny_models, artifacts):
-    from i2l_ext.catalog import I2L_REPO
+    from i2l_ext.catalog import QWEN_I2L_REPO
     reset_models(hub_app, hub, tiny_models)
-    size = len(hub.repos[I2L_REPO][STYLE])
+    size = len(hub.repos[QWEN_I2L_REPO][STYLE])
     half = size // 2
     hub.stall_at[STYLE] = half                  # the Style file hangs half way, as a stuck connection does
     open_tab(page, hub_app)
@@ -157,7 +157,7 @@ def test_download_cancel_resume(page, hub_app, hub, tiny_models, artifacts):
     assert took < 10, took                      # a hung connection does not hold Cancel up
     shot(page, artifacts, "32-models-cancelled")
     files = model_files(hub_app.models_dir)
-    style_rel = f"{I2L_REPO}/{STYLE}"
+    style_rel = f"{QWEN_I2L_REPO}/{STYLE}"
     assert style_rel not in files               # nothing half-written where the weights belong
     assert files.get(style_rel + ".part") == half   # what arrived is kept, to resume from
     assert_nothing_partial(hub_app.models_dir, hub)
