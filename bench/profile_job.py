@@ -37,6 +37,7 @@ def main() -> None:
     import torch
     from PIL import Image
     from i2l_ext import catalog
+    from i2l_ext.contract import JobSpec
     from i2l_ext.worker.engine import Engine
     paths = a.images.split(",")
     v = catalog.get_variant(a.variant)
@@ -52,7 +53,7 @@ def main() -> None:
         spec = {"variant": v.key, "bias": v.bias_default, "files": files, "output": {"tmp_path": out},
                 "vram_profile": "auto", "gpu_hold_s": 60.0 if a.hold_gb > 0 else 0.0, "gpu_hold_gb": a.hold_gb}
         t = time.perf_counter()
-        res = eng.run(spec, ims, lambda *x: None)
+        res = eng.run(JobSpec.from_dict(spec), ims, lambda *x: None)
         torch.cuda.synchronize()
         return time.perf_counter() - t, res["timings"], {"copied_GB": round(res["copied_to_gpu"] / 2 ** 30, 2),
                                                          "held_GB": round(res["held_on_gpu"] / 2 ** 30, 2),

@@ -17,6 +17,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .contract import T, Text
+
 ENCODERS_REPO = "DiffSynth-Studio/General-Image-Encoders"
 QWEN_I2L_REPO = "DiffSynth-Studio/Qwen-Image-i2L"
 QWEN_IMAGE_REPO = "Qwen/Qwen-Image"
@@ -44,6 +46,11 @@ class ModelFile:
     # Paths inside the repo with approximate sizes, to name missing files when no hub listing is at
     # hand (offline). A hub's own listing, once fetched, is authoritative (see the manifest).
     known_files: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def label(self) -> Text:
+        """The file's name in the reader's language."""
+        return T(f"m_file_{self.role}")
 
     @property
     def is_folder(self) -> bool:
@@ -199,8 +206,8 @@ def get_variant(key: str) -> Variant:
     try:
         return VARIANTS[key]
     except KeyError:
-        from .errors import bad_input
-        raise bad_input(f"Unknown variant '{key}'.", "Choose one of: " + ", ".join(VARIANTS)) from None
+        from .contract import bad_input
+        raise bad_input(T("m_unknown_variant", value=key), T("m_choose_one_of", choices=", ".join(VARIANTS))) from None
 
 
 # -- where files may already be ------------------------------------------------------------------
@@ -353,14 +360,15 @@ def effective_search_dirs(models_dir: str, search_dirs=()) -> list[str]:
 
 
 def resolve_files(variant, models_dir: str, bias: bool | None = None, search_dirs=(),
-                  remembered: bool = True) -> dict[str, list[str]]:
+                  remembered: bool = True, command_flags: str = "") -> dict[str, list[str]]:
     """Role → the files a job loads, found in ``models_dir`` or a search folder, used in place.
-    ``remembered`` adds the search folders remembered for ``models_dir``.
+    ``remembered`` adds the search folders remembered for ``models_dir``; ``command_flags`` go
+    into the download command the error suggests (the user's own ``--models-dir``).
 
     Looks only at the file system. Raises ``I2LError(WEIGHTS_MISSING)`` naming every missing file,
     where it looked, how big the download is and how to get it; ``I2LError(WEIGHTS_INVALID)`` when
     a present file's size differs from what the hub published (known from an earlier listing)."""
-    from .errors import I2LError
+    from .contract import I2LError
     v = _variant(variant)
     if remembered:
         search_dirs = effective_search_dirs(models_dir, search_dirs)
@@ -384,15 +392,15 @@ def resolve_files(variant, models_dir: str, bias: bool | None = None, search_dir
         total = sum(m["bytes"] for m in missing)
         lines = []
         for m in missing:
-            size = human_size(m["bytes"]) if m["exact"] else (f"about {human_size(m['bytes'])}" if m["bytes"] else "size unknown")
-            lines.append(f"  - {m['title']}: {m['repo']}/{m['path']} ({size})")
+            size = (human_size(m["bytes"]) if m["exact"] else T("m_about", size=human_size(m["bytes"])) if m["bytes"]
+                    else T("m_size_unknown"))
+            lines.append(T("m_missing_line", title=FILES[m["role"]].label, repo=m["repo"], path=m["path"], size=size))
         looked = [models_dir] + [os.path.abspath(os.path.expanduser(str(d))) for d in search_dirs or () if d]
-        message = (f"The {v.label} variant needs {len(missing)} model file(s) that are not on this computer:\n"
-                   + "\n".join(lines) + "\nLooked in: " + "; ".join(looked))
+        message = T("m_weights_missing", head=T("m_variant_needs", variant=v.label, n=len(missing)), lines=lines,
+                    looked=T("m_looked_in", dirs="; ".join(looked)))
         flag = "" if bias is None or bool(bias) == v.bias_default else (" --bias" if bias else " --no-bias")
-        fix = (f"Download them (about {human_size(total)}) with `python -m i2l_ext models download {v.key}{flag}`"
-               + " or the Models panel of the Image to LoRA tab; or add a folder that already holds them "
-                 "(a DiffSynth models folder, a Hugging Face cache) as a search folder.")
+        fix = T("m_download_them", size=human_size(total), variant=v.key, flag=flag + command_flags,
+                models_flag=command_flags)
         details = json.dumps({"variant": v.key, "bias": bias, "models_dir": models_dir, "missing": missing})
         raise I2LError(I2LError.WEIGHTS_MISSING, message, fix, details)
     return files
@@ -411,11 +419,10 @@ def _check_sizes(mf: ModelFile, loc: Located, manifest: dict) -> None:
         except OSError:
             continue
         if size is not None and actual != int(size):
-            from .errors import I2LError
+            from .contract import I2LError
             raise I2LError(I2LError.WEIGHTS_INVALID,
-                           f"{mf.title}: {p} is {human_size(actual)} ({actual} bytes) but the hub publishes "
-                           f"{int(size)} bytes for {mf.repo}/{rel}: it is incomplete or a different file.",
-                           "Check it with `python -m i2l_ext models verify`, move the file aside and download it again.")
+                           T("m_size_mismatch", title=mf.label, path=p, size=human_size(actual), actual=actual, published=int(size), repo=mf.repo, rel=rel),
+                           T("m_verify_fix"))
 
 
 def missing_roles(variant: Variant, models_dir: str, bias: bool | None = None, search_dirs=()) -> list[str]:

@@ -11,7 +11,7 @@ import sys
 import time
 
 from . import __version__, settings
-from .errors import I2LError
+from .contract import I2LError, T
 
 # Modules that add their own sub-commands with ``register(subparsers)``.
 SUBCOMMAND_MODULES = ("i2l_ext.hub.cli", "i2l_ext.envsetup.cli", "i2l_ext.ui.cli")
@@ -47,6 +47,29 @@ def _config(args) -> settings.Settings:
     return settings.from_args(args, host="cli", keep_warm_minutes=0.0, standby=False)
 
 
+def say(text) -> str:
+    """A message as the command line shows it: the user's language, the command line's wording."""
+    return text.render(surface="cli") if hasattr(text, "render") else str(text)
+
+
+def _lora_dir(cfg: settings.Settings) -> None:
+    """The Lora folder is made when missing: the default on first use (said once), one the user
+    named when its parent exists; else a clear error."""
+    d = cfg.lora_dir
+    if os.path.isdir(d):
+        return
+    parent = os.path.dirname(os.path.abspath(d))
+    if cfg.given("lora_dir") and not os.path.isdir(parent):
+        raise I2LError(I2LError.OUTPUT, T("m_lora_dir_no_parent", path=d, parent=parent),
+                       T("m_lora_dir_no_parent_fix"))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        from .output import os_error
+        raise os_error(e, T("m_making_lora_dir"), d) from None
+    print(say(T("m_lora_dir_made", path=d)), file=sys.stderr)
+
+
 def cmd_make(args) -> int:
     from .service import JobRequest, Service
     cfg = _config(args)
@@ -54,49 +77,54 @@ def cmd_make(args) -> int:
     req = JobRequest(images=args.images, name=name, variant=args.variant, bias=args.bias, subfolder=args.subfolder,
                      overwrite=args.overwrite, key_format=cfg.key_format, vram_profile=cfg.vram_profile,
                      preferred_weight=args.weight, activation_text=args.activation_text, description=args.description)
-    service = Service(cfg)
     bar = ProgressBar()
     try:
+        req.check()
+        _lora_dir(cfg)
+        service = Service(cfg)
         job = service.start(req)
     except I2LError as e:
-        return _fail(e)
+        return _fail(e, cfg.debug)
     previous = signal.signal(signal.SIGINT, lambda *_: job.cancel())
     try:
         for ev in job.events():
             if ev["type"] == "progress":
-                bar.update(ev["fraction"], ev["phase"], ev["message"])
+                bar.update(ev["fraction"], ev["phase"], say(ev["text"]))
             elif ev["type"] == "log" and ev["level"] in ("warning", "error") and args.verbose < 1:
-                bar.close()
-                print(f"{ev['level']}: {ev['message']}", file=sys.stderr)
+                if ev["level"] == "warning":            # errors are said once, at the end
+                    bar.close()
+                    print(f"{ev['level']}: {say(ev['text'])}", file=sys.stderr)
             elif ev["type"] == "log" and args.verbose >= 1:
                 bar.close()
-                print(ev["message"], file=sys.stderr)
+                print(say(ev["text"]), file=sys.stderr)
         job.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
         service.shutdown()
     if job.state == "cancelled":
-        print("Cancelled; nothing was written.", file=sys.stderr)
+        print(say(T("cancelled_msg")), file=sys.stderr)
         return 130
     if job.state != "done":
-        return _fail(job.error)
+        return _fail(job.error, cfg.debug)
     r = job.result
-    print(f"Wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB, {r['keys']} tensors, rank {r['rank']}) in {r['seconds']:.1f} s")
-    print(f"Use it in a prompt: {r['prompt']}")
+    print(say(T("m_cli_wrote", path=r.path, mb=f"{r.bytes / 1e6:.1f}", keys=r.keys, rank=r.rank,
+                s=f"{r.seconds:.1f}")))
+    print(say(T("m_cli_use_it", prompt=r.prompt)))
     return 0
 
 
-def _fail(e: I2LError | None) -> int:
+def _fail(e: I2LError | None, debug: bool = False) -> int:
     if e is None:
         print("error: the job failed", file=sys.stderr)
         return 1
-    print(f"error: {e.message}", file=sys.stderr)
-    if e.fix:
-        print(f"fix: {e.fix}", file=sys.stderr)
-    if e.details and settings.resolve().debug:
+    message, fix = e.render(surface="cli")
+    print(f"error: {message}", file=sys.stderr)
+    if fix:
+        print(f"fix: {fix}", file=sys.stderr)
+    if e.details and debug:
         print(e.details, file=sys.stderr)
-    return 2 if e.code in (I2LError.BAD_INPUT, I2LError.OUTPUT) else 1
+    return 2 if e.code in (I2LError.BAD_INPUT, I2LError.OUTPUT, I2LError.NAME_TAKEN) else 1
 
 
 def cmd_tiny_models(args) -> int:
@@ -190,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except I2LError as e:
-        return _fail(e)
+        return _fail(e, settings.resolve().debug)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

@@ -73,6 +73,10 @@ def _table(lang: str) -> dict:
     return _cache[lang]
 
 
+def has(key: str, lang: str = DEFAULT) -> bool:
+    return key in _table(lang)
+
+
 def t(key: str, lang: str | None = None, **fields) -> str:
     lang = lang or language()
     text = _table(lang).get(key)

@@ -10,11 +10,13 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import bad_input
+from .contract import T, bad_input, raw
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic")
 MAX_PIXELS = 64_000_000      # 8000x8000; the model looks at 1024x1024 anyway
 MAX_IMAGES = 64
+MIN_SIDE = 64                # shorter side under this: refused (nothing for the encoders to see)
+SMALL_SIDE = 256             # shorter side under this: used, with a warning (upscaled to 1024)
 WORK_SIZE = 2048             # longest side kept after loading; every encoder resizes to <= 1024
 
 
@@ -37,16 +39,16 @@ def collect_images(inputs: list[str]) -> list[str]:
             found = sorted(os.path.join(item, f) for f in os.listdir(item)
                            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
             if not found:
-                raise bad_input(f"The folder {item} holds no images.",
-                                "Pick a folder with .png, .jpg or .webp files, or pick the images themselves.")
+                raise bad_input(T("m_folder_no_images", path=item),
+                                T("m_folder_no_images_fix"))
             paths.extend(found)
         else:
             paths.append(item)
     if not paths:
-        raise bad_input("No image was given.", "Add at least one image (a few of the same style work best).")
+        raise bad_input(T("err_no_images"), T("m_add_image"))
     if len(paths) > MAX_IMAGES:
-        raise bad_input(f"{len(paths)} images were given; at most {MAX_IMAGES} can go into one LoRA.",
-                        "Pick the most typical images; 1 to 8 usually give the best result.")
+        raise bad_input(T("err_too_many", n=len(paths), max=MAX_IMAGES),
+                        T("m_pick_typical"))
     return paths
 
 
@@ -54,32 +56,44 @@ def _open(path: str):
     from PIL import Image, UnidentifiedImageError
     name = os.path.basename(path)
     if not os.path.exists(path):
-        raise bad_input(f"Image not found: {path}", "Check the path, or upload the image again.")
+        raise bad_input(T("m_image_not_found", path=path), T("m_check_path"))
     if not os.path.isfile(path):
-        raise bad_input(f"{path} is not a file.", "Give image files, or a folder with the folder option.")
+        raise bad_input(T("m_not_a_file", path=path), T("m_not_a_file_fix"))
     if os.path.getsize(path) == 0:
-        raise bad_input(f"{name} is empty (0 bytes).", "Export or download the image again.")
+        raise bad_input(T("m_image_empty", name=name), T("m_export_again"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
     except UnidentifiedImageError:
-        raise bad_input(f"{name} is not an image Pillow can read.",
-                        "Use a PNG, JPEG or WebP file.") from None
+        raise bad_input(T("m_not_image", name=name),
+                        T("m_use_formats")) from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise bad_input(f"{name} declares a gigantic size (a decompression bomb); it was not opened.",
-                        f"Use an image of at most {MAX_PIXELS // 1_000_000} megapixels.") from None
+        raise bad_input(T("m_bomb", name=name),
+                        T("m_bomb_fix", max=MAX_PIXELS // 1_000_000)) from None
     except OSError as e:
-        raise bad_input(f"{name} could not be read: {e}", "Export or download the image again.") from None
+        raise bad_input(T("m_unreadable", name=name, error=raw(e)), T("m_export_again")) from None
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
-        raise bad_input(f"{name} is {w}x{h} ({w * h / 1e6:.0f} megapixels); the limit is "
-                        f"{MAX_PIXELS // 1_000_000} megapixels.",
-                        "Scale it down first; the model sees every image at 1024x1024.")
+        raise bad_input(T("m_too_big", name=name, w=w, h=h, mp=f"{w * h / 1e6:.0f}", max=MAX_PIXELS // 1_000_000),
+                        T("m_scale_down"))
     if w < 1 or h < 1:
-        raise bad_input(f"{name} has no pixels ({w}x{h}).", "Use another image.")
+        raise bad_input(T("m_no_pixels", name=name, w=w, h=h), T("m_use_another"))
+    if min(w, h) < MIN_SIDE:
+        im.close()
+        raise bad_input(T("m_too_small", name=name, w=w, h=h, min=MIN_SIDE), T("m_too_small_fix", small=SMALL_SIDE))
     return im
+
+
+def has_transparency(im) -> bool:
+    """Whether ``im`` has an alpha channel or a transparent palette entry that is actually used."""
+    if im.mode == "P":
+        return "transparency" in im.info
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        lo, _ = im.getchannel("A").getextrema()
+        return lo < 255
+    return "transparency" in im.info
 
 
 def _to_rgb(im):
@@ -115,25 +129,30 @@ def load_image(path: str, max_side: int = WORK_SIZE):
     name = os.path.basename(path)
     notes: list[str] = []
     im = _open(path)
+    w, h = im.size                       # as stored (a JPEG's draft decode below is smaller)
     try:
         frames = getattr(im, "n_frames", 1)
         if frames > 1:
-            notes.append(f"{name} is animated ({frames} frames); its first frame was used.")
+            notes.append(T("m_animated", name=name, n=frames))
             im.seek(0)
         if im.format == "JPEG" and max(im.size) > 2 * max_side:
             im.draft("RGB", (max_side, max_side))   # decode big JPEGs at a reduced scale
         try:
             im.load()
         except (OSError, SyntaxError, ValueError) as e:
-            raise bad_input(f"{name} is damaged or truncated ({e}).",
-                            "Export or download the image again.") from None
+            raise bad_input(T("m_damaged_image", name=name, error=raw(e)),
+                            T("m_export_again")) from None
         try:
             upright = ImageOps.exif_transpose(im)
         except Exception:   # a broken EXIF block must not lose the image
             upright = im
-            notes.append(f"{name} has an unreadable EXIF orientation; it was used as stored.")
+            notes.append(T("m_exif_unreadable", name=name))
         if upright is not im and upright.size != im.size:
-            notes.append(f"{name} was rotated upright from its EXIF orientation.")
+            notes.append(T("m_rotated", name=name))
+        if has_transparency(upright):
+            notes.append(T("m_transparency", name=name))
+        if min(w, h) < SMALL_SIDE:
+            notes.append(T("m_small_image", name=name, w=w, h=h, small=SMALL_SIDE))
         rgb = _to_rgb(upright)
         if max(rgb.size) > max_side:
             rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)

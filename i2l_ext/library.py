@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import output
-from .errors import I2LError, bad_input
+from .contract import I2LError, T, bad_input, raw
 
 MAX_HEADER = 100 * 1024 * 1024
 COMPANIONS = (".json", ".preview.png", ".png")     # moved and deleted with the LoRA
@@ -22,10 +22,10 @@ COMPANIONS = (".json", ".preview.png", ".png")     # moved and deleted with the 
 def read_header(path: str) -> dict:
     """The safetensors JSON header (tensor entries plus ``__metadata__``)."""
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
+        head = f.read(8)
+        if len(head) != 8:
             raise ValueError("file too short for a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
+        (n,) = struct.unpack("<Q", head)
         if n <= 1 or n > MAX_HEADER:
             raise ValueError(f"implausible header length {n}")
         data = f.read(n)
@@ -70,12 +70,12 @@ class LoraEntry:
 
     @property
     def image_sha256(self) -> list[str]:
-        raw = self.metadata.get("i2l.image_sha256", "")
+        text = self.metadata.get("i2l.image_sha256", "")
         try:
-            v = json.loads(raw)
+            v = json.loads(text)
             return [str(x) for x in v] if isinstance(v, list) else [str(v)]
         except ValueError:
-            return [s for s in raw.replace(";", ",").split(",") if s]
+            return [s for s in text.replace(";", ",").split(",") if s]
 
     @property
     def weight(self) -> float:
@@ -93,6 +93,15 @@ class LoraEntry:
         return [base + ext for ext in COMPANIONS if os.path.isfile(base + ext)]
 
 
+def inside(real_root: str, path: str) -> bool:
+    """Whether ``path``, links followed, lies in the folder whose real path is ``real_root``."""
+    real = os.path.realpath(path)
+    try:
+        return os.path.commonpath([real_root, real]) == real_root
+    except ValueError:                  # another drive
+        return False
+
+
 def is_ours(metadata: dict) -> bool:
     return "i2l.version" in metadata
 
@@ -106,7 +115,9 @@ def _entry(root: str, path: str) -> LoraEntry | None:
         return None
     st = os.stat(path)
     base = path[: -len(".safetensors")]
-    preview = next((base + ext for ext in (".preview.png", ".png") if os.path.isfile(base + ext)), None)
+    real_root = os.path.realpath(root)
+    preview = next((base + ext for ext in (".preview.png", ".png") if os.path.isfile(base + ext)
+                    and inside(real_root, base + ext)), None)     # never a link out of the Lora folder
     card = {}
     if os.path.isfile(base + ".json"):
         try:
@@ -144,59 +155,70 @@ def find(lora_dir: str, relpath: str) -> LoraEntry:
     root = os.path.realpath(lora_dir)
     path = os.path.realpath(os.path.join(root, relpath))
     if os.path.commonpath([root, path]) != root or not path.endswith(".safetensors"):
-        raise bad_input(f"{relpath} is not a LoRA in the Lora folder.", "Pick one from the list.")
+        raise bad_input(T("m_not_lora", relpath=relpath), T("m_pick_from_list"))
     if not os.path.isfile(path):
-        raise I2LError(I2LError.OUTPUT, f"{relpath} no longer exists.", "Refresh the list.")
+        raise I2LError(I2LError.OUTPUT, T("m_no_longer", relpath=relpath), T("m_refresh_list"))
     e = _entry(root, path)
     if e is None:
-        raise bad_input(f"{relpath} was not made by Image to LoRA; it is left alone.",
-                        "Manage other LoRAs with your usual tools.")
+        raise bad_input(T("m_not_ours", relpath=relpath),
+                        T("m_not_ours_fix"))
     return e
 
 
 def rename(lora_dir: str, relpath: str, new_name: str) -> LoraEntry:
     """Rename a LoRA and its card and preview together, in the same folder; never overwrites."""
-    from .output import name_problem, suggest_name
+    from .output import claimed, name_bytes_problem, name_problem, suggest_name
     e = find(lora_dir, relpath)
     new_name = (new_name or "").strip()
     if new_name.lower().endswith(".safetensors"):
         new_name = new_name[: -len(".safetensors")]
-    problem = name_problem(new_name)
+    problem = name_problem(new_name) or name_bytes_problem(new_name, os.path.dirname(e.path))
     if problem:
-        raise bad_input(f"Bad LoRA name {new_name!r}: {problem}", f"Try '{suggest_name(new_name)}'.")
+        raise bad_input(T("m_bad_name", name=repr(new_name), problem=problem), T("name_try", name=suggest_name(new_name)))
     if new_name == e.name:
         return e
     folder = os.path.dirname(e.path)
+    if claimed(folder, new_name) or claimed(folder, e.name):
+        raise I2LError(I2LError.NAME_TAKEN, T("m_name_being_made", name=new_name if claimed(folder, new_name)
+                                              else e.name), T("m_name_being_made_fix"))
     old_base, new_base = e.path[: -len(".safetensors")], os.path.join(folder, new_name)
     moves = [(e.path, new_base + ".safetensors")]
     moves += [(old_base + ext, new_base + ext) for ext in COMPANIONS if os.path.isfile(old_base + ext)]
     for _, dst in moves:
         if os.path.lexists(dst):
-            raise I2LError(I2LError.OUTPUT, f"{os.path.basename(dst)} already exists; nothing was renamed.",
-                           "Choose another name, or delete the other LoRA first.")
+            raise I2LError(I2LError.NAME_TAKEN, T("m_rename_exists", name=os.path.basename(dst)),
+                           T("m_rename_exists_fix"))
     done: list[tuple[str, str]] = []
     try:
         for src, dst in moves[1:] + moves[:1]:          # the LoRA itself last
             _move_no_replace(src, dst)
             done.append((src, dst))
-    except BaseException:
+    except BaseException as err:
         for src, dst in reversed(done):                 # put everything back
             try:
                 os.rename(dst, src)
             except OSError:
                 pass
+        if isinstance(err, OSError):
+            raise output.os_error(err, T("m_renaming", name=e.name), folder) from None
         raise
     return find(lora_dir, os.path.relpath(new_base + ".safetensors", os.path.realpath(lora_dir)))
 
 
 def _move_no_replace(src: str, dst: str) -> None:
-    output.move_no_replace(src, dst, I2LError(I2LError.OUTPUT, f"{os.path.basename(dst)} already exists; "
-                                              "nothing was renamed.", "Choose another name."))
+    try:
+        if output._link_no_replace(src, dst):
+            os.unlink(src)
+    except FileExistsError:
+        raise I2LError(I2LError.NAME_TAKEN, T("m_rename_exists", name=os.path.basename(dst)),
+                       T("m_choose_other_name")) from None
 
 
 def delete(lora_dir: str, relpath: str) -> list[str]:
     """Delete one of our LoRAs with its card and preview; returns the removed paths."""
     e = find(lora_dir, relpath)
+    if output.claimed(os.path.dirname(e.path), e.name):
+        raise I2LError(I2LError.NAME_TAKEN, T("m_name_being_made", name=e.name), T("m_name_being_made_fix"))
     removed = []
     for p in e.companions() + [e.path]:
         try:
@@ -204,4 +226,6 @@ def delete(lora_dir: str, relpath: str) -> list[str]:
             removed.append(p)
         except FileNotFoundError:
             pass
+        except OSError as err:
+            raise output.os_error(err, T("m_deleting", name=e.name), os.path.dirname(e.path)) from None
     return removed

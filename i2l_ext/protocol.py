@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2           # 2: messages as Text (key + fields), JobSpec / JobResult
 
 PHASES = ("start", "load", "encode", "decode", "merge", "write")
 

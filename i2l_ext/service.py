@@ -1,40 +1,30 @@
 """Running jobs, one at a time, on a worker that stays warm between them.
 
-The tab, the CLI and the standalone app all go through ``Service``. It checks the request in
-the calling process (names, folders, images, weights) so mistakes are reported at once, then
-hands the job to the worker and turns what comes back into ``Job`` state and events.
+The tab, the CLI and the standalone app all go through ``Service``. A job reads as named steps:
+``start`` checks the request (``JobRequest.check``), the images, the model files and the output
+(``output.plan_output`` claims the name) in the calling process, so mistakes are reported at once
+and nothing runs; ``_run`` gets a worker, hands it the ``JobSpec`` and turns what comes back into
+``Job`` state and events; whatever happens, the job ends, its output is committed or taken back,
+and the service is free again.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from . import catalog, images as images_mod, output
+from .contract import I2LError, JobRequest, JobResult, JobSpec, T, Text, raw
 from .settings import Settings
-from .errors import I2LError
 from .supervisor import WorkerProcess
+
+__all__ = ["Service", "Job", "JobRequest", "HostHooks", "PHASE_SPAN"]
 
 # Share of the progress bar given to each phase (the worker reports steps within a phase).
 PHASE_SPAN = {"start": (0.0, 0.05), "load": (0.05, 0.45), "encode": (0.45, 0.75), "decode": (0.75, 0.92),
               "merge": (0.92, 0.95), "write": (0.95, 1.0)}
-
-
-@dataclass
-class JobRequest:
-    images: list[str]
-    name: str
-    variant: str = "style"
-    bias: bool | None = None
-    subfolder: str = ""
-    overwrite: bool = False
-    key_format: str = "diffusers"
-    vram_profile: str = "auto"
-    preferred_weight: float = 1.0
-    activation_text: str = ""
-    description: str = ""
+ROLE_ORDER = ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias")
 
 
 class HostHooks:
@@ -59,15 +49,25 @@ class HostHooks:
 
 
 @dataclass
+class LogLine:
+    stamp: str          # HH:MM:SS
+    level: str          # debug | info | warning | error
+    text: Text
+
+    def render(self, lang: str | None = None, surface: str | None = None) -> str:
+        return f"[{self.stamp}] {self.text.render(lang, surface)}"
+
+
+@dataclass
 class Job:
     request: JobRequest
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:output.JOB_ID_LEN])
     state: str = "starting"          # starting | running | done | error | cancelled
     phase: str = "start"
     fraction: float = 0.0
-    message: str = "Starting"
-    log: list[str] = field(default_factory=list)
-    result: dict | None = None
+    message: Text = field(default_factory=lambda: T("m_starting"))
+    log: list[LogLine] = field(default_factory=list)
+    result: JobResult | None = None
     error: I2LError | None = None
     started: float = field(default_factory=time.time)
 
@@ -82,32 +82,35 @@ class Job:
             self._events.append(event)
             self._cond.notify_all()
 
-    def _progress(self, phase: str, step: int, total: int, message: str) -> None:
+    def _progress(self, phase: str, step: int, total: int, text: Text) -> None:
         lo, hi = PHASE_SPAN.get(phase, (self.fraction, self.fraction))
         frac = lo + (hi - lo) * (step / total if total else 0.0)
-        self.phase, self.fraction, self.message = phase, max(self.fraction, min(frac, 1.0)), message
-        self._emit({"type": "progress", "phase": phase, "step": step, "total": total,
-                    "fraction": self.fraction, "message": message})
+        self.phase, self.fraction, self.message = phase, max(self.fraction, min(frac, 1.0)), text
+        self._emit({"type": "progress", "phase": phase, "step": step, "total": total, "fraction": self.fraction,
+                    "text": text})
 
-    def _log(self, level: str, message: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        self.log.append(line)
+    def _log(self, level: str, text: Text) -> None:
+        self.log.append(LogLine(time.strftime("%H:%M:%S"), level, text))
         del self.log[:-500]
-        self._emit({"type": "log", "level": level, "message": message})
+        self._emit({"type": "log", "level": level, "text": text})
 
-    def _finish(self, state: str, result: dict | None = None, error: I2LError | None = None) -> None:
+    def _finish(self, state: str, result: JobResult | None = None, error: I2LError | None = None) -> None:
         self.state, self.result, self.error = state, result, error
         if state == "done":
-            self.fraction, self.message = 1.0, "Done"
+            self.fraction, self.message = 1.0, T("m_done")
             self._emit({"type": "result", "result": result})
         else:
-            self.message = error.message if error else state
-            self._emit({"type": "error", "error": error.to_dict() if error else None, "state": state})
+            self.message = error.text if error else T("m_job_cancelled")
+            self._emit({"type": "error", "error": error, "state": state})
 
     # -- consumer side -----------------------------------------------------------------------
     @property
     def finished(self) -> bool:
         return self.state in ("done", "error", "cancelled")
+
+    def log_lines(self, lang: str | None = None, surface: str | None = None, last: int = 300,
+                  debug: bool = False) -> list[str]:
+        return [line.render(lang, surface) for line in self.log[-last:] if debug or line.level != "debug"]
 
     def events(self, timeout: float | None = None):
         """Every event from the start, then live ones, until the job ends (or ``timeout`` passes idle)."""
@@ -154,30 +157,13 @@ class Service:
         self._closed = False
 
     # -- checks the tab runs as the user types -------------------------------------------------
-    def check_name(self, name: str, subfolder: str = "", overwrite: bool = False) -> str | None:
-        problem = output.name_problem(name)
-        if problem:
-            return problem
-        problem = output.subfolder_problem(subfolder)
-        if problem:
-            return problem
-        taken = output.existing_outputs(self.config.lora_dir, name, subfolder)
-        if taken and not overwrite:
-            return f"A LoRA named '{name}' already exists ({os.path.basename(taken[0])})."
-        return None
+    def check_name(self, name: str, subfolder: str = "", overwrite: bool = False) -> Text | None:
+        return output.check_name(self.config.lora_dir, name, subfolder, overwrite)
 
     def resolve_files(self, variant: str, bias: bool | None) -> dict[str, list[str]]:
-        v = catalog.get_variant(variant)
-        resolver = getattr(catalog, "resolve_files", None)
-        if resolver is not None:
-            return resolver(v, self.config.models_dir, bias=bias, search_dirs=tuple(self.config.search_dirs))
-        files = {r: catalog.FILES[r].resolve(self.config.models_dir) for r in v.needed_roles(bias)}
-        missing = [r for r, p in files.items() if not p]
-        if missing:
-            lines = [f"{catalog.FILES[r].title}: {catalog.FILES[r].local_path(self.config.models_dir)}" for r in missing]
-            raise I2LError(I2LError.WEIGHTS_MISSING, "Model files are missing:\n" + "\n".join(lines),
-                           f"Download them: python -m i2l_ext models download {v.key}")
-        return files
+        return catalog.resolve_files(catalog.get_variant(variant), self.config.models_dir, bias=bias,
+                                     search_dirs=tuple(self.config.search_dirs),
+                                     command_flags=self.config.cli_flags("models_dir"))
 
     # -- jobs ----------------------------------------------------------------------------------
     @property
@@ -189,10 +175,12 @@ class Service:
         return self._job is not None and not self._job.finished
 
     def start(self, req: JobRequest) -> Job:
+        """Check everything a job needs and start it; raises ``I2LError`` (nothing started) when
+        something is wrong."""
+        req.check()
         with self._lock:
             if self.busy:
-                raise I2LError(I2LError.BUSY, "Another LoRA is being made right now.",
-                               "Wait for it to finish, or cancel it.")
+                raise I2LError(I2LError.BUSY, T("err_busy"), T("fix_busy"))
             job = Job(request=req)
             spec, plan = self._prepare(job)       # raises before anything runs
             self._job = job
@@ -214,30 +202,29 @@ class Service:
         job.cancel()
         return True
 
-    def _prepare(self, job: Job) -> tuple[dict, output.OutputPlan]:
+    def _prepare(self, job: Job) -> tuple[JobSpec, output.OutputPlan]:
+        """The job's inputs checked and its output claimed: images, model files, then the name."""
         req = job.request
         variant = catalog.get_variant(req.variant)
-        if req.key_format not in ("diffusers", "kohya"):
-            raise I2LError(I2LError.BAD_INPUT, f"Unknown key format '{req.key_format}'.", "Use diffusers or kohya.")
-        if req.vram_profile not in ("auto", "gpu", "cpu_offload", "disk"):
-            raise I2LError(I2LError.BAD_INPUT, f"Unknown VRAM profile '{req.vram_profile}'.",
-                           "Use auto, gpu, cpu_offload or disk.")
-        plan = output.plan_output(self.config.lora_dir, req.name, req.subfolder, req.overwrite, job.id)
         paths = images_mod.collect_images(list(req.images))
         infos = images_mod.inspect_images(paths)
         for info in infos:
-            for w in info.warnings:
-                job._log("warning", w)
+            for note in info.warnings:
+                job._log("warning", note)
         bias = variant.bias_default if req.bias is None else bool(req.bias)
         files = self.resolve_files(variant.key, bias)
-        card = output.card_data(req.description or f"Made from {len(paths)} image(s) with the i2L {variant.label} variant.",
-                                req.activation_text, req.preferred_weight, self.hooks.sd_version())
-        spec = {"variant": variant.key, "bias": bias, "images": paths, "image_sha256": [i.sha256 for i in infos],
-                "files": files, "models_dir": self.config.models_dir, "output": plan.to_dict(),
-                "key_format": req.key_format, "vram_profile": req.vram_profile,
-                "gpu_hold_s": max(0.0, float(self.config.gpu_hold_seconds or 0)),
-                "gpu_hold_gb": max(0.0, float(self.config.gpu_hold_gb or 0)),
-                "metadata": {"modelspec.title": req.name}, "card": card}
+        try:
+            plan = output.plan_output(self.config.lora_dir, req.name, req.subfolder, req.overwrite, job.id)
+        except OSError as e:                                   # a folder that could not even be looked at
+            raise output.os_error(e, T("m_preparing_folder"), self.config.lora_dir) from None
+        description = req.description or T("m_default_description", n=len(paths), variant=variant.label).render("en")
+        card = output.card_data(description, req.activation_text, req.preferred_weight, self.hooks.sd_version())
+        spec = JobSpec(variant=variant.key, bias=bias, images=paths, image_sha256=[i.sha256 for i in infos],
+                       files=files, models_dir=self.config.models_dir, output=plan.to_dict(),
+                       key_format=req.key_format, vram_profile=req.vram_profile,
+                       gpu_hold_s=max(0.0, float(self.config.gpu_hold_seconds or 0)),
+                       gpu_hold_gb=max(0.0, float(self.config.gpu_hold_gb or 0)),
+                       metadata={"modelspec.title": req.name}, card=card)
         return spec, plan
 
     def _worker_python(self) -> str:
@@ -316,22 +303,19 @@ class Service:
         if sb is not None:
             sb.shutdown(timeout=2.0)
 
-    def _ensure_worker(self, job: Job, spec: dict) -> WorkerProcess:
+    def _ensure_worker(self, job: Job, spec: JobSpec) -> WorkerProcess:
         with self._wlock:
             w = self._worker
             if w is not None and w.alive and w.args != self.config.worker_args():
                 self._stop_worker()             # started with other settings (the VRAM limit)
             elif w is not None and w.alive:
-                job._log("info", "Using the warm worker (pid %s)." % w.pid)
+                job._log("info", T("m_worker_warm", pid=w.pid))
                 return w
-            job._progress("start", 0, 1, "Starting the worker")
-            files = [p for role in ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias")
-                     for p in spec["files"].get(role, [])]
-            w = self._spawn(files)
+            job._progress("start", 0, 1, T("m_starting_worker"))
+            w = self._spawn([p for role in ROLE_ORDER for p in spec.files.get(role, [])])
         hello = w.hello or {}
-        job._log("info", f"Worker ready: pid {hello.get('pid')}, device {hello.get('device')}, "
-                          f"torch {hello.get('torch')}, diffsynth {hello.get('diffsynth')}.")
-        job._progress("start", 1, 1, "Worker ready")
+        job._log("info", T("m_worker_ready_info", pid=hello.get('pid'), device=hello.get('device'), torch=hello.get('torch'), diffsynth=hello.get('diffsynth')))
+        job._progress("start", 1, 1, T("m_worker_ready"))
         return w
 
     def prewarm(self, variant: str = "style", bias: bool | None = None, vram_profile: str = "auto",
@@ -348,10 +332,9 @@ class Service:
             files = self.resolve_files(v.key, b)
         except I2LError:
             return None
-        spec = {"variant": v.key, "bias": b, "files": files, "models_dir": self.config.models_dir,
-                "vram_profile": vram_profile}
-        flat = [p for role in ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias")
-                for p in files.get(role, [])]
+        spec = JobSpec(variant=v.key, bias=b, files=files, models_dir=self.config.models_dir,
+                       vram_profile=vram_profile if vram_profile in ("auto", "gpu", "cpu_offload", "disk") else "auto")
+        flat = [p for role in ROLE_ORDER for p in files.get(role, [])]
 
         def run():
             try:
@@ -361,7 +344,7 @@ class Service:
                     w = self._worker
                     if w is None or not w.alive:
                         w = self._spawn(flat)
-                    w.send({"type": "prefetch", "spec": spec})
+                    w.send({"type": "prefetch", "spec": spec.to_dict()})
                 self._after_job()          # the idle timer applies to a prewarmed worker too
             except I2LError:
                 pass
@@ -405,69 +388,89 @@ class Service:
         finally:
             self._wlock.release()
 
-    def _run(self, job: Job, spec: dict, plan: output.OutputPlan) -> None:
+    def _run(self, job: Job, spec: JobSpec, plan: output.OutputPlan) -> None:
         state, result, error = "error", None, None
-        deadline = time.monotonic() + self.config.job_timeout
         try:
             self.hooks.before_job(self.config)
             job.state = "running"
-            worker = self._ensure_worker(job, spec)
-            if job._cancel.is_set():
-                raise I2LError(I2LError.CANCELLED, "The job was cancelled.")
-            worker.send({"type": "job", "job": job.id, "spec": spec})
-            while True:
-                if job._cancel.is_set() or self.hooks.interrupted():
-                    worker.kill()
-                    raise I2LError(I2LError.CANCELLED, "The job was cancelled.")
-                if time.monotonic() > deadline:
-                    worker.kill()
-                    raise I2LError(I2LError.TIMEOUT, f"The job took longer than {self.config.job_timeout:.0f} s and was stopped.",
-                                   "Use fewer images or a faster VRAM profile, or raise the time limit.")
-                msg = worker.next_message(0.2)
-                if msg is None or msg.get("job") not in (job.id, None):
-                    continue
-                kind = msg["type"]
-                if kind == "progress":
-                    job._progress(msg.get("phase", job.phase), msg.get("step", 0), msg.get("total", 0),
-                                  msg.get("message", ""))
-                    job._log("info", msg.get("message", ""))
-                elif kind == "result":
-                    result = dict(msg["result"])
-                    weight = job.request.preferred_weight
-                    result["prompt"] = f"<lora:{plan.name}:{weight:g}>"
-                    result["name"] = plan.name
-                    state = "done"
-                    break
-                elif kind == "error":
-                    raise I2LError.from_dict(msg.get("error") or {})
+            result = self._work(job, spec, plan)
+            state = "done"
         except I2LError as e:
             error = e
             state = "cancelled" if e.code == I2LError.CANCELLED else "error"
-        except Exception as e:   # a bug of ours: still a clear message, never a hang
-            error = I2LError(I2LError.INTERNAL, f"Unexpected error: {e!r}", "Please report it with the log.")
+        except BaseException as e:   # a bug of ours: still a clear message, never a hang
+            error = I2LError(I2LError.INTERNAL, T("m_unexpected", error=raw(repr(e))), T("m_report"))
         finally:
+            self._end(job, state, result, error, plan)
+
+    def _work(self, job: Job, spec: JobSpec, plan: output.OutputPlan) -> JobResult:
+        """The job in the worker: progress and log lines as they come, the result at the end."""
+        deadline = time.monotonic() + self.config.job_timeout
+        worker = self._ensure_worker(job, spec)
+        if job._cancel.is_set():
+            raise I2LError(I2LError.CANCELLED, T("m_job_cancelled"))
+        worker.send({"type": "job", "job": job.id, "spec": spec.to_dict()})
+        while True:
+            if job._cancel.is_set() or self.hooks.interrupted():
+                worker.kill()
+                raise I2LError(I2LError.CANCELLED, T("m_job_cancelled"))
+            if time.monotonic() > deadline:
+                worker.kill()
+                raise I2LError(I2LError.TIMEOUT, T("m_job_timeout", s=f"{self.config.job_timeout:.0f}"),
+                               T("m_job_timeout_fix"))
+            msg = worker.next_message(0.2)
+            if msg is None or msg.get("job") not in (job.id, None):
+                continue
+            kind = msg["type"]
+            if kind == "progress":
+                text = Text.from_dict(msg.get("text"))
+                job._progress(msg.get("phase", job.phase), msg.get("step", 0), msg.get("total", 0), text)
+                job._log("info", text)
+            elif kind == "result":
+                result = JobResult.from_dict(msg["result"])
+                result.name = plan.name
+                result.prompt = f"<lora:{plan.name}:{job.request.preferred_weight:g}>"
+                return result
+            elif kind == "error":
+                raise I2LError.from_dict(msg.get("error") or {})
+
+    def _end(self, job: Job, state: str, result: JobResult | None, error: I2LError | None,
+             plan: output.OutputPlan) -> None:
+        """Whatever happened: the output committed or taken back, the claim on the name dropped,
+        the host given its GPU back, and the job finished (so the service is free again)."""
+        try:
             if state != "done":
-                output.cleanup(plan, remove_final=True)
-                if self._worker is not None and state == "error" and error is not None and error.code in (
+                for problem in output.abort(plan):
+                    job._log("warning", problem)
+                if self._worker is not None and error is not None and error.code in (
                         I2LError.OUT_OF_MEMORY, I2LError.INTERNAL):
                     self._stop_worker()        # start clean next time
-            try:
-                if state == "done" and (result or {}).get("held_on_gpu") and self.hooks.needs_gpu_after_job():
-                    self._park_worker()
-                self.hooks.after_job()
-            except Exception as e:
-                job._log("warning", f"Could not give the WebUI its models back: {e}")
-            if state == "done":
-                job._log("info", f"Wrote {result.get('path')} ({catalog.human_size(result.get('bytes', 0))}).")
-            elif error is not None and error.code != I2LError.CANCELLED:
-                job._log("error", str(error))
-            job._finish(state, result, error)
+        except BaseException as e:
+            job._log("warning", T("m_unexpected", error=raw(repr(e))))
+        finally:
+            output.release(plan)
+        try:
+            if state == "done" and result.held_on_gpu and self.hooks.needs_gpu_after_job():
+                self._park_worker()
+            self.hooks.after_job()
+        except BaseException as e:
+            job._log("warning", T("m_give_back_failed", error=raw(e)))
+        if state == "done":
+            job._log("info", T("m_wrote", path=result.path, size=catalog.human_size(result.bytes)))
+        elif error is not None and error.code != I2LError.CANCELLED:
+            job._log("error", error.text)
+            if error.fix_text is not None:
+                job._log("error", T("m_fix_line", fix=error.fix_text))
+        job._finish(state, result, error)
+        try:
             self._after_job()
+        except BaseException:
+            pass
 
-    def _route_log(self, level: str, message: str) -> None:
+    def _route_log(self, level: str, text: Text) -> None:
         job = self._job
-        if job is not None and level != "debug" and message:
-            job._log(level, message)
+        if job is not None and not job.finished and level != "debug":
+            job._log(level, text)
 
     # -- warm worker -----------------------------------------------------------------------------
     def _after_job(self) -> None:

@@ -203,6 +203,23 @@ class Settings:
         """Whether the user chose ``name`` (by flag, setting or environment) rather than the default."""
         return self.sources.get(name, "default") != "default"
 
+    def cli_flags(self, *names: str) -> str:
+        """The flags that repeat the user's own choice of ``names`` in a suggested command (those whose
+        value differs from what a plain ``python -m i2l_ext`` here would use)."""
+        plain = resolve({}, environ=os.environ)
+        out = []
+        for name in names:
+            value = getattr(self, name)
+            if value and value != getattr(plain, name):
+                out += [BY_NAME[name].cli, str(value)]
+        if not out:
+            return ""
+        if os.name == "nt":
+            import subprocess
+            return " " + subprocess.list2cmdline(out)
+        import shlex
+        return " " + " ".join(shlex.quote(x) for x in out)
+
     def worker_args(self) -> list[str]:
         """What the worker is started with besides its module (settings a worker keeps for its life)."""
         args = []

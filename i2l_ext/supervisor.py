@@ -16,10 +16,10 @@ import time
 
 from . import protocol
 from .settings import EXT_ROOT
-from .errors import I2LError
+from .contract import I2LError, T, Text, raw
 
 IS_WINDOWS = os.name == "nt"
-REPAIR_HINT = "Run `python -m i2l_ext env repair` (or 'Repair worker environment' in the tab)."
+REPAIR_HINT = T("m_repair_hint")
 
 
 class WorkerProcess:
@@ -70,8 +70,7 @@ class WorkerProcess:
 
     def _spawn(self, more_args: list[str]) -> None:
         if not self.python or not os.path.exists(self.python):
-            raise I2LError(I2LError.WORKER_START, f"The worker's Python was not found: {self.python or '(none set)'}",
-                           REPAIR_HINT)
+            raise I2LError(I2LError.WORKER_START, T("m_python_not_found", path=self.python or "-"), REPAIR_HINT)
         kwargs = {}
         if IS_WINDOWS:
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
@@ -82,7 +81,7 @@ class WorkerProcess:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          cwd=EXT_ROOT, env=self._env(), **kwargs)
         except OSError as e:
-            raise I2LError(I2LError.WORKER_START, f"The worker could not be started with {self.python}: {e}",
+            raise I2LError(I2LError.WORKER_START, T("m_start_failed", python=self.python, error=raw(e)),
                            REPAIR_HINT) from None
         threading.Thread(target=self._read_stdout, daemon=True, name="i2l-worker-out").start()
         threading.Thread(target=self._read_stderr, daemon=True, name="i2l-worker-err").start()
@@ -93,16 +92,16 @@ class WorkerProcess:
             msg = self.next_message(max(0.0, deadline - time.monotonic()))
             if msg is None:
                 self.kill()
-                raise I2LError(I2LError.TIMEOUT, f"The worker did not start within {timeout:.0f} s.",
-                               "The disk or the machine may be very busy; try again. " + REPAIR_HINT,
+                raise I2LError(I2LError.TIMEOUT, T("m_start_timeout", s=f"{timeout:.0f}"),
+                               T("m_start_timeout_fix", hint=REPAIR_HINT),
                                self.tail())
             if msg["type"] == "hello":
                 break
         if msg.get("protocol") != protocol.PROTOCOL_VERSION:
             self.kill()
             raise I2LError(I2LError.WORKER_START,
-                           f"The worker speaks protocol {msg.get('protocol')}, this extension {protocol.PROTOCOL_VERSION}.",
-                           "Restart the WebUI so both sides come from the same version. " + REPAIR_HINT)
+                           T("m_protocol", a=msg.get('protocol'), b=protocol.PROTOCOL_VERSION),
+                           T("m_protocol_fix", hint=REPAIR_HINT))
         self.hello = msg
         return msg
 
@@ -132,7 +131,10 @@ class WorkerProcess:
                 return None
             if kind == "msg":
                 if item["type"] == "log":
-                    self.log(item.get("level", "info"), item.get("message", ""))
+                    try:
+                        self.log(item.get("level", "info"), Text.from_dict(item.get("text")))
+                    except ValueError:
+                        self.log("debug", raw(repr(item)))
                 return item
             if kind == "eof":
                 try:
@@ -194,24 +196,23 @@ class WorkerProcess:
         code = self.proc.poll() if self.proc else None
         tail = self.tail()
         if self._killed:
-            return I2LError(I2LError.CANCELLED, "The job was stopped.", "", tail)
+            return I2LError(I2LError.CANCELLED, T("m_stopped"), None, tail)
         if "out of memory" in tail.lower() and ("cuda" in tail.lower() or "torch" in tail.lower()):
-            return I2LError(I2LError.OUT_OF_MEMORY, "The GPU ran out of memory and the worker stopped.",
-                            "Pick the low-VRAM profile (Advanced), close other GPU programs, or use fewer images.", tail)
+            return I2LError(I2LError.OUT_OF_MEMORY, T("m_oom_stopped"),
+                            T("m_oom_fix"), tail)
         if "ModuleNotFoundError" in tail or "ImportError" in tail:
-            return I2LError(I2LError.ENVIRONMENT, "The worker's Python environment is incomplete: "
-                            + _last_line(tail, ("ModuleNotFoundError", "ImportError")), REPAIR_HINT, tail)
+            return I2LError(I2LError.ENVIRONMENT, T("m_env_incomplete", error=raw(
+                _last_line(tail, ("ModuleNotFoundError", "ImportError")))), REPAIR_HINT, tail)
         if code is not None and code < 0:
             try:
                 sig = signal.Signals(-code).name
             except ValueError:
                 sig = f"signal {-code}"
-            message = (f"The worker process was ended by {sig}. The system may have run out of RAM." if sig == "SIGKILL"
-                       else f"The worker process was ended by {sig}.")
+            message = T("m_killed_ram", sig=sig) if sig == "SIGKILL" else T("m_killed", sig=sig)
             return I2LError(I2LError.WORKER_CRASHED, message,
-                            "Try again; with little RAM, pick the disk-streaming VRAM profile or use fewer images.", tail)
-        return I2LError(I2LError.WORKER_CRASHED, f"The worker process stopped unexpectedly (exit code {code}).",
-                        "Try again; if it keeps happening, see the log below. " + REPAIR_HINT, tail)
+                            T("m_killed_fix"), tail)
+        return I2LError(I2LError.WORKER_CRASHED, T("m_exited", code=code),
+                        T("m_exited_fix", hint=REPAIR_HINT), tail)
 
     # -- readers --------------------------------------------------------------------------
     def _read_stdout(self) -> None:
@@ -229,11 +230,11 @@ class WorkerProcess:
         self._queue.put(("eof", None))
 
     def _read_stderr(self) -> None:
-        for raw in iter(self.proc.stderr.readline, b""):
-            text = raw.decode("utf-8", "replace").rstrip()
+        for line in iter(self.proc.stderr.readline, b""):
+            text = line.decode("utf-8", "replace").rstrip()
             if text:
                 self.stderr_tail.append(text)
-                self.log("debug", text)
+                self.log("debug", raw(text))
 
 
 def _last_line(text: str, needles: tuple[str, ...]) -> str:

@@ -25,7 +25,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from i2l_ext import catalog, lora_format  # noqa: E402
-from i2l_ext.errors import I2LError  # noqa: E402
+from i2l_ext.contract import I2LError, JobSpec  # noqa: E402
 from i2l_ext.worker import tiny  # noqa: E402
 from i2l_ext.worker.engine import PHASES, Engine, assign_state_dict  # noqa: E402
 
@@ -68,7 +68,7 @@ def run_job(engine, tiny_dir, images, out, variant="style", bias=False, **extra)
     phases = []
     spec = {"variant": variant, "bias": bias, "files": files_for(tiny_dir, variant, bias),
             "output": {"tmp_path": str(out)}, "vram_profile": "auto", "device": "cpu", **extra}
-    res = engine.run(spec, images, lambda phase, step, total, msg: phases.append(phase))
+    res = engine.run(JobSpec.from_dict(spec), images, lambda phase, step, total, msg: phases.append(phase))
     return res, phases
 
 
@@ -403,11 +403,11 @@ def test_cuda_profiles(tiny_dir, images, tmp_path, profile):
     out = tmp_path / f"{profile}.safetensors"
     spec = {"variant": "coarse-fine", "bias": True, "files": files_for(tiny_dir, "coarse-fine", True),
             "output": {"tmp_path": str(out)}, "vram_profile": profile}
-    res = eng.run(spec, images, lambda *a: None)
+    res = eng.run(JobSpec.from_dict(spec), images, lambda *a: None)
     assert res["device"].startswith("cuda") and res["dtype"] == "bfloat16" and res["peak_vram"] > 0
     assert res["profile"] == ("cpu_offload" if profile == "auto" else profile)   # auto streams when RAM allows
     assert_same_lora(str(out), reference_lora(tiny_dir, images, "coarse-fine", True), tol=0.05)
-    res2 = eng.run(spec, images, lambda *a: None)          # warm: same models, same numbers
+    res2 = eng.run(JobSpec.from_dict(spec), images, lambda *a: None)          # warm: same models, same numbers
     assert res2["timings"]["load"] < res["timings"]["load"]
     assert_same_lora(str(out), reference_lora(tiny_dir, images, "coarse-fine", True), tol=0.05)
     eng.unload()
@@ -425,7 +425,7 @@ def test_cuda_jobs_in_a_row_find_their_layers_kept_on_the_gpu(tiny_dir, images, 
     spec = {"variant": "coarse-fine", "bias": True, "files": files, "output": {"tmp_path": str(out)},
             "vram_profile": profile, "gpu_hold_s": 60, "gpu_hold_gb": 100}
     ref = reference_lora(tiny_dir, images, "coarse-fine", True)
-    first = eng.run(spec, images, lambda *a: None)
+    first = eng.run(JobSpec.from_dict(spec), images, lambda *a: None)
     assert first["copied_to_gpu"] > 0.9 * total and first["held_on_gpu"] >= 0.9 * total
     assert_same_lora(str(out), ref, tol=0.05)
     deadline = time.monotonic() + 10
@@ -434,32 +434,32 @@ def test_cuda_jobs_in_a_row_find_their_layers_kept_on_the_gpu(tiny_dir, images, 
     assert eng._out_buf is not None and eng._out_buf.is_pinned()     # made in the background
     buf = eng._out_buf
     base = torch.cuda.memory_allocated()
-    second = eng.run(spec, images, lambda *a: None)
+    second = eng.run(JobSpec.from_dict(spec), images, lambda *a: None)
     assert second["copied_to_gpu"] < 0.05 * total, second["copied_to_gpu"]
     assert_same_lora(str(out), ref, tol=0.05)         # through the page-locked buffer
     assert eng._out_buf is buf
     assert eng.park() == second["held_on_gpu"] and eng.held_on_gpu == 0
     assert torch.cuda.memory_allocated() <= base - 0.9 * total
-    third = eng.run(spec, images, lambda *a: None)             # parked: copied again
+    third = eng.run(JobSpec.from_dict(spec), images, lambda *a: None)             # parked: copied again
     assert third["copied_to_gpu"] > 0.9 * total
     # a budget of half the weights: half is kept, the rest streams; the same LoRA
     half = dict(spec, gpu_hold_gb=total / 2 / 2 ** 30)
     eng.park()
-    eng.run(half, images, lambda *a: None)
-    res = eng.run(half, images, lambda *a: None)
+    eng.run(JobSpec.from_dict(half), images, lambda *a: None)
+    res = eng.run(JobSpec.from_dict(half), images, lambda *a: None)
     assert 0.3 * total < res["copied_to_gpu"] < 0.7 * total, (res["copied_to_gpu"], total)
     assert res["held_on_gpu"] <= total / 2 + 2 ** 20
     assert_same_lora(str(out), ref, tol=0.05)
     # the hold time passes: parked by the worker's timer (``park_if_due``), not before
     short = dict(spec, gpu_hold_s=0.5)
-    eng.run(short, images, lambda *a: None)
+    eng.run(JobSpec.from_dict(short), images, lambda *a: None)
     eng.park_if_due()
     assert eng.held_on_gpu > 0
     time.sleep(0.6)
     eng.park_if_due()
     assert eng.held_on_gpu == 0
     # no hold: nothing kept
-    res = eng.run(dict(spec, gpu_hold_s=0), images, lambda *a: None)
+    res = eng.run(JobSpec.from_dict(dict(spec, gpu_hold_s=0)), images, lambda *a: None)
     assert res["held_on_gpu"] == 0 and eng.held_on_gpu == 0
     eng.unload()
 
@@ -508,8 +508,8 @@ def test_a_full_disk_is_reported_with_what_to_do(engine, tiny_dir, images):
         run_job(engine, tiny_dir, images[:1], "/dev/full", "style")
     err = caught.value
     assert err.code == I2LError.OUTPUT
-    assert err.message.startswith("The LoRA could not be written to /dev: ") and "space" in err.message.lower()
-    assert "has room (the LoRA needs " in err.fix
+    assert err.message.startswith("Stopped while writing the LoRA in /dev: the disk is full")
+    assert "has room (this needs " in err.fix
 
 
 def test_a_preview_that_cannot_be_written_fails_the_job_plainly_and_leaves_nothing(tiny_dir, images, tmp_path,
@@ -528,9 +528,10 @@ def test_a_preview_that_cannot_be_written_fails_the_job_plainly_and_leaves_nothi
             "vram_profile": "auto", "device": "cpu", "images": [str(src)]}
     engine = Engine(lambda level, message: None)         # its own: the worker's job sets the engine's log
     with pytest.raises(I2LError) as caught:
-        worker_main.run_job(engine, "j1", spec)
+        worker_main.run_job(engine, "j1", JobSpec.from_dict(spec))
     err = caught.value
-    assert err.code == I2LError.OUTPUT and err.message.startswith(f"The preview and card could not be written to {lora_dir}")
+    assert err.code == I2LError.OUTPUT
+    assert err.message.startswith(f"Stopped while writing the preview and card in {lora_dir}")
     assert os.listdir(lora_dir) == []                    # no LoRA, no card, no temporary file left
 
 
@@ -557,7 +558,7 @@ def expect_error(tiny_set, images, tmp_path, code, variant="style", bias=False, 
     spec = {"variant": variant, "bias": bias, "files": files or files_for(tiny_set, variant, bias),
             "output": {"tmp_path": str(tmp_path / "x.safetensors")}}
     with pytest.raises(I2LError) as ei:
-        Engine(lambda *a: None).run(spec, images[:1], lambda *a: None)
+        Engine(lambda *a: None).run(JobSpec.from_dict(spec), images[:1], lambda *a: None)
     assert ei.value.code == code, str(ei.value)
     assert ei.value.fix
     return ei.value

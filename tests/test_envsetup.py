@@ -15,7 +15,7 @@ import pytest
 from helpers import ROOT
 from i2l_ext import envsetup
 from i2l_ext.envsetup import hostinstall, installer, layout
-from i2l_ext.errors import I2LError
+from i2l_ext.contract import I2LError
 
 
 # --- layouts -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from i2l_ext import protocol
-from i2l_ext.errors import I2LError
+from i2l_ext.contract import I2LError, T
 from helpers import ROOT, QueueLock
 
 HOST_MODULES = ["i2l_ext", "i2l_ext.cli", "i2l_ext.service", "i2l_ext.supervisor", "i2l_ext.output",
@@ -33,7 +33,7 @@ def test_protocol_round_trip_and_noise():
 
 
 def test_error_round_trip():
-    e = I2LError(I2LError.OUT_OF_MEMORY, "The GPU ran out of memory.", "Pick the low-VRAM profile.", "tb")
+    e = I2LError(I2LError.OUT_OF_MEMORY, T("m_oom"), T("m_oom_fix"), "tb")
     back = I2LError.from_dict(json.loads(json.dumps(e.to_dict())))
     assert (back.code, back.message, back.fix, back.details) == (e.code, e.message, e.fix, e.details)
     assert "Fix: Pick" in str(back)

@@ -6,7 +6,7 @@ import struct
 import pytest
 from PIL import Image
 
-from i2l_ext.errors import I2LError
+from i2l_ext.contract import I2LError
 from i2l_ext.images import MAX_PIXELS, collect_images, inspect_images, load_image
 from helpers import make_image
 
@@ -86,28 +86,29 @@ def test_within_limit_is_fine():
 
 
 def test_animated_gif_first_frame(tmp_path):
-    frames = [Image.new("RGB", (40, 40), (i * 80, 0, 0)) for i in range(3)]
+    frames = [Image.new("RGB", (300, 300), (i * 80, 0, 0)) for i in range(3)]
     p = tmp_path / "anim.gif"
     frames[0].save(p, save_all=True, append_images=frames[1:], duration=100)
     im, notes = load_image(str(p))
-    assert im.mode == "RGB" and im.size == (40, 40)
-    assert any("animated" in n and "first frame" in n for n in notes)
+    assert im.mode == "RGB" and im.size == (300, 300)
+    assert [str(n) for n in notes] == ["anim.gif is animated (3 frames); its first frame was used."]
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "P", "L", "LA", "RGBA", "1", "I;16", "I", "F"])
 def test_modes_become_rgb(tmp_path, mode):
+    size = (96, 72)
     if mode == "CMYK":
-        p = tmp_path / "c.jpg"; Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(p)
+        p = tmp_path / "c.jpg"; Image.new("CMYK", size, (0, 255, 255, 0)).save(p)
     elif mode == "I;16":
-        p = tmp_path / "g16.png"; Image.new("I;16", (32, 24), 65535).save(p)
+        p = tmp_path / "g16.png"; Image.new("I;16", size, 65535).save(p)
     elif mode == "F":
-        p = tmp_path / "f.tif"; Image.new("F", (32, 24), 0.5).save(p)
+        p = tmp_path / "f.tif"; Image.new("F", size, 0.5).save(p)
     elif mode == "I":
-        p = tmp_path / "i.tif"; Image.new("I", (32, 24), 40000).save(p)
+        p = tmp_path / "i.tif"; Image.new("I", size, 40000).save(p)
     else:
-        p = tmp_path / f"m{mode}.png"; Image.new(mode, (32, 24)).save(p)
+        p = tmp_path / f"m{mode}.png"; Image.new(mode, size).save(p)
     im, _ = load_image(str(p))
-    assert im.mode == "RGB" and im.size == (32, 24)
+    assert im.mode == "RGB" and im.size == size
     if mode == "CMYK":
         r, g, b = im.getpixel((0, 0)); assert r > 200 and g < 60 and b < 60
     if mode == "I;16":
@@ -116,21 +117,43 @@ def test_modes_become_rgb(tmp_path, mode):
         assert 120 <= im.getpixel((0, 0))[0] <= 135
 
 
-def test_alpha_composited_on_white(tmp_path):
+def test_alpha_composited_on_white_and_said(tmp_path):
     p = tmp_path / "alpha.png"
-    Image.new("RGBA", (10, 10), (0, 0, 0, 0)).save(p)
-    im, _ = load_image(str(p))
+    Image.new("RGBA", (300, 300), (0, 0, 0, 0)).save(p)
+    im, notes = load_image(str(p))
     assert im.getpixel((5, 5)) == (255, 255, 255)
+    assert [n.key for n in notes] == ["m_transparency"] and "透明" in notes[0].render("zh_CN")
+    opaque = tmp_path / "opaque.png"
+    Image.new("RGBA", (300, 300), (9, 9, 9, 255)).save(opaque)          # an alpha channel, all opaque
+    assert load_image(str(opaque))[1] == []
+    pal = tmp_path / "pal.png"
+    Image.new("P", (300, 300)).save(pal, transparency=0)
+    assert [n.key for n in load_image(str(pal))[1]] == ["m_transparency"]
+
+
+@pytest.mark.parametrize("size,refused,warned", [((1, 1), True, False), ((16, 16), True, False),
+                                                 ((63, 500), True, False), ((64, 64), False, True),
+                                                 ((255, 900), False, True), ((256, 256), False, False)])
+def test_tiny_images_refused_small_ones_warned(tmp_path, size, refused, warned):
+    p = make_image(tmp_path / "s.png", size=size)
+    if refused:
+        with pytest.raises(I2LError) as e:
+            inspect_images([p])
+        assert e.value.code == I2LError.BAD_INPUT and f"{size[0]}x{size[1]}" in e.value.message
+        assert "64" in e.value.message
+        return
+    info = inspect_images([p])[0]
+    assert [n.key for n in info.warnings] == (["m_small_image"] if warned else [])
 
 
 def test_exif_rotation_made_upright(tmp_path):
-    im = Image.new("RGB", (60, 30), (10, 200, 10))
+    im = Image.new("RGB", (600, 300), (10, 200, 10))
     exif = Image.Exif(); exif[0x0112] = 6   # rotate 90 CW on display
     p = tmp_path / "rot.jpg"
     im.save(p, exif=exif.tobytes())
     out, notes = load_image(str(p))
-    assert out.size == (30, 60)
-    assert any("upright" in n for n in notes)
+    assert out.size == (300, 600)
+    assert any("upright" in str(n) for n in notes)
 
 
 def test_big_image_is_scaled_down_for_work(tmp_path):

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from i2l_ext import library
-from i2l_ext.errors import I2LError
+from i2l_ext.contract import I2LError
 
 
 def write_safetensors(path, metadata: dict | None, tensors: int = 2) -> str:
@@ -86,7 +86,7 @@ def test_rename_refuses_to_overwrite(lora_dir):
     ours(lora_dir, "b", with_card=False, with_preview=False)
     with pytest.raises(I2LError) as ei:
         library.rename(lora_dir, "a.safetensors", "b")
-    assert ei.value.code == I2LError.OUTPUT
+    assert ei.value.code == I2LError.NAME_TAKEN
     assert sorted(os.listdir(lora_dir)) == ["a.json", "a.preview.png", "a.safetensors", "b.safetensors"]
     # a leftover card of another name also blocks, and nothing moves
     with open(os.path.join(lora_dir, "c.json"), "w") as f:

@@ -607,6 +607,7 @@ def test_gpu_mirror_budget_reuse_and_clear():
 def test_reading_note_says_how_much_is_read_until_all_is(tmp_path, monkeypatch):
     """A first job that runs while its weights are still being read: the step's message is sent
     again with the bytes read so far, until the files are in; then nothing more."""
+    from i2l_ext.contract import T
     from i2l_ext.worker.engine import ReadingNote
     monkeypatch.setattr(weights, "CHUNK", 4096)
     p = tmp_path / "w.safetensors"
@@ -614,17 +615,18 @@ def test_reading_note_says_how_much_is_read_until_all_is(tmp_path, monkeypatch):
     wf = weights.WeightFile(str(p), pin=False).allocate()
     got = []
     note = ReadingNote(lambda *a: got.append(a), period=0.05)
-    note("encode", 0, 2, "Encoding 3 images")
+    note("encode", 0, 2, T("m_encoding", n=3, s="s"))
     try:
         note.watch([wf])
         time.sleep(0.4)                          # nothing read yet
         waiting = list(got[1:])
         assert waiting and all(m[:3] == ("encode", 0, 2) for m in waiting)
         gb = f"{wf.nbytes / 2 ** 30:.1f}"
-        assert waiting[-1][3] == f"Encoding 3 images (weights read: 0.0 of {gb} GB)"
-        note("encode", 1, 2, "SigLIP2 done")     # later notes carry the step the job is at
+        assert str(waiting[-1][3]) == f"Encoding 3 images (weights read: 0.0 of {gb} GB)"
+        assert "0.0" in waiting[-1][3].render("zh_CN") and "编码" in waiting[-1][3].render("zh_CN")
+        note("encode", 1, 2, T("m_encoding", n=1, s=""))     # later notes carry the step the job is at
         time.sleep(0.2)
-        assert got[-1][:3] == ("encode", 1, 2) and got[-1][3].startswith("SigLIP2 done (weights read: ")
+        assert got[-1][:3] == ("encode", 1, 2) and str(got[-1][3]).startswith("Encoding 1 image (weights read: ")
         wf.start()
         wf.wait()
         assert wf.read_bytes == wf.nbytes

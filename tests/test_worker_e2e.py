@@ -16,7 +16,7 @@ import pytest
 
 from i2l_ext import catalog
 from i2l_ext.settings import Settings
-from i2l_ext.errors import I2LError
+from i2l_ext.contract import I2LError
 from i2l_ext.service import JobRequest, Service
 from helpers import ROOT, gone, slow_worker
 
@@ -64,9 +64,9 @@ def test_style_end_to_end(service, images, lora_dir):
     job = service.run(JobRequest(images=images, name="my_style", variant="style", preferred_weight=0.8))
     assert job.state == "done", job.error
     r = job.result
-    assert r["prompt"] == "<lora:my_style:0.8>"
+    assert r.prompt == "<lora:my_style:0.8>"
     assert sorted(os.listdir(lora_dir)) == ["my_style.json", "my_style.preview.png", "my_style.safetensors"]
-    header = read_header(r["path"])
+    header = read_header(r.path)
     meta = header.pop("__metadata__")
     assert meta["modelspec.architecture"] == "Qwen-Image/lora"
     assert meta["ss_base_model_version"] == "qwen_image"
@@ -76,7 +76,7 @@ def test_style_end_to_end(service, images, lora_dir):
     assert all(k.startswith("diffusion_model.transformer_blocks.") for k in header)
     a = [v["shape"] for k, v in header.items() if k.endswith("lora_A.weight")]
     assert a and all(s[0] == 4 * len(images) for s in a)       # rank 4 per image
-    card = json.load(open(r["sidecar"]))
+    card = json.load(open(r.sidecar))
     assert card["preferred weight"] == 0.8 and card["sd version"] == "Unknown"
     phases = [e["phase"] for e in job._events if e["type"] == "progress"]
     for p in ("load", "encode", "decode", "write"):
@@ -88,7 +88,7 @@ def test_style_end_to_end(service, images, lora_dir):
     job2 = service.run(JobRequest(images=images[:1], name="second", variant="style", key_format="kohya"))
     assert job2.state == "done", job2.error
     assert service.worker_pid() == pid
-    h2 = read_header(job2.result["path"])
+    h2 = read_header(job2.result.path)
     h2.pop("__metadata__")
     assert any(k.endswith(".alpha") for k in h2) and any(k.startswith("lora_unet_") for k in h2)
     assert "torch" not in sys.modules and "diffsynth" not in sys.modules
@@ -97,14 +97,14 @@ def test_style_end_to_end(service, images, lora_dir):
 def test_coarse_fine_bias_end_to_end(service, images, lora_dir):
     job = service.run(JobRequest(images=images[:2], name="cfb", variant="coarse-fine"))
     assert job.state == "done", job.error
-    meta = read_header(job.result["path"])["__metadata__"]
+    meta = read_header(job.result.path)["__metadata__"]
     assert meta["i2l.variant"] == "coarse-fine" and meta["i2l.bias"] == "true"
-    header = read_header(job.result["path"])
+    header = read_header(job.result.path)
     a = [v["shape"][0] for k, v in header.items() if k.endswith("lora_A.weight")]
     assert set(a) == {2 * 4 * 2 + 4}      # 2 decoders x 2 images x rank 4, plus Bias rank 4
     job2 = service.run(JobRequest(images=images[:2], name="cf", variant="coarse-fine", bias=False))
     assert job2.state == "done", job2.error
-    a2 = {v["shape"][0] for k, v in read_header(job2.result["path"]).items() if k.endswith("lora_A.weight")}
+    a2 = {v["shape"][0] for k, v in read_header(job2.result.path).items() if k.endswith("lora_A.weight")}
     assert a2 == {16}
 
 
@@ -243,7 +243,7 @@ def test_webui_generation_asks_the_worker_to_let_go_of_the_gpu(service, images, 
     assert service.worker_pid() is None
     job = service.run(JobRequest(images=images[:1], name="held", variant="style"))
     assert job.state == "done", job.error
-    assert job.result["held_on_gpu"] == 0         # the CPU keeps nothing on a GPU
+    assert job.result.held_on_gpu == 0         # the CPU keeps nothing on a GPU
     assert service.worker_stats()["parks"] == 0
     t = time.monotonic()
     script.process(object())
@@ -332,7 +332,7 @@ def test_standby_worker_takes_the_next_job(worker_python, tiny_models, lora_dir,
         job = s.run(JobRequest(images=images, name="from_standby", variant="style"))
         assert job.state == "done", job.error
         assert s.worker_pid() == pid and s.standby_pid() is None                    # woken, not replaced
-        assert any(f"pid {pid}" in line for line in job.log)
+        assert any(f"pid {pid}" in line for line in job.log_lines())
         assert os.path.isfile(os.path.join(lora_dir, "from_standby.safetensors"))
         assert s.standby() is False                                                  # a warm worker is there
     finally:
@@ -376,7 +376,7 @@ def test_idle_worker_gives_way_to_a_standby(worker_python, tiny_models, lora_dir
     try:
         job = s.run(JobRequest(images=images, name="before_idle", variant="style"))
         assert job.state == "done", job.error
-        started = [line for line in job.log if "Worker ready: pid " in line]
+        started = [line for line in job.log_lines() if "Worker ready: pid " in line]
         assert started
         worker = int(started[0].split("Worker ready: pid ")[1].split(",")[0])   # it may be gone already
         deadline = time.monotonic() + 30
@@ -398,7 +398,7 @@ def test_standby_off_and_for_one_shot_jobs(worker_python, tiny_models, lora_dir,
         assert s.standby() is False and s.standby_pid() is None
         job = s.run(JobRequest(images=images, name="no_standby", variant="style"))
         assert job.state == "done", job.error
-        started = [line for line in job.log if "Worker ready: pid " in line]
+        started = [line for line in job.log_lines() if "Worker ready: pid " in line]
         worker = int(started[0].split("Worker ready: pid ")[1].split(",")[0])
     finally:
         s.shutdown()

@@ -21,23 +21,12 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..errors import I2LError
+from ..contract import I2LError, T, raw
 from .layout import (EXT_ROOT, LOG_NAME, REQUIREMENTS, STATUS_NAME, STAMP_NAME, pid_alive, quick_state,
                      read_json, repair_command, venv_python, worker_env_dir)
 
 __all__ = ["worker_env_dir", "venv_python", "find_worker_python", "env_status", "ensure_env", "repair_env",
            "repair_command", "explicit_python", "EXT_ROOT", "REQUIREMENTS"]
-
-_STATE_MESSAGES = {
-    "ready": "The worker environment is ready.",
-    "missing": "The worker environment is not set up yet.",
-    "outdated": "The worker environment is out of date",
-    "damaged": "The worker environment is damaged",
-    "installing": "The worker environment is being installed",
-    "interrupted": "The last install of the worker environment was interrupted before it finished.",
-    "failed": "The last install of the worker environment failed",
-}
-
 
 def explicit_python(explicit: str | None = None) -> str | None:
     """The interpreter the user chose (the ``worker_python`` setting), resolved; None if none."""
@@ -61,9 +50,8 @@ def env_status(env_dir: str | None = None, explicit: str | None = None) -> dict:
     chosen = explicit_python(explicit)
     if chosen:
         ok = os.path.isfile(chosen)
-        out.update(ok=ok, state="external", python=chosen,
-                   message=(f"Using the worker interpreter chosen by the user: {chosen}" if ok else
-                            f"The worker interpreter chosen by the user does not exist: {chosen}"),
+        text = T("m_env_external", path=chosen) if ok else T("m_env_external_missing", path=chosen)
+        out.update(ok=ok, state="external", python=chosen, text=text, message=text.render("en"),
                    error=None if ok else "interpreter missing")
         return out
     status = read_json(os.path.join(env_dir, STATUS_NAME)) or {}
@@ -84,14 +72,15 @@ def env_status(env_dir: str | None = None, explicit: str | None = None) -> dict:
         state, reason = "interrupted", ""
     out["state"] = state
     out["ok"] = state == "ready"
-    msg = _STATE_MESSAGES.get(state, state)
+    key = f"m_env_{state}"
     if state == "failed" and out["failed_step"]:
-        msg += f" at step '{out['failed_step']}'"
+        key += "_step"
     if reason and state not in ("ready", "missing"):
-        msg = msg.rstrip(".") + f": {reason}"
-    out["message"] = msg if msg.endswith(".") else msg + "."
+        key += "_reason"
+    text = T(key, step=out["failed_step"] or "", reason=raw(reason))
+    out["text"], out["message"] = text, text.render("en")
     if not out["ok"]:
-        out["error"] = reason or msg
+        out["error"] = reason or out["message"]
         out["python"] = out["python"] if state != "missing" else None
     return out
 
@@ -104,20 +93,20 @@ def find_worker_python(explicit: str | None = None, env_dir: str | None = None) 
     if chosen:
         if os.path.isfile(chosen):
             return chosen
-        raise I2LError(I2LError.ENVIRONMENT, f"The worker interpreter {chosen} does not exist.",
-                       "Point --i2l-python (or the setting, or I2L_PYTHON) at a Python that has diffsynth "
-                       "installed, or clear it to use the environment install.py builds.")
+        raise I2LError(I2LError.ENVIRONMENT, T("m_env_interp_missing", path=chosen),
+                       T("m_env_interp_fix"))
     st = env_status(env_dir)
     if st["ok"]:
         return st["python"]
-    fix = f"Run: {st['repair_command']}  (or use the tab's 'Repair worker environment' button)"
     if st["state"] == "installing":
-        fix = "Wait for the install to finish (it shows its progress in the WebUI console)."
+        fix = T("m_env_wait")
     elif st["state"] == "outdated":
-        fix = f"Restart the WebUI, or run: {st['repair_command'].replace(' env repair', ' env setup')}"
-    if st.get("log_path") and st["state"] in ("failed", "interrupted"):
-        fix += f"; the install log is {st['log_path']}"
-    raise I2LError(I2LError.ENVIRONMENT, st["message"], fix, details=st.get("error") or "")
+        fix = T("m_env_restart_or", command=st["repair_command"].replace(" env repair", " env setup"))
+    elif st.get("log_path") and st["state"] in ("failed", "interrupted"):
+        fix = T("m_env_run_repair_log", command=st["repair_command"], log=st["log_path"])
+    else:
+        fix = T("m_env_run_repair", command=st["repair_command"])
+    raise I2LError(I2LError.ENVIRONMENT, st["text"], fix, details=st.get("error") or "")
 
 
 def ensure_env(reuse_host_torch: bool = True, wheels: str | None = None, index_url: str | None = None,

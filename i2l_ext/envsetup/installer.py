@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from ..errors import I2LError
+from ..contract import I2LError, T, raw
 from .layout import (EXT_ROOT, KEEP_ON_REBUILD, LOCK_NAME, LOG_NAME, PTH_NAME, REQUIREMENTS, SPECIAL_NAMES,
                      STAMP_NAME, STATUS_NAME, TORCH_NAMES, dist_infos, find_host_torch, host_torch_usable,
                      is_env_entry, now_iso, pid_alive, quick_state, read_json, read_requirements, repair_command, satisfies,
@@ -516,8 +516,7 @@ def _take_lock(env_dir: str) -> str:
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and pid_alive(pid):
-                raise I2LError(I2LError.ENVIRONMENT, f"Another install of the worker environment is running (pid {pid}).",
-                               "Wait for it to finish; it shows its progress in the console that started it.")
+                raise I2LError(I2LError.ENVIRONMENT, T("m_env_other_install", pid=pid), T("m_env_other_install_fix"))
             try:
                 os.remove(path)
             except OSError:
@@ -526,7 +525,7 @@ def _take_lock(env_dir: str) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         return path
-    raise I2LError(I2LError.ENVIRONMENT, f"Could not lock {path}.", "Check that the folder is writable.")
+    raise I2LError(I2LError.ENVIRONMENT, T("m_env_lock", path=path), T("m_os_fix"))
 
 
 def failure_text(err: StepFailed, env_dir: str) -> str:
@@ -596,8 +595,8 @@ def ensure_env(reuse_host_torch: bool = True, wheels: str | None = None, index_u
         inst.write_status(state="failed", ok=False, step=e.step, error=e.message, message=text.splitlines()[0],
                           command=quote_cmd(e.command) if e.command else None, details=e.tail)
         if raise_on_error:
-            raise I2LError(I2LError.ENVIRONMENT, text.splitlines()[0], f"Run: {repair_command(env_dir)}",
-                           details=text) from e
+            raise I2LError(I2LError.ENVIRONMENT, T("m_env_install_failed", step=e.step, error=raw(e.message)),
+                           T("m_run_command", command=repair_command(env_dir)), details=text) from e
     except KeyboardInterrupt:
         inst.write_status(state="interrupted", ok=False, error="interrupted",
                           message="The install was interrupted; the environment is not used until it is repaired.")
@@ -608,7 +607,8 @@ def ensure_env(reuse_host_torch: bool = True, wheels: str | None = None, index_u
         inst.log(text)
         inst.write_status(state="failed", ok=False, step=inst.step, error=str(e), message=text.splitlines()[0])
         if raise_on_error:
-            raise I2LError(I2LError.ENVIRONMENT, text.splitlines()[0], f"Run: {repair_command(env_dir)}") from e
+            raise I2LError(I2LError.ENVIRONMENT, T("m_env_install_failed", step=inst.step, error=raw(e)),
+                           T("m_run_command", command=repair_command(env_dir))) from e
     finally:
         if inst._logf:
             inst._logf.close()

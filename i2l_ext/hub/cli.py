@@ -9,7 +9,7 @@ import time
 
 from .. import settings
 from ..catalog import VARIANTS, human_size
-from ..errors import I2LError
+from ..contract import I2LError, T
 
 
 def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except I2LError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.fix:
-            print(f"fix: {e.fix}", file=sys.stderr)
+        message, fix = e.render(surface="cli")
+        print(f"error: {message}", file=sys.stderr)
+        if fix:
+            print(f"fix: {fix}", file=sys.stderr)
         return 130 if e.code == I2LError.CANCELLED else 1
 
 
@@ -122,6 +123,10 @@ def _ctx(args):
     else:
         source = get_source(settings=remembered)
     return cfg.models_dir, dirs, cfg.offline, source
+
+
+def _say(text) -> str:
+    return text.render(surface="cli") if hasattr(text, "render") else str(text)
 
 
 # -- progress bar -----------------------------------------------------------------------------------
@@ -146,7 +151,7 @@ class ProgressLine:
     def __call__(self, s: dict) -> None:
         if s["state"] not in ("downloading", "verifying") or not s["total"]:
             if s.get("message") and s["state"] in ("listing",):
-                self._plain(s["message"])
+                self._plain(_say(s["message"]))
             return
         frac = min(1.0, s["done"] / s["total"]) if s["total"] else 0.0
         speed = f"{human_size(s['speed'])}/s" if s["speed"] else "--"
@@ -217,7 +222,7 @@ def cmd_download(args) -> int:
             print(f"{i.remote.repo}/{i.remote.path}  {human_size(i.remote.size)}"
                   + (f"  ({human_size(i.have)} already here, resumes)" if i.have else ""))
         for p in plan.problems:
-            print("problem: " + p)
+            print("problem: " + _say(p))
         print(f"To fetch: {human_size(plan.remaining)} from {plan.source.label if plan.source else 'nowhere (complete)'}")
         return 0
     try:
@@ -229,13 +234,13 @@ def cmd_download(args) -> int:
     except I2LError as e:
         bar.close()
         if e.code == I2LError.CANCELLED:
-            print(e.message, file=sys.stderr)
+            print(_say(e.text), file=sys.stderr)
             return 130
         raise
     finally:
         bar.close()
     for line in dl.log:
-        print("note: " + line, file=sys.stderr)
+        print("note: " + _say(line), file=sys.stderr)
     if not result["downloaded"]:
         print(f"Nothing to download: every file of {args.variant} is here.")
     else:
@@ -292,7 +297,7 @@ def cmd_search_dirs(args) -> int:
     for d in args.add:
         d = os.path.abspath(os.path.expanduser(d))
         if not os.path.isdir(d):
-            raise I2LError(I2LError.BAD_INPUT, f"{d} is not a folder.")
+            raise I2LError(I2LError.BAD_INPUT, T("m_not_a_folder", path=d))
         if d not in dirs:
             dirs.append(d)
     for d in args.remove:

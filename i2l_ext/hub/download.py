@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .. import catalog
 from ..catalog import FILES, human_size, load_manifest, locate, save_manifest
-from ..errors import I2LError
+from ..contract import I2LError, T, raw
 from .remote import RemoteFile, http_error, list_repo, network_error, open_url
 from .sources import Source, get_source, load_settings, search_dirs_for
 
@@ -36,9 +36,8 @@ STALLED_S = 3.0            # no byte for this long: the progress shows no speed 
 
 
 def offline_error(what: str = "download model files") -> I2LError:
-    return I2LError(I2LError.DOWNLOAD, f"Offline mode is on: not contacting any model hub to {what}.",
-                    "Turn offline mode off (the --offline flag, I2L_OFFLINE, or the setting), or copy the files "
-                    "into the models folder (`python -m i2l_ext models path` prints it).")
+    return I2LError(I2LError.DOWNLOAD, T("m_offline", what=what),
+                    T("m_offline_fix"))
 
 
 # -- progress -------------------------------------------------------------------------------------
@@ -121,7 +120,7 @@ class Plan:
     source: Source | None
     items: list[PlanItem] = field(default_factory=list)
     present: dict = field(default_factory=dict)        # role -> paths already usable
-    problems: list[str] = field(default_factory=list)  # present user files that disagree with the hub
+    problems: list = field(default_factory=list)       # present user files that disagree with the hub (Texts)
 
     @property
     def total(self) -> int:
@@ -164,7 +163,7 @@ class Downloader:
         self.retries, self.attempts, self.backoff = retries, attempts, backoff
         self.timeout, self.chunk, self.reserve = timeout, chunk, reserve
         self._listings: dict[str, list[RemoteFile]] = {}
-        self.log: list[str] = []
+        self.log: list = []           # notes for the user (Texts)
         self._active = None        # the response being read, closed by ``cancel``
 
     def cancel(self) -> None:
@@ -183,13 +182,13 @@ class Downloader:
 
     def _check_cancel(self) -> None:
         if self.cancel_event.is_set():
-            raise I2LError(I2LError.CANCELLED, "Download cancelled; what arrived is kept and the next download resumes it.")
+            raise I2LError(I2LError.CANCELLED, T("m_dl_cancelled"))
 
     def listing(self, repo: str) -> list[RemoteFile]:
         if self.offline:
             raise offline_error("list the files of " + repo)
         if repo not in self._listings:
-            self.progress.set(state="listing", message=f"Asking {self._source().label} for the files of {repo}")
+            self.progress.set(state="listing", message=T("m_asking", source=self._source().label, repo=repo))
             files = list_repo(self._source(), repo, timeout=self.timeout)
             self._listings[repo] = files
             manifest = load_manifest(self.models_dir)
@@ -213,22 +212,20 @@ class Downloader:
                 try:                         # sizes the hub published earlier, if known: no network
                     catalog._check_sizes(FILES[role], loc, manifest)
                 except I2LError as e:
-                    plan.problems.append(e.message)
+                    plan.problems.append(e.text)
                 continue
             mf = FILES[role]
             plan.source = self._source()
             wanted = [f for f in self.listing(mf.repo) if mf.matches(f.path)]
             if not wanted:
-                raise I2LError(I2LError.DOWNLOAD, f"{self._source().label} lists no files for {mf.title} "
-                               f"({mf.repo}/{mf.pattern}).", "Pick another source; a mirror may be incomplete.")
+                raise I2LError(I2LError.DOWNLOAD, T("m_lists_no_files", source=self._source().label, title=mf.label, repo=mf.repo, pattern=mf.pattern), T("m_lists_no_files_fix"))
             for rf in wanted:
                 dest = os.path.join(self.models_dir, *mf.repo.split("/"), *rf.path.split("/"))
                 if os.path.lexists(dest):
                     size = os.path.getsize(dest) if os.path.isfile(dest) else -1
                     if size != rf.size:
                         plan.problems.append(
-                            f"{dest} is already there but is {size} bytes; {mf.repo}/{rf.path} is {rf.size} bytes on "
-                            f"{self._source().label}.")
+                            T("m_already_there", dest=dest, size=size, repo=mf.repo, path=rf.path, want=rf.size, source=self._source().label))
                     continue
                 have = os.path.getsize(dest + PART) if os.path.isfile(dest + PART) else 0
                 plan.items.append(PlanItem(role, rf, dest, have if have <= rf.size else 0))
@@ -240,39 +237,35 @@ class Downloader:
         ``CANCELLED``) on failure, leaving finished files in place and unfinished ones resumable."""
         v = catalog._variant(variant)
         t0 = time.monotonic()
-        self.progress.set(state="planning", variant=v.key, message="Checking what is already here")
+        self.progress.set(state="planning", variant=v.key, message=T("m_checking_here"))
         plan = self.plan(v, bias)
         if plan.problems:
-            raise I2LError(I2LError.WEIGHTS_INVALID,
-                           "Files already in the models folder do not match the hub (they are left untouched):\n  "
-                           + "\n  ".join(plan.problems),
-                           "Move or delete those files yourself (they may be partial copies), then download again; "
-                           "`python -m i2l_ext models verify` checks every file.")
+            raise I2LError(I2LError.WEIGHTS_INVALID, T("m_files_mismatch_list", head=T("m_files_mismatch"),
+                                                                     lines=plan.problems), T("m_files_mismatch_fix"))
         if not plan.items:
-            self.progress.set(state="done", message="Everything is already here.")
+            self.progress.set(state="done", message=T("m_all_here"))
             return {"variant": v.key, "downloaded": [], "bytes": 0, "seconds": 0.0, "present": plan.present,
                     "source": plan.source.to_dict() if plan.source else None}
         free, where = _free_space(self.models_dir)
         need = plan.remaining + self.reserve
         if free < need:
             raise I2LError(I2LError.DOWNLOAD,
-                           f"Not enough free disk space for the {v.label} files: they need {human_size(plan.remaining)} "
-                           f"(plus {human_size(self.reserve)} to spare) but {where} has {human_size(free)} free.",
-                           "Free some space, or choose a models folder on a larger disk (--models-dir or the setting).")
+                           T("m_no_space", variant=v.label, need=human_size(plan.remaining), reserve=human_size(self.reserve), where=where, free=human_size(free)),
+                           T("m_no_space_fix"))
         os.makedirs(self.models_dir, exist_ok=True)
         with _DirLock(self.models_dir):
             self.progress.set(state="downloading", total=plan.total, file_count=len(plan.items),
-                              source=plan.source.label, message=f"Downloading {human_size(plan.remaining)} from {plan.source.label}")
+                              source=plan.source.label, message=T("m_downloading_from", size=human_size(plan.remaining), source=plan.source.label))
             self.progress.start_bytes(sum(i.have for i in plan.items))
             done = []
             for n, item in enumerate(plan.items, 1):
                 self._check_cancel()
                 self.progress.set(file=f"{item.remote.repo}/{item.remote.path}", file_index=n,
                                   file_done=item.have, file_total=item.remote.size,
-                                  message=f"{item.remote.path} ({n}/{len(plan.items)})")
+                                  message=T("m_file_of", path=item.remote.path, n=n, total=len(plan.items)))
                 self._fetch(item)
                 done.append(item.dest)
-        self.progress.set(state="done", eta=0, message=f"Downloaded {len(done)} file(s)")
+        self.progress.set(state="done", eta=0, message=T("m_downloaded_n", n=len(done)))
         return {"variant": v.key, "downloaded": done, "bytes": plan.total, "seconds": time.monotonic() - t0,
                 "present": plan.present, "source": plan.source.to_dict()}
 
@@ -280,21 +273,22 @@ class Downloader:
         rf = item.remote
         for attempt in range(1, self.attempts + 1):
             hasher = self._transfer(item)
-            self.progress.set(state="verifying", message=f"Checking {rf.path}")
+            self.progress.set(state="verifying", message=T("m_checking_file", path=rf.path))
             problem = _check_digest(hasher, rf, os.path.getsize(item.part))
             if problem is None:
                 _place(item.part, item.dest)
                 self.progress.set(state="downloading")
                 return
-            self.log.append(f"{rf.repo}/{rf.path}: {problem} (try {attempt} of {self.attempts})")
+            self.log.append(T("m_try_again_note", repo=rf.repo, path=rf.path, problem=problem, n=attempt,
+                              total=self.attempts))
             os.remove(item.part)              # ours, and wrong: never used
             self.progress.add(-item.remote.size)
             with self.progress.lock:
                 self.progress.state["file_done"] = 0
             item.have = 0
         raise I2LError(I2LError.DOWNLOAD,
-                       f"{rf.repo}/{rf.path} arrived damaged {self.attempts} times from {self._source().label} ({problem}).",
-                       "Try another source or mirror; the damaged copies were deleted and nothing damaged was kept.")
+                       T("m_damaged_times", repo=rf.repo, path=rf.path, n=self.attempts, source=self._source().label, problem=problem),
+                       T("m_damaged_fix"))
 
     def _transfer(self, item: PlanItem):
         """Bring ``item.part`` to its full size; returns the running hash of its bytes."""
@@ -358,16 +352,15 @@ class Downloader:
             except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError, OSError) as e:
                 self._check_cancel()                 # a cancelled read ends like a dropped connection
                 if getattr(e, "errno", None) == errno.ENOSPC:
-                    raise I2LError(I2LError.DOWNLOAD, f"The disk holding {self.models_dir} is full; {part} is kept "
-                                   "and the next download resumes it.", "Free some space and download again.") from None
+                    raise I2LError(I2LError.DOWNLOAD, T("m_disk_full", path=self.models_dir, part=part), T("m_disk_full_fix")) from None
                 err = e
             finally:
                 self._active = None
             fails += 1
             if fails > self.retries:
                 raise network_error(err, self._source(), rf.url)
-            self.log.append(f"{rf.path}: {type(err).__name__}: {err}; resuming at {have} bytes")
-            self.progress.set(message=f"Connection trouble, resuming {rf.path} at {human_size(have)} (retry {fails})")
+            self.log.append(T("m_resume_note", path=rf.path, error=raw(f"{type(err).__name__}: {err}"), n=have))
+            self.progress.set(message=T("m_retrying", path=rf.path, size=human_size(have), n=fails))
             if self.cancel_event.wait(min(30.0, self.backoff * 2 ** (fails - 1))):
                 self._check_cancel()
 
@@ -424,7 +417,7 @@ def file_digest(path: str, rf: RemoteFile, chunk: int = 1 << 20, cancel: threadi
     with open(path, "rb") as f:
         for buf in iter(lambda: f.read(chunk), b""):
             if cancel is not None and cancel.is_set():
-                raise I2LError(I2LError.CANCELLED, "Check cancelled.")
+                raise I2LError(I2LError.CANCELLED, T("m_check_cancelled"))
             h.update(buf)
             size += len(buf)
     return _check_digest(h, rf, size)
@@ -437,13 +430,11 @@ def _place(part: str, dest: str) -> None:
         os.remove(part)
         return
     except FileExistsError:
-        raise I2LError(I2LError.DOWNLOAD, f"{dest} appeared while it was downloading; it was left as it is "
-                       f"and the fresh copy kept as {part}.", "Compare the two and keep one.") from None
+        raise I2LError(I2LError.DOWNLOAD, T("m_appeared_dl", dest=dest, part=part), T("m_compare")) from None
     except OSError:
         pass                                     # no hard links here (FAT, some network drives)
     if os.path.lexists(dest):
-        raise I2LError(I2LError.DOWNLOAD, f"{dest} appeared while it was downloading; it was left as it is "
-                       f"and the fresh copy kept as {part}.", "Compare the two and keep one.")
+        raise I2LError(I2LError.DOWNLOAD, T("m_appeared_dl", dest=dest, part=part), T("m_compare"))
     os.rename(part, dest)
 
 
@@ -472,11 +463,11 @@ class _DirLock:
                     except OSError:
                         pass
                     continue
-                raise I2LError(I2LError.BUSY, "Another download into this models folder is running.",
-                               "Wait for it to finish or cancel it.") from None
+                raise I2LError(I2LError.BUSY, T("m_dl_busy"),
+                               T("m_dl_busy_fix")) from None
         else:
-            raise I2LError(I2LError.BUSY, "Another download into this models folder is running.",
-                           "Wait for it to finish or cancel it.")
+            raise I2LError(I2LError.BUSY, T("m_dl_busy"),
+                           T("m_dl_busy_fix"))
         threading.Thread(target=self._beat, daemon=True, name="i2l-download-lock").start()
         return self
 

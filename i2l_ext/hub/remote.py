@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from .. import __version__
-from ..errors import I2LError
+from ..contract import I2LError, T, raw
 from .sources import MODELSCOPE, Source
 
 USER_AGENT = f"i2l_ext/{__version__} (+urllib)"
@@ -49,20 +49,18 @@ def _get_json(url: str, source: Source, timeout: float) -> tuple[object, dict]:
 
 def http_error(e: urllib.error.HTTPError, source: Source, url: str) -> I2LError:
     if e.code in (401, 403):
-        message = f"{source.label} refused access: {url}"
+        message = T("m_refused", source=source.label, url=url)
     elif e.code == 404:
-        message = f"{source.label} does not have it: {url}"
+        message = T("m_not_have", source=source.label, url=url)
     else:
-        message = f"{source.label} answered HTTP {e.code}: {url}"
+        message = T("m_http", source=source.label, code=e.code, url=url)
     return I2LError(I2LError.DOWNLOAD, message,
-                    "Try another source (Models panel, or --source modelscope | modelscope-intl | huggingface | "
-                    "--endpoint URL for a mirror).", f"HTTP {e.code} {e.reason}")
+                    T("m_other_source"), f"HTTP {e.code} {e.reason}")
 
 
 def network_error(e: BaseException, source: Source, url: str) -> I2LError:
-    return I2LError(I2LError.DOWNLOAD, f"Could not reach {source.label}: {getattr(e, 'reason', e)}",
-                    "Check the connection. Behind a proxy set HTTPS_PROXY (and NO_PROXY); in China pick ModelScope, "
-                    "elsewhere ModelScope international or Hugging Face; or give a mirror with --endpoint.",
+    return I2LError(I2LError.DOWNLOAD, T("m_unreachable", source=source.label, error=raw(getattr(e, "reason", e))),
+                    T("m_unreachable_fix"),
                     f"{type(e).__name__}: {e} ({url})")
 
 
@@ -73,8 +71,8 @@ def list_repo(source: Source, repo: str, timeout: float = 60.0) -> list[RemoteFi
     if source.api == MODELSCOPE:
         data, _ = _get_json(url, source, timeout)
         if isinstance(data, dict) and data.get("Code") not in (None, 200, "200") and not data.get("Success", False):
-            raise I2LError(I2LError.DOWNLOAD, f"{source.label} could not list {repo}: {data.get('Message') or data.get('Code')}",
-                           "Check the repository exists on this source, or pick another source.")
+            raise I2LError(I2LError.DOWNLOAD, T("m_cannot_list", source=source.label, repo=repo, error=data.get('Message') or data.get('Code')),
+                           T("m_cannot_list_fix"))
         body = data.get("Data", data) if isinstance(data, dict) else data
         files = body.get("Files") or body.get("files") or [] if isinstance(body, dict) else body or []
         for f in files:
@@ -90,8 +88,8 @@ def list_repo(source: Source, repo: str, timeout: float = 60.0) -> list[RemoteFi
     while url:
         data, headers = _get_json(url, source, timeout)
         if not isinstance(data, list):
-            raise I2LError(I2LError.DOWNLOAD, f"{source.label} gave an unexpected file list for {repo}.",
-                           "Is the endpoint a Hugging Face style hub or mirror? Pick another source.", str(data)[:500])
+            raise I2LError(I2LError.DOWNLOAD, T("m_bad_listing", source=source.label, repo=repo),
+                           T("m_bad_listing_fix"), str(data)[:500])
         for f in data:
             if f.get("type") != "file":
                 continue

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import quote, urlparse
 
-from ..errors import I2LError
+from ..contract import I2LError, T, raw
 
 SETTINGS_NAME = ".i2l-hub.json"
 
@@ -73,8 +73,8 @@ def _clean_endpoint(url: str) -> str:
         url = "https://" + url
     p = urlparse(url)
     if p.scheme not in ("http", "https") or not p.netloc:
-        raise I2LError(I2LError.BAD_INPUT, f"'{url}' is not an http(s) address.",
-                       "Give the mirror's address, e.g. https://hf-mirror.com")
+        raise I2LError(I2LError.BAD_INPUT, T("m_not_http", url=url),
+                       T("m_mirror_example"))
     return url
 
 
@@ -97,15 +97,15 @@ def get_source(name: str | None = None, endpoint: str | None = None, api: str | 
                "hugging-face": HUGGINGFACE, "huggingface.co": HUGGINGFACE, "mirror": CUSTOM}
     name = aliases.get(name, name)
     if name not in SOURCE_NAMES:
-        raise I2LError(I2LError.BAD_INPUT, f"Unknown download source '{name}'.", "Choose one of: " + ", ".join(SOURCE_NAMES))
+        raise I2LError(I2LError.BAD_INPUT, T("m_unknown_source", name=name), T("m_choose_one_of", choices=", ".join(SOURCE_NAMES)))
     if api:
         api = {"hf": HUGGINGFACE, "ms": MODELSCOPE}.get(api.lower(), api.lower())
         if api not in (HUGGINGFACE, MODELSCOPE):
-            raise I2LError(I2LError.BAD_INPUT, f"Unknown hub API '{api}'.", "Use huggingface or modelscope.")
+            raise I2LError(I2LError.BAD_INPUT, T("m_unknown_api", name=api), T("m_use_api"))
     if name == CUSTOM:
         if not endpoint:
-            raise I2LError(I2LError.BAD_INPUT, "A custom source needs the mirror's address.",
-                           "Give it with --endpoint URL (or in the Models panel), e.g. https://hf-mirror.com")
+            raise I2LError(I2LError.BAD_INPUT, T("m_custom_needs"),
+                           T("m_custom_needs_fix"))
         endpoint = _clean_endpoint(endpoint)
         return Source(CUSTOM, api or _guess_api(endpoint), endpoint)
     default_api = HUGGINGFACE if name == HUGGINGFACE else MODELSCOPE
@@ -136,7 +136,7 @@ def save_settings(models_dir: str, **changes) -> dict:
     s = load_settings(models_dir)
     unknown = set(changes) - set(DEFAULT_SETTINGS)
     if unknown:
-        raise I2LError(I2LError.BAD_INPUT, "Unknown setting(s): " + ", ".join(sorted(unknown)))
+        raise I2LError(I2LError.BAD_INPUT, T("m_unknown_setting", names=", ".join(sorted(unknown))))
     s.update({k: v for k, v in changes.items() if v is not None})
     if "source" in changes or "endpoint" in changes:
         src = get_source(s["source"], s["endpoint"] or None, s["api"] or None)

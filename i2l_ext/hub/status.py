@@ -7,7 +7,7 @@ import threading
 
 from .. import catalog
 from ..catalog import FILES, VARIANTS, expected_files, human_size, load_manifest, locate
-from ..errors import I2LError
+from ..contract import I2LError, T
 from .download import Downloader, Progress, file_digest
 from .remote import RemoteFile
 from .sources import Source, search_dirs_for
@@ -116,16 +116,16 @@ def verify(models_dir: str, variant=None, bias: bool | None = None, search_dirs=
                 published = {f.path: f.to_manifest() for f in dl.listing(mf.repo)}
             except I2LError as e:
                 published = {}
-                dl.log.append(e.message)
+                dl.log.append(e.text)
         for f in files:
             rel = os.path.relpath(f, loc.root).replace(os.sep, "/")
             todo.append((role, mf.repo, rel, f, (published or {}).get(rel)))
     total = sum(os.path.getsize(t[3]) for t in todo)
-    prog.set(state="verifying", total=total, file_count=len(todo), message="Checking files")
+    prog.set(state="verifying", total=total, file_count=len(todo), message=T("m_checking_files"))
     prog.start_bytes(0)
     for n, (role, repo, rel, f, pub) in enumerate(todo, 1):
         size = os.path.getsize(f)
-        prog.set(file=f"{repo}/{rel}", file_index=n, file_done=0, file_total=size, message=f"Checking {rel}")
+        prog.set(file=f"{repo}/{rel}", file_index=n, file_done=0, file_total=size, message=T("m_checking_file", path=rel))
         if not pub:
             out.append({"role": role, "repo": repo, "path": rel, "file": f, "status": "unchecked",
                         "detail": "no published size or hash known (run verify online once)"})
@@ -136,5 +136,5 @@ def verify(models_dir: str, variant=None, bias: bool | None = None, search_dirs=
         prog.add(size)
         out.append({"role": role, "repo": repo, "path": rel, "file": f, "status": "ok" if problem is None else "mismatch",
                     "detail": problem or ("sha256 matches" if rf.sha256 else "git hash matches" if rf.git_oid else "size matches")})
-    prog.set(state="done", message="Checked")
+    prog.set(state="done", message=T("m_checked"))
     return out

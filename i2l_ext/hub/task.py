@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import traceback
 
-from ..errors import I2LError
+from ..contract import I2LError, T, raw
 from .download import Downloader, Progress
 from .sources import Source
 
@@ -40,10 +40,11 @@ class DownloadTask:
             self.result = self.downloader.download(self.variant, self.bias)
         except I2LError as e:
             self.error = e
-            self._progress.set(state="cancelled" if e.code == I2LError.CANCELLED else "error", message=e.message)
+            self._progress.set(state="cancelled" if e.code == I2LError.CANCELLED else "error", message=e.text)
         except Exception as e:  # noqa: BLE001 - reported to the user, never lost
-            self.error = I2LError(I2LError.INTERNAL, f"The download failed: {e}", "", traceback.format_exc())
-            self._progress.set(state="error", message=self.error.message)
+            self.error = I2LError(I2LError.INTERNAL, T("m_dl_failed", error=raw(e)), T("m_report"),
+                                  traceback.format_exc())
+            self._progress.set(state="error", message=self.error.text)
         finally:
             self._done.set()
 
@@ -51,7 +52,7 @@ class DownloadTask:
         snap = self._progress.snapshot()
         snap["bytes"] = snap["done"]          # alias
         if self.error is not None:
-            snap["error"] = self.error.to_dict()
+            snap["error"] = self.error
         return snap
 
     def cancel(self) -> None:

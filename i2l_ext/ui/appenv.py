@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from ..errors import I2LError
+from ..contract import I2LError, T
 
 REQUIREMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements-app.txt")
 
@@ -50,9 +50,8 @@ def ensure_app_env(env_dir: str, log=print) -> str:
             break
         rc = subprocess.call(cmd)
         if rc != 0:
-            raise I2LError(I2LError.ENVIRONMENT, f"Setting up the app's environment failed at: {' '.join(cmd)}",
-                           f"Check the network (or PIP_INDEX_URL) and run the same command again; "
-                           f"to start over, delete {env_dir}.")
+            raise I2LError(I2LError.ENVIRONMENT, T("m_app_env_failed", command=" ".join(cmd)),
+                           T("m_app_env_failed_fix", path=env_dir))
     with open(stamp, "w") as f:
         f.write(want)
     return py

@@ -13,14 +13,18 @@ import time
 import gradio as gr
 
 from .. import catalog
-from ..errors import I2LError
+from ..contract import I2LError, T, Text
 from ..i18n import t
-from ..messages import localize, localize_error
 from . import compat
 
 
 def esc(s) -> str:
     return html.escape(str(s), quote=True)
+
+
+def say(text) -> str:
+    """A message (``Text``) in the tab's language; plain strings as they are."""
+    return text.render() if isinstance(text, Text) else str(text or "")
 
 
 def _module(name: str):
@@ -43,8 +47,7 @@ def env_state(ctl) -> tuple[bool, str]:
     if st.get("ok"):
         return True, ""
     cmd = st.get("repair_command") or "python -m i2l_ext env repair"
-    detail = " ".join(localize(x) for x in (st.get("message"), st.get("error") if st.get("error") != st.get("message")
-                                             else "") if x)
+    detail = say(st["text"]) if st.get("text") is not None else str(st.get("message") or "")
     return False, (f'<div class="i2l-banner" data-ok="0" data-state="{esc(st.get("state", ""))}">'
                    f'<b>{esc(t("env_not_ok"))}</b> {esc(detail)}'
                    f'<div class="i2l-fix">{esc(t("env_fix"))} <code>{esc(cmd)}</code></div></div>')
@@ -78,7 +81,7 @@ def env_banner_loaders(ctl, banner, row, repair_btn, log):
         ok, text = env_state(ctl)
         if "error" in box:
             e = box["error"]
-            msg = localize(e.message) if isinstance(e, I2LError) else str(e)
+            msg = say(e.text) if isinstance(e, I2LError) else str(e)
             lines.append(t("env_repair_failed", error=msg))
         yield text, compat.update(visible=not ok), "\n".join(lines[-300:])
 
@@ -102,7 +105,7 @@ def _status_rows(ctl) -> list[dict]:
             for st in hub.models_status(ctl.config.models_dir, list(ctl.config.search_dirs)):
                 missing = [r for r in st.get("roles", []) if not r.get("present")]
                 rows.append({"key": st["variant"], "label": st.get("label", st["variant"]),
-                             "ready": bool(st.get("complete")), "missing": [r.get("title", r.get("role")) for r in missing],
+                             "ready": bool(st.get("complete")), "missing": [catalog.FILES[r["role"]].label for r in missing],
                              "bytes": int(st.get("missing_bytes") or 0)})
             return rows
         except Exception:
@@ -110,7 +113,7 @@ def _status_rows(ctl) -> list[dict]:
     for v in catalog.VARIANTS.values():
         missing = catalog.missing_roles(v, ctl.config.models_dir)
         rows.append({"key": v.key, "label": v.label, "ready": not missing,
-                     "missing": [catalog.FILES[m].title for m in missing],
+                     "missing": [catalog.FILES[m].label for m in missing],
                      "bytes": sum(catalog.FILES[m].approx_bytes for m in missing)})
     return rows
 
@@ -122,7 +125,7 @@ def models_html(ctl) -> str:
             state = f'<span class="i2l-ok">&#10003; {esc(t("models_ready"))}</span>'
         else:
             state = (f'<span class="i2l-missing">{esc(t("models_missing", size=catalog.human_size(r["bytes"])))}</span>'
-                     f'<div class="i2l-missing-files">{esc(", ".join(localize(m) for m in r["missing"]))}</div>')
+                     f'<div class="i2l-missing-files">{esc(", ".join(say(m) for m in r["missing"]))}</div>')
         rows.append(f'<tr data-variant="{esc(r["key"])}" data-ready="{int(r["ready"])}"><th>{esc(r["label"])}</th>'
                     f"<td>{state}</td></tr>")
     return (f'<div class="i2l-models"><div class="i2l-models-dir">{esc(t("models_dir"))} '
@@ -144,22 +147,22 @@ def _progress_html(p: dict | None, variant: str | None) -> str:
             text += f" · {t('eta', s=int(p['eta']))}"
     err = p.get("error")
     tail = ""
-    if state == "error" and isinstance(err, dict):
+    if state == "error" and isinstance(err, I2LError):
         tail = error_html(err)
     elif p.get("message"):
-        text += f" · {localize(p['message'])}"
+        text += f" · {say(p['message'])}"
     return (f'<div class="i2l-progress" data-state="{esc(state)}" data-variant="{esc(variant or "")}" '
             f'data-done="{int(done)}" data-total="{int(total)}" data-fraction="{(done / total if total else 0):.3f}">'
             f'<div class="i2l-bar i2l-bar-{esc(state)}"><div class="i2l-bar-fill" style="width:{pct}%"></div></div>'
             f'<div class="i2l-progress-text">{esc(text)}</div></div>{tail}')
 
 
-def error_html(err) -> str:
-    """An ``I2LError`` (or its dict) as the tab shows errors."""
-    err = localize_error(err)
-    fix = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(err.get("fix"))}</div>' if err.get("fix") else ""
-    return (f'<div class="i2l-error" data-code="{esc(err.get("code", ""))}"><div class="i2l-error-msg">'
-            f'{esc(err.get("message", ""))}</div>{fix}</div>')
+def error_html(err: I2LError) -> str:
+    """An ``I2LError`` as the tab shows errors, in the tab's language."""
+    message, fix_text = err.render()
+    fix = f'<div class="i2l-fix">{esc(t("fix_label"))} {esc(fix_text)}</div>' if fix_text else ""
+    return (f'<div class="i2l-error" data-code="{esc(err.code)}"><div class="i2l-error-msg">'
+            f'{esc(message)}</div>{fix}</div>')
 
 
 def _source_choices():
@@ -250,12 +253,12 @@ class ModelsPanel:
         source_name = compat.dropdown_value(self.source_choices, source_name)
         hub = _module("i2l_ext.hub")
         if hub is None or not hasattr(hub, "DownloadTask"):
-            err = I2LError(I2LError.INTERNAL, t("hub_missing"))
+            err = I2LError(I2LError.INTERNAL, T("hub_missing"))
             yield self.Step(error_html(err), finished=True, error=err)
             return
         task = Downloads.task
         if task is not None and task.is_alive():
-            err = I2LError(I2LError.BUSY, t("download_busy"), t("fix_busy"))
+            err = I2LError(I2LError.BUSY, T("download_busy"), T("fix_busy"))
             yield self.Step(error_html(err), finished=True, error=err)
             return
         ctl = self.ctl

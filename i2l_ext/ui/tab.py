@@ -14,9 +14,8 @@ import time
 import gradio as gr
 
 from .. import catalog, hosts, library
-from ..errors import I2LError
+from ..contract import I2LError, T, Text
 from ..i18n import t
-from ..messages import localize, localize_log_line
 from ..service import JobRequest, Service
 from . import compat, panels
 
@@ -30,9 +29,9 @@ def esc(s) -> str:
     return html.escape(str(s), quote=True)
 
 
-def error_html(message: str, fix: str = "", code: str = "") -> str:
-    """An error as the tab shows it, in the tab's language (back-end English is localized here)."""
-    return panels.error_html({"code": code, "message": message, "fix": fix})
+def error_html(code: str, message: Text, fix: Text | None = None) -> str:
+    """An error as the tab shows it, in the tab's language."""
+    return panels.error_html(I2LError(code, message, fix))
 
 
 def notice_html(message: str, kind: str = "info") -> str:
@@ -40,7 +39,7 @@ def notice_html(message: str, kind: str = "info") -> str:
 
 
 def err_of(e: I2LError) -> str:
-    return error_html(e.message, e.fix, e.code)
+    return panels.error_html(e)
 
 
 class Controller:
@@ -78,8 +77,8 @@ class Controller:
             if p not in current:
                 current.append(p)
         if len(current) > images_mod.MAX_IMAGES:
-            problems.append(I2LError(I2LError.BAD_INPUT, t("err_too_many", n=len(current), max=images_mod.MAX_IMAGES),
-                                     t("fix_too_many")))
+            problems.append(I2LError(I2LError.BAD_INPUT, T("err_too_many", n=len(current), max=images_mod.MAX_IMAGES),
+                                     T("fix_too_many")))
             current = current[: images_mod.MAX_IMAGES]
         notice = "".join(err_of(e) for e in problems)
         return None, current, self.thumbs(current), notice, self.count_text(current)
@@ -128,7 +127,7 @@ class Controller:
             from ..output import suggest_name
             hint = suggest_name(name)
             extra = f' {esc(t("name_try", name=hint))}' if hint != name else ""
-            return f'<div class="i2l-name i2l-name-bad" data-ok="0">&#10007; {esc(localize(problem))}{extra}</div>'
+            return f'<div class="i2l-name i2l-name-bad" data-ok="0">&#10007; {esc(problem.render())}{extra}</div>'
         folder = os.path.join(self.config.lora_dir, *[p for p in (subfolder or "").replace("\\", "/").split("/") if p])
         target = os.path.join(folder, name + ".safetensors")
         key = "name_ok_overwrite" if overwrite and os.path.exists(target) else "name_ok"
@@ -139,15 +138,15 @@ class Controller:
         if job is None and not waiting:
             return f'<div class="i2l-progress" data-state="idle" data-fraction="0">{esc(t("progress_idle"))}</div>'
         if waiting:
-            state, phase, frac, msg, secs = "queued", "start", 0.0, t("waiting_for_host"), 0
+            state, phase, frac, msg, secs = "queued", "start", 0.0, T("waiting_for_host"), 0
         else:
             state, phase, frac, msg = job.state, job.phase, job.fraction, job.message
             secs = time.time() - job.started
             if state == "cancelled":
-                msg = t("cancelled_msg")
+                msg = T("cancelled_msg")
             elif state == "error" and job.error is not None:
-                msg = job.error.message
-            msg = localize(msg)
+                msg = job.error.text
+            msg = msg.render()
         cur = PHASES.index(phase) if phase in PHASES else 0
         steps = []
         for i, p in enumerate(PHASES):
@@ -162,20 +161,20 @@ class Controller:
 
     @staticmethod
     def log_text(job) -> str:
-        return "\n".join(localize_log_line(line) for line in job.log[-300:])
+        return "\n".join(job.log_lines())
 
-    def result_info_html(self, r: dict) -> str:
-        rows = [(t("result_path"), f"<code>{esc(r.get('path', ''))}</code>"),
-                (t("result_size"), esc(catalog.human_size(r.get("bytes", 0)))),
-                (t("result_tensors"), esc(t("result_rank", keys=r.get("keys", "?"), rank=r.get("rank", "?")))),
-                (t("result_images"), esc(r.get("images", ""))),
-                (t("result_time"), esc(t("seconds", s=f"{float(r.get('seconds') or 0):.1f}")))]
+    def result_info_html(self, r) -> str:
+        rows = [(t("result_path"), f"<code>{esc(r.path)}</code>"),
+                (t("result_size"), esc(catalog.human_size(r.bytes))),
+                (t("result_tensors"), esc(t("result_rank", keys=r.keys, rank=r.rank))),
+                (t("result_images"), esc(r.images)),
+                (t("result_time"), esc(t("seconds", s=f"{float(r.seconds or 0):.1f}")))]
         body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
-        warn = "".join(f'<div class="i2l-warning">{esc(localize(w))}</div>' for w in r.get("warnings") or [])
+        warn = "".join(f'<div class="i2l-warning">{esc(w.render())}</div>' for w in r.warnings)
         note = ""
         if not self.standalone and not hosts.can_use_qwen_lora(self.host):
             note = f'<div class="i2l-note">{esc(t("host_cannot_use", host=hosts.host_label(self.host)))}</div>'
-        return f'<div class="i2l-result" data-path="{esc(r.get("path", ""))}"><table>{body}</table>{warn}{note}</div>'
+        return f'<div class="i2l-result" data-path="{esc(r.path)}"><table>{body}</table>{warn}{note}</div>'
 
     def request(self, images, folder, variant, name, subfolder, overwrite, weight, activation, description,
                 vram_profile, key_format, bias) -> JobRequest:
@@ -210,19 +209,19 @@ class Controller:
         req = self.request(images, folder, variant, name, subfolder, overwrite, weight, activation, description,
                            vram_profile, key_format, bias)
         if not req.images:
-            yield out(notice=error_html(t("err_no_images"), t("fix_no_images"), I2LError.BAD_INPUT))
+            yield out(notice=error_html(I2LError.BAD_INPUT, T("err_no_images"), T("fix_no_images")))
             return
         problem = self.service.check_name(req.name, req.subfolder, req.overwrite)
         if problem:
-            yield out(notice=error_html(problem, t("fix_name"), I2LError.BAD_INPUT))
+            yield out(notice=error_html(I2LError.BAD_INPUT, problem, T("fix_name")))
             return
         if self.service.busy:
-            yield out(notice=error_html(t("err_busy"), t("fix_busy"), I2LError.BUSY))
+            yield out(notice=error_html(I2LError.BUSY, T("err_busy"), T("fix_busy")))
             return
         lock = None if self.standalone else hosts.queue_lock()
         if lock is not None:
             if not self._waiting.acquire(blocking=False):
-                yield out(notice=error_html(t("err_queued"), t("fix_busy"), I2LError.BUSY))
+                yield out(notice=error_html(I2LError.BUSY, T("err_queued"), T("fix_busy")))
                 return
             waiter = hosts.LockWaiter(lock)     # the WebUIs' FIFOLock.acquire takes no timeout
             got = False
@@ -233,7 +232,7 @@ class Controller:
                         yield out(notice="", progress=self.progress_html(waiting=True), result_vis=hidden)
                         first = False
                     if self.service.busy:
-                        yield out(notice=error_html(t("err_busy"), t("fix_busy"), I2LError.BUSY))
+                        yield out(notice=error_html(I2LError.BUSY, T("err_busy"), T("fix_busy")))
                         return
                 got = True
             finally:
@@ -265,20 +264,20 @@ class Controller:
         log_text = self.log_text(job)
         name_msg = self.check_name(req.name, req.subfolder, False)
         if job.state == "done":
-            r = job.result or {}
+            r = job.result
             if not self.standalone:
                 hosts.refresh_loras()
-            preview = r.get("preview")
-            yield out(notice=notice_html(t("done_msg", name=r.get("name", req.name)), "ok"),
+            preview = r.preview
+            yield out(notice=notice_html(t("done_msg", name=r.name or req.name), "ok"),
                       progress=self.progress_html(job), log=log_text, result_vis=compat.update(visible=True),
                       preview=preview if preview and os.path.exists(preview) else None,
-                      info=self.result_info_html(r), prompt=r.get("prompt", ""), name_msg=name_msg,
+                      info=self.result_info_html(r), prompt=r.prompt, name_msg=name_msg,
                       lib=self.library_gallery())
         elif job.state == "cancelled":
             yield out(notice=notice_html(t("cancelled_msg"), "warn"), progress=self.progress_html(job),
                       log=log_text, name_msg=name_msg)
         else:
-            e = job.error or I2LError(I2LError.INTERNAL, t("err_unknown"))
+            e = job.error or I2LError(I2LError.INTERNAL, T("err_unknown"))
             yield failed(e, progress=self.progress_html(job), log=log_text, name_msg=name_msg)
 
     def fetch_missing(self, models, missing, source_name, mirror_url):
@@ -308,7 +307,7 @@ class Controller:
                 yield out(status=models.html(), progress=step.progress,
                           notice=notice_html(t("fetch_done", variant=label), "ok"), fetch=compat.update(visible=False))
             else:
-                e = step.error or I2LError(I2LError.INTERNAL, t("err_unknown"))
+                e = step.error or I2LError(I2LError.INTERNAL, T("err_unknown"))
                 notice = (notice_html(t("fetch_cancelled", variant=label), "warn") if e.code == I2LError.CANCELLED
                           else err_of(e))
                 yield out(status=models.html(), progress=step.progress, accordion=compat.update(open=True),
@@ -360,7 +359,7 @@ class Controller:
 
     def library_rename(self, relpath, new_name):
         if not relpath:
-            return (compat.update(), compat.update(), relpath, error_html(t("lib_pick"), "", I2LError.BAD_INPUT),
+            return (compat.update(), compat.update(), relpath, error_html(I2LError.BAD_INPUT, T("lib_pick")),
                     compat.update(), compat.update())
         try:
             e = library.rename(self.config.lora_dir, relpath, new_name)
@@ -373,7 +372,7 @@ class Controller:
 
     def library_delete(self, relpath):
         if not relpath:
-            return (compat.update(), compat.update(), None, error_html(t("lib_pick"), "", I2LError.BAD_INPUT), "", "",
+            return (compat.update(), compat.update(), None, error_html(I2LError.BAD_INPUT, T("lib_pick")), "", "",
                     compat.update(visible=False))
         try:
             library.delete(self.config.lora_dir, relpath)
@@ -387,7 +386,7 @@ class Controller:
 
     def delete_ask(self, relpath):
         if not relpath:
-            return compat.update(visible=False), error_html(t("lib_pick"), "", I2LError.BAD_INPUT)
+            return compat.update(visible=False), error_html(I2LError.BAD_INPUT, T("lib_pick"))
         return (compat.update(visible=True),
                 f'<div class="i2l-confirm-text">{esc(t("lib_confirm_delete", name=relpath))}</div>')
 

@@ -7,8 +7,8 @@ converters and VRAM management, and computes what DiffSynth's ``QwenImageUnit_Im
 ``merge_lora(loras, alpha=1/N)`` (and ``merge_lora([lora, bias])`` for Bias) within float rounding.
 
 Devices and dtypes: on CUDA the models run in bfloat16. On CPU the real models run in bfloat16 (their
-size in float32 would double the RAM needed) and the tiny test set in float32; ``spec["dtype"]``
-("bfloat16" / "float32") overrides and ``spec["device"] = "cpu"`` keeps a job off the GPU.
+size in float32 would double the RAM needed) and the tiny test set in float32; ``spec.dtype``
+("bfloat16" / "float32") overrides and ``spec.device = "cpu"`` keeps a job off the GPU.
 The file is always written in bfloat16.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .. import catalog, lora_format, output
-from ..errors import I2LError
+from ..contract import I2LError, JobSpec, T, Text, raw
 from ..images import crop_and_resize
 from . import lightimport, lora_file, tiny, vram, weights
 from .streaming import GpuMirror, Streamer, plan_holds
@@ -144,8 +144,8 @@ def real_model_config(role: str) -> dict:
     for cfg in MODEL_CONFIGS:
         if cfg["model_name"] == DS_NAMES[role]:
             return cfg
-    raise I2LError(I2LError.ENVIRONMENT, f"This diffsynth has no {DS_NAMES[role]} model.",
-                   "Reinstall the worker environment (diffsynth 2.1.12).")
+    raise I2LError(I2LError.ENVIRONMENT, T("m_no_model_class", name=DS_NAMES[role]),
+                   T("m_reinstall"))
 
 
 # ----------------------------------------------------------------------------- file checks
@@ -154,10 +154,10 @@ def read_safetensors_header(path: str, title: str = "model") -> dict:
     """Tensor names -> shapes from a safetensors header, checking that it is one.
     Reads only the header; never unpickles anything."""
     if not os.path.exists(path):
-        raise I2LError(I2LError.WEIGHTS_MISSING, f"The {title} file is missing: {path}",
-                       "Download the models again (Models panel or `python -m i2l_ext download`).")
-    bad = I2LError(I2LError.WEIGHTS_INVALID, f"{path} is not a safetensors file, so it cannot be the {title} weights.",
-                   "Delete it and download the models again.")
+        raise I2LError(I2LError.WEIGHTS_MISSING, T("m_file_missing", title=title, path=path),
+                       T("m_redownload_panel"))
+    bad = I2LError(I2LError.WEIGHTS_INVALID, T("m_not_safetensors_title", path=path, title=title),
+                   T("m_delete_redownload"))
     if not path.endswith(".safetensors"):
         raise bad
     try:
@@ -185,8 +185,7 @@ def read_safetensors_header(path: str, title: str = "model") -> dict:
         shapes[k] = list(v["shape"])
         end = max(end, int(v["data_offsets"][1]))
     if 8 + n + end > size:
-        raise I2LError(I2LError.WEIGHTS_INVALID, f"{path} is cut short (incomplete download); it cannot be loaded "
-                       f"as the {title} weights.", "Delete it and download the models again.")
+        raise I2LError(I2LError.WEIGHTS_INVALID, T("m_cut_short", path=path, title=title), T("m_delete_redownload"))
     return shapes
 
 
@@ -254,14 +253,14 @@ class ReadingNote:
     the step's message is sent again with how much is read, so the tab shows what the job waits
     for while its bar stands still."""
 
-    def __init__(self, progress: Callable[[str, int, int, str], None], period: float = 1.0):
+    def __init__(self, progress: Callable[[str, int, int, Text], None], period: float = 1.0):
         self._progress = progress
         self.period = period
         self.last: tuple | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __call__(self, phase: str, step: int, total: int, message: str) -> None:
+    def __call__(self, phase: str, step: int, total: int, message: Text) -> None:
         self.last = (phase, step, total, message)
         self._progress(phase, step, total, message)
 
@@ -278,14 +277,14 @@ class ReadingNote:
             if done >= total or self.last is None:
                 return
             phase, step, n, message = self.last
-            self._progress(phase, step, n, f"{message} (weights read: {done / vram.GiB:.1f} of {total / vram.GiB:.1f} GB)")
+            self._progress(phase, step, n, T("m_weights_read", what=message, done=f"{done / vram.GiB:.1f}", total=f"{total / vram.GiB:.1f}"))
 
     def close(self) -> None:
         self._stop.set()
 
 
 class Engine:
-    def __init__(self, log: Callable[[str, str], None]):
+    def __init__(self, log: Callable[[str, Text], None]):
         self.log = log
         self._models: dict[str, _Model] = {}
         self._processor = None      # (folder, processor)
@@ -302,7 +301,7 @@ class Engine:
 
     # ------------------------------------------------------------------ public
 
-    def run(self, spec: dict, images: list, progress: Callable[[str, int, int, str], None]) -> dict:
+    def run(self, spec: JobSpec, images: list, progress: Callable[[str, int, int, Text], None]) -> dict:
         note = ReadingNote(progress)
         try:
             with self._lock:
@@ -312,7 +311,7 @@ class Engine:
         except BaseException as e:
             if vram.is_oom(e):
                 self._drop_after_oom()
-                raise I2LError(I2LError.OUT_OF_MEMORY, "The GPU ran out of memory.",
+                raise I2LError(I2LError.OUT_OF_MEMORY, T("m_oom"),
                                fix="Choose the low-VRAM profile (cpu_offload or disk), close other GPU apps, "
                                    "or use fewer images.", details=f"{type(e).__name__}: {e}") from None
             raise
@@ -367,8 +366,8 @@ class Engine:
         """Decide how much of this job's weights may stay on the GPU for the next job:
         ``gpu_hold_s`` seconds after it, at most ``gpu_hold_gb`` and what free VRAM allows
         beside the job's working memory."""
-        hold_s = float(spec.get("gpu_hold_s") or 0)
-        budget = float(spec.get("gpu_hold_gb") or 0) * vram.GiB
+        hold_s = float(spec.gpu_hold_s or 0)
+        budget = float(spec.gpu_hold_gb or 0) * vram.GiB
         if dev != "cuda" or profile not in PINNED_PROFILES or hold_s <= 0 or budget <= 0:
             self.park()
             return
@@ -411,32 +410,32 @@ class Engine:
             t_phase = now
 
         if not images:
-            raise I2LError(I2LError.BAD_INPUT, "No images were given.", "Add at least one image.")
-        variant = catalog.get_variant(spec.get("variant", "style"))
-        bias = bool(spec.get("bias", variant.bias_default))
-        key_format = (spec.get("key_format") or "diffusers").lower()
+            raise I2LError(I2LError.BAD_INPUT, T("m_no_images"), T("m_add_one"))
+        variant = catalog.get_variant(spec.variant)
+        bias = bool(spec.bias)
+        key_format = spec.key_format
         if key_format not in lora_format.FORMATS:
-            raise I2LError(I2LError.BAD_INPUT, f"Unknown key format '{key_format}'.",
-                           "Use 'diffusers' (widest reach) or 'kohya'.")
-        out_path = (spec.get("output") or {}).get("tmp_path")
+            raise I2LError(I2LError.BAD_INPUT, T("m_unknown_key_format", value=key_format),
+                           T("m_key_format_fix"))
+        out_path = spec.output.get("tmp_path")
         if not out_path:
-            raise I2LError(I2LError.INTERNAL, "The job has no output path.", "Please report it.")
+            raise I2LError(I2LError.INTERNAL, T("m_no_output"), T("m_report"))
         roles = variant.needed_roles(bias)
-        dev = "cpu" if spec.get("device") == "cpu" else vram.device()
+        dev = "cpu" if spec.device == "cpu" else vram.device()
 
         # --- which files, which classes
-        progress("load", 0, len(roles), "Checking model files")
+        progress("load", 0, len(roles), T("m_checking_models"))
         plan = self._plan(roles, spec)
         is_tiny = any(p["tiny"] for p in plan.values())
         dtype = self._dtype(spec, dev, is_tiny)
         needed = sum(p["bytes"] for r, p in plan.items() if r not in ("processor", "bias"))
         held = sum(f.nbytes for f in self._files.values())     # already in RAM: needs no more
-        profile = vram.choose_profile(spec.get("vram_profile", "auto"), needed, held, dev)
+        profile = vram.choose_profile(spec.vram_profile, needed, held, dev)
         if is_tiny:
-            warnings.append("Tiny random-weight models: this LoRA is for testing the path only.")
+            warnings.append(T("m_tiny"))
         if dev == "cpu":
-            self.log("info", f"No CUDA GPU: running on the CPU in {str(dtype).replace('torch.', '')}.")
-        self.log("info", f"VRAM profile: {profile}")
+            self.log("info", T("m_cpu", dtype=str(dtype).replace('torch.', '')))
+        self.log("info", T("m_vram_profile", profile=T(f"profile_{profile}")))
 
         # --- load (or reuse)
         self._keep_only(set(roles), plan, profile, dtype, dev)
@@ -446,14 +445,14 @@ class Engine:
             torch.cuda.reset_peak_memory_stats()
         model_roles = [r for r in LOAD_ORDER if r in plan]
         for i, role in enumerate(model_roles):
-            progress("load", i, len(model_roles) + 1, f"Loading {catalog.FILES[role].title}")
+            progress("load", i, len(model_roles) + 1, T("m_loading", title=catalog.FILES[role].label))
             self._load(role, plan[role], profile, dtype, dev)
         if "processor" in plan:
             self._load_processor(plan["processor"]["paths"][0])
         if bias:
             self._load_bias(plan["bias"], dev)
         self._plan_holds(model_roles, len(images))
-        progress("load", len(model_roles) + 1, len(model_roles) + 1, "Models ready")
+        progress("load", len(model_roles) + 1, len(model_roles) + 1, T("m_models_ready"))
         progress.watch([self._files[p] for r in model_roles for p in plan[r]["paths"] if p in self._files])
         imports_done()               # the model code is imported by now, whoever imported it
         self._freeze_heap()
@@ -467,14 +466,14 @@ class Engine:
             # --- encode
             n = len(images)
             steps = 2 + ("coarse" in plan) + ("fine" in plan)
-            progress("encode", 0, steps, f"Encoding {n} image{'s' * (n != 1)}")
+            progress("encode", 0, steps, T("m_encoding", n=n, s='s' * (n != 1)))
             hi = [crop_and_resize(im, 1024, 1024) for im in images]
             with self._stream("siglip2"):
                 x_sig = self._encode_siglip(hi, dtype, dev)
-            progress("encode", 1, steps, "SigLIP2 done")
+            progress("encode", 1, steps, T("m_siglip_done"))
             with self._stream("dinov3"):
                 x_dino = self._encode_dino(hi, dtype, dev)
-            progress("encode", 2, steps, "DINOv3 done")
+            progress("encode", 2, steps, T("m_dino_done"))
             x = torch.concat([x_sig, x_dino], dim=-1)
             residual = {}
             step = 2
@@ -483,11 +482,11 @@ class Engine:
                     lo = [crop_and_resize(im, 28 * 8, 28 * 8) for im in images]
                     residual["coarse"] = self._encode_qwenvl(lo, dtype, dev, TEXT_ENCODER_CHUNK["coarse"])
                     step += 1
-                    progress("encode", step, steps, "Qwen2.5-VL 224x224 done")
+                    progress("encode", step, steps, T("m_qwen_lo_done"))
                 if "fine" in plan:
                     residual["fine"] = self._encode_qwenvl(hi, dtype, dev, TEXT_ENCODER_CHUNK["fine"])
                     step += 1
-                    progress("encode", step, steps, "Qwen2.5-VL 1024x1024 done")
+                    progress("encode", step, steps, T("m_qwen_hi_done"))
             if "text_encoder" in self._models:
                 self._release("text_encoder")
             lap("encode")
@@ -495,25 +494,25 @@ class Engine:
             # --- decode: per decoder, every image at once
             parts: list[dict] = []
             for i, d in enumerate(decoders):
-                progress("decode", i, len(decoders), f"Decoding with the {d.title()} decoder")
+                progress("decode", i, len(decoders), T("m_decoding", name=d.title()))
                 m = self._models[d].model
                 vram.onload(m)
                 with self._stream(d) as streamer:
                     parts.append(self._decode(m, x, residual.get(d), n, streamer))
                 self._release(d)
-            progress("decode", len(decoders), len(decoders), "Decoded")
+            progress("decode", len(decoders), len(decoders), T("m_decoded"))
             lap("decode")
 
             # --- merge: one merge over every per-image LoRA, alpha = 1/N (as the Decode unit), then Bias
-            progress("merge", 0, 1, "Merging")
+            progress("merge", 0, 1, T("m_merging"))
             lora = self._merge(parts, 1 / n)
             if bias:
                 lora = self._merge_bias(lora)
-            progress("merge", 1, 1, "Merged")
+            progress("merge", 1, 1, T("m_merged"))
             lap("merge")
 
         # --- write
-        progress("write", 0, 1, "Writing the LoRA")
+        progress("write", 0, 1, T("m_writing"))
         cpu = self._to_host(lora)
         del lora
         rank = max(v.shape[0] for k, v in cpu.items() if ".lora_A." in k)
@@ -522,14 +521,13 @@ class Engine:
         meta = self._metadata(spec, images, variant.key, bias, key_format)
         folder = os.path.dirname(os.path.abspath(out_path))
         try:
-            os.makedirs(folder, exist_ok=True)
             size = lora_file.write(out_path, state, meta)     # straight from the host buffer
         except OSError as e:
             need = catalog.human_size(sum(t.numel() * t.element_size() for t in state.values()))
-            raise output.write_failed("LoRA", folder, e, need) from None
+            raise output.write_failed("lora", folder, e, need) from None
         lap("write")
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-        hold_s = float(spec.get("gpu_hold_s") or 0)
+        hold_s = float(spec.gpu_hold_s or 0)
         self.hold_until = time.monotonic() + hold_s
         if dev == "cuda":
             torch.cuda.empty_cache()      # the worker now holds its CUDA context and the kept layers only
@@ -543,7 +541,7 @@ class Engine:
     # ------------------------------------------------------------------ planning
 
     def _dtype(self, spec, dev, is_tiny):
-        want = (spec.get("dtype") or "").lower()
+        want = spec.dtype or ""
         if want in ("bfloat16", "bf16"):
             return torch.bfloat16
         if want in ("float32", "fp32"):
@@ -553,14 +551,12 @@ class Engine:
         return torch.bfloat16
 
     def _plan(self, roles, spec) -> dict:
-        files = spec.get("files") or {}
-        models_dir = spec.get("models_dir")
+        files = spec.files
+        models_dir = spec.models_dir
         plan = {}
         marker_cache: dict[str, dict | None] = {}
 
         def marker_for(role, paths):
-            if spec.get("tiny_config"):
-                return spec["tiny_config"]
             d = models_dir_of(role, paths[0])
             if d not in marker_cache:
                 marker_cache[d] = tiny.read_marker(d)
@@ -575,28 +571,28 @@ class Engine:
                 paths = entry.resolve(models_dir)
             if not paths:
                 where = entry.local_path(models_dir) if models_dir else f"{entry.repo}/{entry.pattern}"
-                raise I2LError(I2LError.WEIGHTS_MISSING, f"The {entry.title} is missing (looked for {where}).",
-                               "Download the models for this variant (Models panel or `python -m i2l_ext download`).")
+                raise I2LError(I2LError.WEIGHTS_MISSING, T("m_missing_looked", title=entry.label, path=where),
+                               T("m_download_variant_panel"))
             paths = [os.path.abspath(p) for p in paths]
             if role == "processor":
                 d = paths[0]
                 if not os.path.isdir(d) or not any(os.path.exists(os.path.join(d, f)) for f in
                                                    ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-                    raise I2LError(I2LError.WEIGHTS_MISSING, f"The {entry.title} is missing or incomplete: {d}",
-                                   "Download the models for this variant again.")
+                    raise I2LError(I2LError.WEIGHTS_MISSING, T("m_missing_incomplete", title=entry.label, path=d),
+                                   T("m_redownload_variant"))
                 plan[role] = {"paths": [d], "tiny": False, "bytes": 0}
                 continue
             for p in paths:
                 if not os.path.isfile(p):
-                    raise I2LError(I2LError.WEIGHTS_MISSING, f"The {entry.title} file is missing: {p}",
-                                   "Download the models for this variant again.")
+                    raise I2LError(I2LError.WEIGHTS_MISSING, T("m_file_missing", title=entry.label, path=p),
+                                   T("m_redownload_variant"))
             key = tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths)
             if key in self._checked:         # same files as an earlier job: skip re-reading headers
                 h, shapes = self._checked[key]
             else:
                 shapes = {}
                 for p in paths:
-                    shapes.update(read_safetensors_header(p, entry.title))
+                    shapes.update(read_safetensors_header(p, entry.label))
                 h = keys_hash(shapes)
             marker = marker_for(role, paths)
             nbytes = sum(os.path.getsize(p) for p in paths)
@@ -606,8 +602,8 @@ class Engine:
                     continue
                 problem = _bias_problem(shapes, lora_format.NUM_DIT_BLOCKS)
                 if problem:
-                    raise I2LError(I2LError.WEIGHTS_INVALID, f"{paths[0]} is not the {entry.title} weights ({problem}).",
-                                   "Delete it and download the models again.")
+                    raise I2LError(I2LError.WEIGHTS_INVALID, T("m_not_weights_problem", path=paths[0], title=entry.label, problem=problem),
+                                   T("m_delete_redownload"))
                 plan[role] = {"paths": paths, "tiny": False, "bytes": nbytes, "key": key}
                 self._checked[key] = (h, shapes)
                 continue
@@ -627,9 +623,8 @@ class Engine:
                 self._checked.pop(key, None)
                 names = ", ".join(os.path.basename(p) for p in paths)
                 raise I2LError(I2LError.WEIGHTS_INVALID,
-                               f"{paths[0] if len(paths) == 1 else names} is not the {entry.title} weights "
-                               f"(its tensors do not match; hash {h}).",
-                               "Check that the file is in the right folder, or delete it and download the models again.")
+                               T("m_not_weights_hash", path=paths[0] if len(paths) == 1 else names, title=entry.label, hash=h),
+                               T("m_right_folder"))
         return plan
 
     # ------------------------------------------------------------------ loading
@@ -698,14 +693,14 @@ class Engine:
             if vram.is_oom(e):
                 raise
             raise I2LError(I2LError.WEIGHTS_INVALID,
-                           f"{p['paths'][0]} could not be loaded as the {catalog.FILES[role].title} weights: {e}",
-                           "Delete it and download the models again.", details=repr(e)) from None
+                           T("m_load_failed", path=p['paths'][0], title=catalog.FILES[role].label, error=e),
+                           T("m_delete_redownload"), details=repr(e)) from None
         model.eval()
         from .warmstart import trace
         trace(f"built {role}")
         self._built = True
         self._models[role] = _Model(role, key, model, profile, p["bytes"], dev)
-        self.log("info", f"Loaded {catalog.FILES[role].title} in {time.monotonic() - t:.1f} s ({profile})")
+        self.log("info", T("m_loaded", title=catalog.FILES[role].label, s=f"{time.monotonic() - t:.1f}", profile=T(f"profile_{profile}")))
 
     # ------------------------------------------------------------------ page-locked weights
 
@@ -717,8 +712,8 @@ class Engine:
             try:
                 wf = WeightFile(path, pin=True)
             except ValueError as e:
-                raise I2LError(I2LError.WEIGHTS_INVALID, f"{path} is not a safetensors file ({e}).",
-                               "Delete it and download the models again.") from None
+                raise I2LError(I2LError.WEIGHTS_INVALID, T("m_not_safetensors_error", path=path, error=e),
+                               T("m_delete_redownload")) from None
             self._files[path] = wf
             if vram.device() == "cuda":
                 self._pin_later([wf])
@@ -770,7 +765,7 @@ class Engine:
         total = sum(os.path.getsize(p) for p in paths if p not in self._files)
         ram = vram.available_ram()
         if ram is not None and total + vram.RAM_MARGIN > ram:
-            self.log("info", "Not enough free RAM to hold the weights; they will be read as they are used.")
+            self.log("info", T("m_ram_short"))
             return
         with self._lock:
             files = []
@@ -809,19 +804,19 @@ class Engine:
         if m is None or m.dev != "cuda" or m.profile not in PINNED_PROFILES:
             yield None
             return
-        raw = role in DECODERS and all(p is not None for p in self._block_plans(m.model))
+        blocks = role in DECODERS and all(p is not None for p in self._block_plans(m.model))
         s = Streamer(m.model, "cuda", wait=self._wait_tensor, layered=m.profile == "cpu_offload",
-                     mirror=self._mirror, point=not raw)
+                     mirror=self._mirror, point=not blocks)
         try:
             with s:
                 yield s if s.layers else None
         finally:
             self.copied += s.bytes_copied
 
-    def prefetch(self, spec: dict) -> None:
+    def prefetch(self, spec: JobSpec) -> None:
         """Start reading a variant's weights (and building its models) before the job arrives."""
-        variant = catalog.get_variant(spec.get("variant", "style"))
-        bias = bool(spec.get("bias", variant.bias_default))
+        variant = catalog.get_variant(spec.variant)
+        bias = bool(spec.bias)
         roles = variant.needed_roles(bias)
         dev = vram.device()
         if dev != "cuda":
@@ -832,7 +827,7 @@ class Engine:
             dtype = self._dtype(spec, dev, is_tiny)
             needed = sum(p["bytes"] for r, p in plan.items() if r not in ("processor", "bias"))
             held = sum(f.nbytes for f in self._files.values())
-            profile = vram.choose_profile(spec.get("vram_profile", "auto"), needed, held, dev)
+            profile = vram.choose_profile(spec.vram_profile, needed, held, dev)
             if profile not in PINNED_PROFILES:
                 return
             self._keep_only(set(roles), plan, profile, dtype, dev)
@@ -841,7 +836,7 @@ class Engine:
             for role in order:
                 self._load(role, plan[role], profile, dtype, dev)
             self._freeze_heap()
-        self.log("info", f"Reading the {variant.label} weights ahead ({catalog.human_size(needed)}).")
+        self.log("info", T("m_reading_ahead", variant=variant.label, size=catalog.human_size(needed)))
         from .warmstart import trace
         trace("prefetch: models built on the weights")
 
@@ -913,13 +908,13 @@ class Engine:
         from diffsynth.configs.vram_management_module_maps import VERSION_CHECKER_MAPS, VRAM_MANAGEMENT_MODULE_MAPS
         from diffsynth.core.vram.layers import AutoWrappedModule
         if class_path in VERSION_CHECKER_MAPS:
-            raw = VERSION_CHECKER_MAPS[class_path]()
+            table = VERSION_CHECKER_MAPS[class_path]()
         elif class_path in VRAM_MANAGEMENT_MODULE_MAPS:
-            raw = VRAM_MANAGEMENT_MODULE_MAPS[class_path]
+            table = VRAM_MANAGEMENT_MODULE_MAPS[class_path]
         else:
             return {_import(class_path): AutoWrappedModule}
         out = {}
-        for src, dst in raw.items():
+        for src, dst in table.items():
             cls = None
             for cand in (src, src.replace(".Qwen2_5_Vision", ".Qwen2_5_VLVision"),
                          src.replace(".Qwen2RMSNorm", ".Qwen2_5_VLRMSNorm")):
@@ -929,7 +924,7 @@ class Engine:
                 except (ImportError, AttributeError):
                     continue
             if cls is None:
-                self.log("warning", f"VRAM management: {src} not found in this transformers; left unwrapped")
+                self.log("warning", T("m_vram_mgmt", name=src))
                 continue
             out[cls] = _import(dst)
         return out
@@ -941,8 +936,8 @@ class Engine:
         try:
             self._processor = (folder, Qwen2VLProcessor.from_pretrained(folder))
         except Exception as e:
-            raise I2LError(I2LError.WEIGHTS_INVALID, f"{folder} is not a usable Qwen2-VL processor folder: {e}",
-                           "Delete it and download the models again.") from None
+            raise I2LError(I2LError.WEIGHTS_INVALID, T("m_bad_processor", path=folder, error=e),
+                           T("m_delete_redownload")) from None
 
     def _load_bias(self, p, dev):
         if self._bias is not None and self._bias[0] == (p["key"], dev):
@@ -1023,7 +1018,7 @@ class Engine:
                 outs.append(e[drop_idx:].to(dtype=dtype, device=dev).reshape(1, -1))
         lengths = {o.shape[1] for o in outs}
         if len(lengths) != 1:
-            raise I2LError(I2LError.INTERNAL, "The images gave residuals of different lengths.", "Please report it.")
+            raise I2LError(I2LError.INTERNAL, T("m_residuals"), T("m_report"))
         return torch.stack(outs)          # [N, 1, tokens * hidden]
 
     # ------------------------------------------------------------------ decoder (batched)
@@ -1049,8 +1044,8 @@ class Engine:
                 with streamer.layer(i):
                     buf, base = streamer.span(i)
                     if plans[i]["base"] != base:
-                        raise I2LError(I2LError.INTERNAL, "A decoder block's weights moved while in use.",
-                                       "Please report it.")
+                        raise I2LError(I2LError.INTERNAL, T("m_block_moved"),
+                                       T("m_report"))
                     Engine._decode_block_raw(block, plans[i], buf, x, residual, n, out)
             return out
         for i, block in enumerate(model.blocks):
@@ -1212,9 +1207,8 @@ class Engine:
         bias = self._bias[1]
         missing = [k for k in lora if k not in bias]
         if missing:
-            raise I2LError(I2LError.WEIGHTS_INVALID, f"The Bias LoRA does not cover {missing[0]} (and "
-                           f"{len(missing) - 1} more keys); it does not go with these decoders.",
-                           "Use the Bias file from the same download as the decoders.")
+            raise I2LError(I2LError.WEIGHTS_INVALID, T("m_bias_cover", key=missing[0], n=len(missing) - 1),
+                           T("m_bias_fix"))
         dev = next(iter(lora.values())).device
         return merge_lora([lora, {k: bias[k].to(dev) for k in lora}])
 
@@ -1222,10 +1216,10 @@ class Engine:
 
     @staticmethod
     def _metadata(spec, images, variant, bias, key_format):
-        shas = spec.get("image_sha256")
+        shas = spec.image_sha256
         if not shas:
             shas = []
-            paths = spec.get("images") or []
+            paths = spec.images
             for i, im in enumerate(images):
                 p = paths[i] if i < len(paths) else None
                 h = hashlib.sha256()
@@ -1237,7 +1231,7 @@ class Engine:
                     h.update(im.tobytes())
                 shas.append(h.hexdigest())
         dsv = _diffsynth_version()
-        extra = dict(spec.get("metadata") or {})
+        extra = dict(spec.metadata)
         title = extra.pop("modelspec.title", None) or extra.pop("title", None)
         return lora_format.build_metadata(variant, shas, bias=bias, key_format=key_format, title=title,
                                           diffsynth_version=dsv, extra=extra)

@@ -13,7 +13,7 @@ import time
 import traceback
 
 from .. import protocol
-from ..errors import I2LError
+from ..contract import I2LError, JobResult, JobSpec, T, Text, raw
 
 _out = None
 _out_lock = threading.Lock()
@@ -23,6 +23,11 @@ def send(msg: dict) -> None:
     with _out_lock:
         _out.write(protocol.encode(msg))
         _out.flush()
+
+
+def _debug(message: str) -> None:
+    """A line for the log's details (not shown to the user)."""
+    send({"type": "log", "job": None, "level": "debug", "text": raw(message).to_dict()})
 
 
 def _claim_stdout() -> None:
@@ -90,18 +95,22 @@ def _hello(vram_limit_gb: float = 0.0) -> dict:
 
 
 def _classify(exc: BaseException) -> I2LError:
+    """The one place an exception of the worker becomes an ``I2LError``."""
     if isinstance(exc, I2LError):
         return exc
     text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        from .. import output
+        return output.os_error(exc, T("m_working_on_files"), getattr(exc, "filename", None) or "?")
     if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
-        return I2LError(I2LError.OUT_OF_MEMORY, "The GPU ran out of memory.",
-                        "Pick the low-VRAM profile (Advanced), close other GPU programs, or use fewer images.",
+        return I2LError(I2LError.OUT_OF_MEMORY, T("m_oom"),
+                        T("m_oom_fix"),
                         traceback.format_exc())
     if isinstance(exc, MemoryError):
-        return I2LError(I2LError.OUT_OF_MEMORY, "The computer ran out of RAM.",
-                        "Close other programs, pick the disk-streaming profile, or use fewer images.",
+        return I2LError(I2LError.OUT_OF_MEMORY, T("m_ram"),
+                        T("m_ram_fix"),
                         traceback.format_exc())
-    return I2LError(I2LError.INTERNAL, f"The worker failed: {text}", "Please report it with the log.",
+    return I2LError(I2LError.INTERNAL, T("m_worker_failed", error=raw(text)), T("m_report_log"),
                     traceback.format_exc())
 
 
@@ -125,54 +134,56 @@ class _Background:
             raise self.error
 
 
-def run_job(engine, job_id: str, spec: dict) -> dict:
+def run_job(engine, job_id: str, spec: JobSpec) -> JobResult:
+    """One job: the images loaded, the card and preview written beside the engine's work, the
+    LoRA written by the engine, then all three put in place (``output.commit``); on any failure
+    what this job wrote is taken back (``output.abort``)."""
     from .. import images as images_mod, output
     t0 = time.monotonic()
-    plan = output.OutputPlan.from_dict(spec["output"])
+    plan = output.OutputPlan.from_dict(spec.output)
 
-    def progress(phase: str, step: int, total: int, message: str) -> None:
-        send({"type": "progress", "job": job_id, "phase": phase, "step": step, "total": total, "message": message})
+    def progress(phase: str, step: int, total: int, text: Text) -> None:
+        send({"type": "progress", "job": job_id, "phase": phase, "step": step, "total": total,
+              "text": text.to_dict()})
 
-    def log(level: str, message: str) -> None:
-        send({"type": "log", "job": job_id, "level": level, "message": message})
+    def log(level: str, text: Text) -> None:
+        send({"type": "log", "job": job_id, "level": level, "text": text.to_dict()})
 
     engine.log = log
-    warnings: list[str] = []
     pictures = []
     side = None
     try:
-        for im, notes in images_mod.load_images(spec["images"]):
-            pictures.append(im)
-            for n in notes:
-                log("warning", n)
-            warnings += notes
+        # The host checked the images and said their notes; here they are only loaded.
+        pictures = [im for im, _ in images_mod.load_images(spec.images)]
 
-        # The card and the preview are written while the engine works.
-        def extras():
+        def extras():               # the card and the preview, written while the engine works
             try:
                 output.write_preview(plan, pictures)
-                output.write_card(plan, spec.get("card") or output.card_data())
+                output.write_card(plan, spec.card or output.card_data())
             except OSError as e:
-                raise output.write_failed("preview and card", plan.folder, e) from None
+                raise output.write_failed("extras", plan.folder, e) from None
         side = _Background(extras)
         info = engine.run(spec, pictures, progress)
-        progress("write", 1, 2, "Moving the files into place")
+        progress("write", 1, 2, T("m_moving"))
         side.join()
         output.commit(plan)
-        progress("write", 2, 2, "Done")
+        progress("write", 2, 2, T("m_done"))
     except BaseException:
         if side is not None:
             side.join(swallow=True)
-        output.cleanup(plan)
+        output.abort(plan)
         raise
     finally:
         for im in pictures:
             im.close()
-    result = dict(info)
-    result.update(path=plan.path, sidecar=plan.sidecar, preview=plan.preview, bytes=os.path.getsize(plan.path),
-                  variant=spec["variant"], images=len(spec["images"]), bias=spec.get("bias", False),
-                  seconds=round(time.monotonic() - t0, 3), warnings=warnings + list(info.get("warnings", [])))
-    return result
+    fields = set(JobResult.__dataclass_fields__)
+    return JobResult(path=plan.path, sidecar=plan.sidecar, preview=plan.preview, bytes=os.path.getsize(plan.path),
+                     keys=info["keys"], rank=info["rank"], variant=spec.variant, images=len(spec.images),
+                     bias=spec.bias, seconds=round(time.monotonic() - t0, 3), device=info["device"],
+                     dtype=info["dtype"], profile=info["profile"], warnings=list(info.get("warnings", [])),
+                     timings=info.get("timings", {}), held_on_gpu=int(info.get("held_on_gpu") or 0),
+                     peak_vram=info.get("peak_vram"),
+                     extra={k: v for k, v in info.items() if k not in fields})
 
 
 def _begin(what: str):
@@ -212,10 +223,10 @@ def _standby() -> tuple[list, list[str]]:
 
     def listen():
         while True:
-            raw = sys.stdin.buffer.readline()
-            if not raw:
+            line = sys.stdin.buffer.readline()
+            if not line:
                 os._exit(0)                 # the host is gone: nothing to hand back
-            msg = protocol.decode(raw)
+            msg = protocol.decode(line)
             kind = (msg or {}).get("type")
             if kind == "shutdown":
                 os._exit(0)
@@ -254,7 +265,7 @@ def _warm_up(engine, early: list, paths: list[str], imports: bool = True) -> Non
         try:
             engine.read_ahead(paths)
         except (ValueError, OSError) as e:
-            send({"type": "log", "job": None, "level": "debug", "message": f"read-ahead skipped: {e}"})
+            _debug(f"read-ahead skipped: {e}")
     if imports:
         threading.Thread(target=engine.import_models, daemon=True, name="i2l-imports").start()
 
@@ -262,7 +273,7 @@ def _warm_up(engine, early: list, paths: list[str], imports: bool = True) -> Non
         try:
             _warm_cuda()
         except Exception as e:     # only a missed head start
-            send({"type": "log", "job": None, "level": "debug", "message": f"GPU warm-up skipped: {e}"})
+            _debug(f"GPU warm-up skipped: {e}")
     threading.Thread(target=warm, daemon=True, name="i2l-warm-cuda").start()
 
 
@@ -387,11 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     from .warmstart import trace
     trace("hello: torch imported, CUDA up")
     from .engine import Engine
-    engine = Engine(log=lambda level, message: send({"type": "log", "job": None, "level": level, "message": message}))
+    engine = Engine(log=lambda level, text: send({"type": "log", "job": None, "level": level, "text": text.to_dict()}))
     _warm_up(engine, early, paths, imports=not standby)
     recorder = _CodeRecorder(engine)
-    for raw in sys.stdin.buffer:
-        msg = protocol.decode(raw)
+    for line in sys.stdin.buffer:
+        msg = protocol.decode(line)
         if msg is None:
             continue
         if msg["type"] == "shutdown":
@@ -406,11 +417,11 @@ def main(argv: list[str] | None = None) -> None:
             send(_park(engine))
             continue
         if msg["type"] == "prefetch":
-            def prefetch(spec=msg["spec"]):
+            def prefetch(spec=msg.get("spec")):
                 try:
-                    engine.prefetch(spec)
+                    engine.prefetch(JobSpec.from_dict(spec))
                 except BaseException as e:   # a prefetch that fails is only a missed head start
-                    send({"type": "log", "job": None, "level": "debug", "message": f"prefetch skipped: {e}"})
+                    _debug(f"prefetch skipped: {e}")
             threading.Thread(target=prefetch, daemon=True, name="i2l-prefetch").start()
             continue
         if msg["type"] != "job":
@@ -418,11 +429,11 @@ def main(argv: list[str] | None = None) -> None:
         job_id = msg.get("job")
         try:
             trace("job: received")
-            result = run_job(engine, job_id, msg["spec"])
-            trace(f"job: done {result.get('timings')}")
-            send({"type": "result", "job": job_id, "result": result})
+            result = run_job(engine, job_id, JobSpec.from_dict(msg.get("spec")))   # checked as it enters
+            trace(f"job: done {result.timings}")
+            send({"type": "result", "job": job_id, "result": result.to_dict()})
             _park_later(engine)
-            recorder.job_ended(result.get("device", "cpu") != "cpu")   # the code it used, listed when quiet
+            recorder.job_ended(result.device != "cpu")   # the code it used, listed when quiet
         except BaseException as e:   # report, then keep serving
             _park_later(engine)
             recorder.job_ended(False)
