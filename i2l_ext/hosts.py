@@ -125,7 +125,22 @@ def settings(**runtime) -> settings_mod.Settings:
     except Exception:
         flags = {}
     ctx = settings_mod.Context(models_root=models_root(), lora_dir=lora_dir(), language=host_language())
-    return settings_mod.resolve(flags, option=saved_option, context=ctx, host=detect_host(), **runtime)
+    return settings_mod.resolve(flags, option=saved_option, context=ctx, host=detect_host(), remote=reachable_from_others(),
+                                **runtime)
+
+
+def reachable_from_others() -> bool:
+    """Whether the WebUI serves other computers: ``--listen``, a non-loopback ``--server-name``,
+    ``--share`` or a tunnel. Then the page follows the owner's rules for remote users (the WebUI's own
+    ``--gradio-auth`` guards it; we open nothing more)."""
+    try:
+        from modules import shared
+        o = shared.cmd_opts
+    except Exception:
+        return False
+    name = getattr(o, "server_name", None)
+    return bool(getattr(o, "listen", False) or getattr(o, "share", False) or getattr(o, "ngrok", None)
+                or (name and not settings_mod.is_loopback(name)))
 
 
 def opt(key: str, default=None):

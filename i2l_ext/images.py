@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-from .contract import T, bad_input, raw
+from .contract import I2LError, T, bad_input, raw
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic")
 MAX_PIXELS = 64_000_000      # 8000x8000; the model looks at 1024x1024 anyway
@@ -29,6 +29,23 @@ class ImageInfo:
     format: str
     sha256: str
     warnings: list[str] = field(default_factory=list)
+
+
+def check_readable(settings, path: str, upload_dirs=()) -> None:
+    """Where other computers can reach the page (``settings.remote``), images are read only from
+    uploads (``upload_dirs``) and the folders the owner listed (``image_dirs``): never any other
+    file or folder of the server. Raises ``I2LError(NOT_ALLOWED)``."""
+    if not settings.remote:
+        return
+    real = os.path.realpath(path)
+    for root in [*upload_dirs, *settings.image_dirs]:
+        r = os.path.realpath(root)
+        try:
+            if os.path.commonpath([r, real]) == r:
+                return
+        except ValueError:
+            continue
+    raise I2LError(I2LError.NOT_ALLOWED, T("m_folder_not_allowed", path=path), T("m_folder_not_allowed_fix"))
 
 
 def collect_images(inputs: list[str]) -> list[str]:

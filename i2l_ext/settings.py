@@ -29,7 +29,7 @@ KEY_FORMATS = ("diffusers", "kohya")
 @dataclass(frozen=True)
 class Setting:
     name: str                       # the field of ``Settings``
-    kind: str                       # path | text | bool | number | choice
+    kind: str                       # path | paths | text | bool | number | choice
     default: Any                    # a value, or a function of the ``Context``
     help: str
     default_text: str = ""          # how README's table states the default
@@ -117,6 +117,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("language", "text", _default_language, "interface language: en or zh_CN",
             "the WebUI's localization, else the system's locale",
             cli="--lang", option="i2l_language", env="I2L_LANG", unset=("auto",)),
+    Setting("image_dirs", "paths", (), "folders the page's folder box may read images from when other computers "
+            "can reach the page (a WebUI with --listen, serve --host); elsewhere any folder",
+            "none: uploads only", flag="--i2l-image-dirs", cli="--image-dir", env="I2L_IMAGE_DIRS"),
     Setting("default_variant", "choice", "style", "the variant the tab starts with", "style",
             option="i2l_default_variant", choices=VARIANT_KEYS),
     Setting("vram_profile", "choice", "auto", "how weights reach the GPU: auto, gpu, cpu_offload, disk", "auto",
@@ -165,6 +168,7 @@ class Settings:
     index_url: str | None = None
     torch_index_url: str | None = None
     language: str | None = None
+    image_dirs: tuple = ()
     default_variant: str = "style"
     vram_profile: str = "auto"
     key_format: str = "diffusers"
@@ -183,6 +187,7 @@ class Settings:
     debug: bool = False
     # -- not settings: what the caller decides
     host: str = "standalone"            # a1111 | forge | neo | reforge | standalone | cli
+    remote: bool = False                # other computers can reach the page (the owner's rules apply to them)
     job_timeout: float = 3600.0
     start_timeout: float = 600.0
     search_dirs: list[str] = field(default_factory=list)
@@ -235,6 +240,8 @@ def parse(setting: Setting, raw) -> Any:
     ValueError with the reason when it is not one."""
     if raw is None:
         return None
+    if setting.kind == "paths":
+        return _parse_paths(raw) or None
     if setting.kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -264,6 +271,11 @@ def parse(setting: Setting, raw) -> Any:
     if setting.kind == "path":
         return os.path.abspath(os.path.expanduser(s))
     return s
+
+
+def _parse_paths(raw) -> tuple:
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).split(os.pathsep)
+    return tuple(os.path.abspath(os.path.expanduser(str(p).strip())) for p in items if str(p).strip())
 
 
 def resolve(flags: Mapping[str, Any] | None = None, option: Callable[[str], Any] | None = None,
@@ -346,6 +358,8 @@ def add_cli_flag(parser, name: str, **extra) -> None:
                                       + (f"; or {s.env}" if s.env else "") + ")"}
     if s.kind == "bool":
         kwargs.update(action="store_true", default=None)
+    elif s.kind == "paths":
+        kwargs.update(action="append", default=None, metavar="DIR")
     elif s.kind == "choice":
         kwargs.update(choices=list(s.choices), default=None)
     elif s.kind == "number":
@@ -379,3 +393,20 @@ def markdown_table() -> str:
 
 def replace(settings: Settings, **changes) -> Settings:
     return dataclasses.replace(settings, **changes)
+
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost", "::1")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a server bound to ``host`` can be reached from this computer only."""
+    h = (host or "").strip().strip("[]").lower()
+    if not h:
+        return False
+    if h in LOOPBACK_NAMES:
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False

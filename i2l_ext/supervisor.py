@@ -1,7 +1,8 @@
 """Starting, talking to and stopping the worker process. Never imports torch.
 
 The worker runs in its own process group (its own session on POSIX), so ending it ends
-everything it started, and all of its GPU memory comes back to the system.
+everything it started, and all of its GPU memory comes back to the system. It ends by itself when
+this process dies (``lifetime``: it is started with ``--parent`` from the long-lived spawner thread).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 
-from . import protocol
+from . import lifetime, protocol
 from .settings import EXT_ROOT
 from .contract import I2LError, T, Text, raw
 
@@ -77,9 +78,9 @@ class WorkerProcess:
         else:
             kwargs["start_new_session"] = True
         try:
-            self.proc = subprocess.Popen([self.python, "-u", "-m", "i2l_ext.worker", *self.args, *more_args],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         cwd=EXT_ROOT, env=self._env(), **kwargs)
+            self.proc = lifetime.spawn([self.python, "-u", "-m", "i2l_ext.worker", "--parent", str(os.getpid()),
+                                        *self.args, *more_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, cwd=EXT_ROOT, env=self._env(), **kwargs)
         except OSError as e:
             raise I2LError(I2LError.WORKER_START, T("m_start_failed", python=self.python, error=raw(e)),
                            REPAIR_HINT) from None

@@ -432,3 +432,51 @@ def test_standby_ends_with_its_host(worker_python, tiny_models, lora_dir):
         assert gone(pid, 15)
     finally:
         host.kill()
+
+
+# -- no process outlives its parent ----------------------------------------------------------------
+def test_cli_killed_mid_job_leaves_no_worker_and_the_next_job_sweeps_its_partials(worker_python, tiny_models,
+                                                                                   tmp_path, images):
+    lora = tmp_path / "L"
+    lora.mkdir()
+    python, shim = slow_worker(worker_python, 60)
+    env = dict(os.environ, PYTHONPATH=ROOT, **shim)
+    base = [sys.executable, "-m", "i2l_ext", "make", *images, "--models-dir", tiny_models, "--lora-dir", str(lora)]
+    cli = subprocess.Popen(base + ["--name", "killed", "--python", python], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(n.endswith(".i2l-partial") and ".safetensors" in n
+                                                       for n in os.listdir(lora)):
+            time.sleep(0.1)
+        workers = [p for p in group_members_of_children(cli.pid)]
+        assert workers, "no worker found"
+        cli.kill()                                        # kill -9: no cleanup of its own
+        cli.wait(10)
+        assert all(gone(w, 2.0) for w in workers)
+    finally:
+        cli.kill()
+    left = sorted(os.listdir(lora))
+    assert any(n.endswith(".i2l-partial") for n in left) and any(n.endswith(".i2l-claim") for n in left)
+    p = subprocess.run(base + ["--name", "next", "--python", worker_python], env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(lora)) == ["next.json", "next.preview.png", "next.safetensors"]
+
+
+def group_members_of_children(parent: int) -> list[int]:
+    """Worker processes whose parent is ``parent``."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"i2l_ext.worker" in cmd and fields[0] != "Z":
+            out.append(int(d))
+    return out

@@ -49,10 +49,11 @@ def cmd_status(args) -> int:
             st["ok"] = False
             st["state"] = "damaged" if st["state"] == "ready" else st["state"]
             st["error"] = st["verify"]["error"]
+    text = st.pop("text", None)
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
         return 0 if st["ok"] else 1
-    print(st["message"])
+    print(text.render(surface="cli") if text is not None else st["message"])
     print(f"  folder:  {st['env_dir']}")
     if st["python"]:
         print(f"  python:  {st['python']}")

@@ -33,9 +33,11 @@ def event_kwargs(concurrent: bool = False, **extra) -> dict:
 
 
 def queue(blocks, concurrency: int = 8):
+    """The queue every event goes through; no direct HTTP calls around it (on 3.41 those could also
+    claim any client address)."""
     if GR4:
-        return blocks.queue(default_concurrency_limit=concurrency)
-    return blocks.queue(concurrency_count=concurrency)
+        return blocks.queue(default_concurrency_limit=concurrency, api_open=False)
+    return blocks.queue(concurrency_count=concurrency, api_open=False)
 
 
 def file_path(f) -> str | None:

@@ -206,10 +206,15 @@ class ModelsPanel:
             with gr.Row():
                 self.which = compat.dropdown(self.variants, "style", label=t("models_variant"),
                                              elem_id="i2l_models_variant")
+                # Where other computers reach the page, the download source is the owner's to choose
+                # (`python -m i2l_ext models source` on the server): shown, not changeable.
+                owner = not ctl.config.remote
                 self.source = compat.dropdown(self.source_choices, current if has_hub else None,
-                                              label=t("models_source"), elem_id="i2l_models_source", visible=has_hub)
+                                              label=t("models_source"), elem_id="i2l_models_source", visible=has_hub,
+                                              interactive=owner)
                 self.mirror = gr.Textbox(value=endpoint, label=t("models_mirror"), placeholder="https://hf-mirror.com",
-                                         elem_id="i2l_models_mirror", lines=1, max_lines=1, visible=has_hub)
+                                         elem_id="i2l_models_mirror", lines=1, max_lines=1, visible=has_hub,
+                                         interactive=owner)
             with gr.Row():
                 dl_btn = gr.Button(t("download"), elem_id="i2l_download", size="sm", variant="primary")
                 dl_cancel = gr.Button(t("cancel_download"), elem_id="i2l_download_cancel", size="sm")
@@ -265,6 +270,8 @@ class ModelsPanel:
         ctl.refresh_config()            # download into the folder the settings name now
         try:
             src = None
+            if ctl.config.remote:
+                source_name = None               # the owner's remembered source, whatever the page sent
             if source_name:
                 mirror_url = (mirror_url or "").strip()
                 src = hub.get_source(source_name, mirror_url or None)

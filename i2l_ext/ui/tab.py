@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import os
+import tempfile
 import threading
 import time
 
@@ -70,6 +71,7 @@ class Controller:
         problems = []
         for p in compat.file_paths(files):
             try:
+                self.check_readable(p)
                 images_mod.inspect_images([p])
             except I2LError as e:
                 problems.append(e)
@@ -176,11 +178,18 @@ class Controller:
             note = f'<div class="i2l-note">{esc(t("host_cannot_use", host=hosts.host_label(self.host)))}</div>'
         return f'<div class="i2l-result" data-path="{esc(r.path)}"><table>{body}</table>{warn}{note}</div>'
 
+    def check_readable(self, path: str) -> None:
+        from ..images import check_readable
+        check_readable(self.config, path, [os.environ.get("GRADIO_TEMP_DIR")
+                                           or os.path.join(tempfile.gettempdir(), "gradio")])
+
     def request(self, images, folder, variant, name, subfolder, overwrite, weight, activation, description,
                 vram_profile, key_format, bias) -> JobRequest:
         paths = list(images or [])
         if folder and folder.strip():
             paths.append(os.path.expanduser(folder.strip()))
+        for p in paths:
+            self.check_readable(p)
         return JobRequest(images=paths, name=(name or "").strip(), variant=variant or "style",
                           bias=bool(bias) if variant == "coarse-fine" else None, subfolder=(subfolder or "").strip(),
                           overwrite=bool(overwrite), key_format=key_format or "diffusers",
@@ -206,8 +215,12 @@ class Controller:
             return out(notice=err_of(e), fetch=compat.update(visible=True), missing=missing, **kw)
 
         self.refresh_config()
-        req = self.request(images, folder, variant, name, subfolder, overwrite, weight, activation, description,
-                           vram_profile, key_format, bias)
+        try:
+            req = self.request(images, folder, variant, name, subfolder, overwrite, weight, activation, description,
+                               vram_profile, key_format, bias)
+        except I2LError as e:
+            yield out(notice=err_of(e))
+            return
         if not req.images:
             yield out(notice=error_html(I2LError.BAD_INPUT, T("err_no_images"), T("fix_no_images")))
             return
@@ -440,6 +453,7 @@ def build(ctl: Controller):
                     remove_btn = gr.Button(t("remove_selected"), elem_id="i2l_remove", size="sm")
                     clear_btn = gr.Button(t("clear_images"), elem_id="i2l_clear", size="sm")
                 folder = gr.Textbox(label=t("folder_label"), placeholder=t("folder_placeholder"), elem_id="i2l_folder",
+                                    visible=not ctl.config.remote or bool(ctl.config.image_dirs),
                                     lines=1, max_lines=1)
                 variant = gr.Radio(choices=variant_choices(), value=ctl.config.default_variant, label=t("variant_label"),
                                    elem_id="i2l_variant")

@@ -41,9 +41,10 @@ def _claim_stdout() -> None:
 
 def parse_args(argv: list[str]):
     """The worker's command line, given by the host (``supervisor.WorkerProcess``):
-    ``[--vram-limit-gb GB] [--trace FILE] [--standby | --prefetch FILE...] [--record-code]``."""
+    ``[--parent PID] [--vram-limit-gb GB] [--trace FILE] [--standby | --prefetch FILE...] [--record-code]``."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m i2l_ext.worker", add_help=False)
+    p.add_argument("--parent", type=int, default=0)
     p.add_argument("--vram-limit-gb", type=float, default=0.0)
     p.add_argument("--trace", default=None)
     p.add_argument("--standby", action="store_true")
@@ -378,6 +379,8 @@ def record_code_main() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from .. import lifetime
+    lifetime.exit_with_parent(args.parent)         # first: never outlive the host, even mid-import
     from . import warmstart
     warmstart.TRACE_FILE = args.trace
     if args.record_code:

@@ -92,6 +92,8 @@ def test_messages_are_translated():
             if key in NAMES_OK:
                 continue
             words = sum(c.isalpha() for lit, _, _, _ in string.Formatter().parse(text) for c in lit)
+            if not any(not c.isspace() for lit, _, _, _ in string.Formatter().parse(text) for c in lit):
+                continue                                   # only fields: nothing to translate
             assert cjk.search(zh[key]) if words >= 4 else zh[key] != text, (key, zh[key])
 
 

@@ -194,7 +194,8 @@ def test_weights_missing_offers_download_now(page, hub_app, hub, tiny_models, sa
     assert not page.is_visible("#i2l_download_now")
     page.click("#i2l_run")
     page.wait_for_selector("#i2l_notice .i2l-error[data-code='weights_missing']")
-    assert "`python -m i2l_ext models download style`" in page.inner_text("#i2l_notice")
+    notice = page.inner_text("#i2l_notice")
+    assert f"`python -m i2l_ext models download style --models-dir {hub_app.models_dir}`" in notice   # its own folder
     page.wait_for_selector("#i2l_download_now", state="visible")
     assert not page.is_visible("#i2l_download")             # the Models panel is still closed
     shot(page, artifacts, "34-weights-missing")

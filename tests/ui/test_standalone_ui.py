@@ -96,8 +96,8 @@ def test_non_image_upload(page, app, sample_images, artifacts):
 def test_paste_image(page, app, artifacts):
     open_tab(page, app)
     page.evaluate("""async () => {
-        const c = document.createElement('canvas'); c.width = 32; c.height = 24;
-        const g = c.getContext('2d'); g.fillStyle = '#3a7'; g.fillRect(0, 0, 32, 24);
+        const c = document.createElement('canvas'); c.width = 320; c.height = 240;
+        const g = c.getContext('2d'); g.fillStyle = '#3a7'; g.fillRect(0, 0, 320, 240);
         const blob = await new Promise(r => c.toBlob(r, 'image/png'));
         const dt = new DataTransfer(); dt.items.add(new File([blob], 'pasted.png', {type: 'image/png'}));
         document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true}));
