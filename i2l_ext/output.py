@@ -329,16 +329,25 @@ def _claim(plan: OutputPlan, job_id: str) -> None:
                 fd, created = os.open(plan.claim, os.O_RDWR), False
             except FileNotFoundError:
                 continue                     # released meanwhile: try again
-        if not (created and fcntl is None) and not _try_lock(fd):
-            os.close(fd)
-            raise taken
-        if not _still_there(fd, plan.claim):   # removed by its owner or a sweep just now
+        try:
+            held = os.open(plan.claim, os.O_RDONLY)  # the lock is held on a read-only handle: no file of
+        except OSError:                              # the job stays open for writing (a disk can go read-only)
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, 0)
-        os.write(fd, payload)
-        _HELD[plan.claim] = (job_id, fd)
+        if not (created and fcntl is None) and not _try_lock(held):
+            os.close(held)
+            os.close(fd)
+            raise taken
+        if not _still_there(held, plan.claim):   # removed by its owner or a sweep just now
+            os.close(held)
+            os.close(fd)
+            continue
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, payload)
+        finally:
+            os.close(fd)
+        _HELD[plan.claim] = (job_id, held)
         return
     raise taken
 

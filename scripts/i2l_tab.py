@@ -67,8 +67,10 @@ def on_ui_settings():
             lo, hi, step = s.slider
             info = shared.OptionInfo(s.default, label, gr.Slider, {"minimum": lo, "maximum": hi, "step": step},
                                      section=section)
-        else:
-            info = shared.OptionInfo("" if s.default is None else s.default, label, section=section)
+        elif s.kind == "bool":
+            info = shared.OptionInfo(bool(s.default), label, section=section)
+        else:                   # a folder or an interpreter: empty leaves it to the flag, environment, default
+            info = shared.OptionInfo("", label, section=section)
         shared.opts.add_option(s.option, info)
 
 

@@ -480,3 +480,62 @@ def group_members_of_children(parent: int) -> list[int]:
         if int(fields[1]) == parent and b"i2l_ext.worker" in cmd and fields[0] != "Z":
             out.append(int(d))
     return out
+
+
+# -- every OSError ends the job with a clear error ---------------------------------------------------
+def _in_private_mount(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``script`` (sh) in a mount namespace of its own, where it may mount a tmpfs as the Lora
+    folder and make it full or read-only; skipped where this machine allows no such namespace."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm): " + probe.stderr.decode()[-200:])
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_a_full_disk_ends_the_job_with_a_clear_error(worker_python, tiny_models, tmp_path, images):
+    lora = tmp_path / "L"
+    lora.mkdir()
+    make = " ".join([sys.executable, "-m", "i2l_ext", "make", *images, "--models-dir", tiny_models,
+                     "--lora-dir", str(lora), "--name", "full", "--python", worker_python])
+    p = _in_private_mount(f"mount -t tmpfs -o size=1m none {lora} && {make}; echo rc=$?; ls -a {lora}")
+    assert "rc=2" in p.stdout, p.stderr
+    assert "the disk is full" in p.stderr and "this needs" in p.stderr, p.stderr
+    assert p.stdout.split("rc=2", 1)[1].split() == [".", ".."]        # nothing left behind
+
+
+def test_a_folder_turned_read_only_mid_job_ends_it_with_a_clear_error(worker_python, tiny_models, tmp_path, images):
+    lora = tmp_path / "L"
+    lora.mkdir()
+    python, shim = slow_worker(worker_python, 5)
+    make = " ".join([sys.executable, "-m", "i2l_ext", "make", *images, "--models-dir", tiny_models,
+                     "--lora-dir", str(lora), "--name", "ro", "--python", python])
+    script = (f"export SHIM_PYTHON={shim['SHIM_PYTHON']} SHIM_PAUSE_BEFORE_WRITE=5; "
+              f"mount -t tmpfs none {lora} && "
+              f"(while ! ls -a {lora} | grep -q 'safetensors.i2l-partial'; do sleep 0.1; done; "
+              f"mount -o remount,ro {lora}) & {make}; echo rc=$?; ls -a {lora}")
+    t0 = time.monotonic()
+    p = _in_private_mount(script)
+    assert time.monotonic() - t0 < 240                                   # it ended: no hang
+    assert "rc=2" in p.stdout, p.stdout + p.stderr
+    assert "read-only" in p.stderr, p.stderr
+    assert not [n for n in p.stdout.split("rc=2", 1)[1].split() if not n.startswith(".")]   # no LoRA appeared
+
+
+def test_cli_refuses_a_weight_that_is_not_a_number_and_says_each_notice_once(worker_python, tiny_models, tmp_path):
+    from helpers import make_image
+    lora = tmp_path / "L"
+    small = make_image(tmp_path / "small.png", size=(100, 80))
+    base = [sys.executable, "-m", "i2l_ext", "make", small, "--models-dir", tiny_models, "--lora-dir", str(lora),
+            "--python", worker_python]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run(base + ["--name", "w", "--weight", "nan"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "not a number between -10 and 10" in p.stderr
+    p = subprocess.run(base + ["--name", "w", "--description", "a\udc80b"], capture_output=True, text=True, env=env,
+                       timeout=120, errors="surrogateescape")
+    assert p.returncode == 2 and "broken character" in p.stderr
+    assert not lora.exists() or os.listdir(lora) == []
+    p = subprocess.run(base + ["--name", "once"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("small.png is small (100x80)") == 1, p.stderr
+    assert "Made the Lora folder" not in p.stderr or p.stderr.count("Made the Lora folder") == 1

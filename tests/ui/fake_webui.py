@@ -56,7 +56,7 @@ class Options:
     def add_option(self, key, info):
         self.data_labels[key] = info
         self.data.setdefault(key, PRESET.get(key, info.default))
-        record("add_option", key=key, section=list(info.section or []))
+        record("add_option", key=key, section=list(info.section or []), default_type=type(info.default).__name__)
 
     def __getattr__(self, key):
         if key in ("data", "data_labels"):

@@ -103,6 +103,8 @@ def test_registers_tab_and_settings(webui):
     keys = {c["key"] for c in ev if c["event"] == "add_option"}
     assert {"i2l_models_dir", "i2l_worker_python", "i2l_language", "i2l_vram_profile", "i2l_free_vram"} <= keys
     assert all(c["section"][0] == "i2l" for c in ev if c["event"] == "add_option")
+    # defaults of plain types: A1111 builds its settings API's pydantic model from them at start
+    assert {c["default_type"] for c in ev if c["event"] == "add_option"} <= {"str", "bool", "int", "float"}
     assert "torch_imported" not in webui.events()
     assert "app_started" in webui.events()
     assert "i2l_standby" in keys
