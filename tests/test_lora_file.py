@@ -1,6 +1,7 @@
 """The LoRA writer (i2l_ext.worker.lora_file): files the real safetensors library reads back
 exactly, laid out as its own writer lays them out, written without copying the tensors."""
 import json
+import os
 import struct
 
 import pytest
@@ -103,6 +104,9 @@ def test_views_of_one_buffer_go_out_as_one_write(tmp_path, monkeypatch):
             writes.append(len(mv))
             return self.f.write(mv)
 
+        def fileno(self):
+            return self.f.fileno()
+
         def __enter__(self):
             return self
 
@@ -110,8 +114,12 @@ def test_views_of_one_buffer_go_out_as_one_write(tmp_path, monkeypatch):
             self.f.close()
 
     monkeypatch.setattr(lora_file, "open", lambda *a, **k: Counting(real_open(*a, **k)), raising=False)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(lora_file.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     lora_file.write(str(tmp_path / "y.safetensors"), lora, {"a": "b"})
     assert len(writes) == 2 and writes[1] == buf.numel() * 2     # the header, then the whole buffer
+    assert len(synced) == 1                                     # on the disk before it is renamed
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path):

@@ -14,6 +14,8 @@ of its own element size, as ``save_file`` lays them out.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import struct
 
 from .weights import _DTYPES
@@ -71,18 +73,42 @@ def _runs(tensors: list) -> list:
     return [torch.empty(0, dtype=torch.uint8).set_(st, at, (n,)) for st, at, n in runs]
 
 
+def _writeback_starter():
+    """Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writing a range to the disk without
+    waiting, so the ``fsync`` at the end waits only for the last piece. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return lambda fd, offset, n: fn(fd, offset, n, 2)
+    except (OSError, AttributeError):
+        return None
+
+
+_START_WRITEBACK = _writeback_starter()
+
+
 def write(path: str, tensors: dict, metadata: dict | None = None) -> int:
-    """Write ``tensors`` (name -> CPU tensor) and ``metadata`` to ``path`` as safetensors; returns
-    the file's size. The caller writes to a temporary name and renames."""
+    """Write ``tensors`` (name -> CPU tensor) and ``metadata`` to ``path`` as safetensors, on the
+    disk (``fsync``) when this returns; returns the file's size. The caller writes to a temporary
+    name and renames."""
     head, order = layout(tensors, metadata)
     size = len(head)
     with open(path, "wb", buffering=0) as f:
         pending = bytearray(head)     # small pieces (the header, kohya's alpha scalars) go out together
+        written = 0
 
         def put(mv):
+            nonlocal written
             done = 0
             while done < len(mv):
                 done += f.write(mv[done:])
+            if _START_WRITEBACK is not None and len(mv) >= SMALL:
+                _START_WRITEBACK(f.fileno(), written, len(mv))
+            written += len(mv)
         for run in _runs([tensors[k] for k in order]):
             mv = memoryview(run.numpy()).cast("B")
             size += len(mv)
@@ -95,4 +121,5 @@ def write(path: str, tensors: dict, metadata: dict | None = None) -> int:
             put(mv)
         if pending:
             put(memoryview(pending))
+        os.fsync(f.fileno())
     return size
