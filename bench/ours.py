@@ -128,25 +128,24 @@ class Bench:
             for ev in job.events(timeout=None):
                 t = round(C.now() - t_click, 3)
                 if keep_events and ev.get("type") == "progress":
-                    events.append((t, ev.get("phase"), ev.get("step"), ev.get("total"), ev.get("message")))
+                    events.append((t, ev.get("phase"), ev.get("step"), ev.get("total"), str(ev.get("text"))))
             job.wait()
         t_done = C.now()
         rec = {"from_click_s": round(t_done - t_click, 3), "state": job.state, "images": len(req.images),
                "profile_requested": req.vram_profile, "driver_peak": vs.peak or None, "samples": vs.samples}
         if job.result:
-            r = job.result
+            r = dict(job.result.to_dict(), **job.result.extra)
             rec.update({k: r.get(k) for k in ("seconds", "timings", "peak_vram", "profile", "keys", "rank", "bytes",
                                               "device", "dtype")})
             for k in r:
                 if k.startswith(("stat", "vram", "ram", "load", "weights")) and k not in rec:
                     rec[k] = r[k]
         if job.error is not None:
-            rec["error"] = job.error.to_dict()
-            if rec["error"].get("details"):
-                rec["error"]["details"] = str(rec["error"]["details"])[-4000:]
+            rec["error"] = {"code": job.error.code, "message": job.error.message, "fix": job.error.fix,
+                            "details": str(job.error.details)[-4000:]}
         if keep_events:
             rec["events"] = events
-            rec["log"] = job.log[-80:]
+            rec["log"] = job.log_lines(last=80)
         self._cleanup_output(job)
         print(f"  job {req.name}: {rec['state']} in {rec['from_click_s']} s"
               + (f", peak {C.gb(rec.get('peak_vram'))} GB" if rec.get("peak_vram") else "")
@@ -156,9 +155,9 @@ class Bench:
 
     @staticmethod
     def _cleanup_output(job) -> None:
-        r = job.result or {}
+        r = job.result
         for k in ("path", "sidecar", "preview"):
-            p = r.get(k)
+            p = getattr(r, k, None)
             if p and os.path.isfile(p):
                 try:
                     os.remove(p)
