@@ -85,3 +85,21 @@ def slow_worker(worker_python: str, pause: float = 30.0) -> tuple[str, dict]:
     """(the worker interpreter, its extra environment) for a worker that pauses ``pause`` s before
     it moves a job's files into place (tests/shims/slow_worker.py)."""
     return SLOW_PYTHON, {"SHIM_PYTHON": worker_python, "SHIM_PAUSE_BEFORE_WRITE": str(pause)}
+
+
+def children(parent: int, command_part: bytes | None = None) -> list[int]:
+    """Live processes whose parent is ``parent`` (with ``command_part`` in their command line, if given)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z" and (command_part is None or command_part in cmd):
+            out.append(int(d))
+    return out

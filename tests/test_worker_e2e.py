@@ -18,7 +18,7 @@ from i2l_ext import catalog
 from i2l_ext.settings import Settings
 from i2l_ext.contract import I2LError
 from i2l_ext.service import JobRequest, Service
-from helpers import ROOT, gone, slow_worker
+from helpers import ROOT, children, gone, slow_worker
 
 
 def group_members(pgid):
@@ -449,7 +449,7 @@ def test_cli_killed_mid_job_leaves_no_worker_and_the_next_job_sweeps_its_partial
         while time.monotonic() < deadline and not any(n.endswith(".i2l-partial") and ".safetensors" in n
                                                        for n in os.listdir(lora)):
             time.sleep(0.1)
-        workers = [p for p in group_members_of_children(cli.pid)]
+        workers = children(cli.pid, b"i2l_ext.worker")
         assert workers, "no worker found"
         cli.kill()                                        # kill -9: no cleanup of its own
         cli.wait(10)
@@ -462,24 +462,6 @@ def test_cli_killed_mid_job_leaves_no_worker_and_the_next_job_sweeps_its_partial
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(lora)) == ["next.json", "next.preview.png", "next.safetensors"]
-
-
-def group_members_of_children(parent: int) -> list[int]:
-    """Worker processes whose parent is ``parent``."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if int(fields[1]) == parent and b"i2l_ext.worker" in cmd and fields[0] != "Z":
-            out.append(int(d))
-    return out
 
 
 # -- every OSError ends the job with a clear error ---------------------------------------------------

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from helpers import gone, slow_worker
+from helpers import children, gone, slow_worker
 from ui_helpers import ROOT, free_port, name_state, progress, shot, type_name, upload, wait_count, wait_finished
 
 
@@ -53,20 +53,7 @@ class FakeWebUI:
 
     def workers(self) -> list[int]:
         """The worker processes this WebUI started."""
-        found = []
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    cmd = f.read().split(b"\0")
-            except OSError:
-                continue
-            if int(fields[1]) == self.proc.pid and b"i2l_ext.worker" in cmd and fields[0] != "Z":
-                found.append(int(d))
-        return found
+        return children(self.proc.pid, b"i2l_ext.worker")
 
     def files(self):
         return sorted(os.listdir(self.lora_dir))

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from helpers import ROOT, gone
+from helpers import ROOT, children, gone
 from ui_helpers import free_port
 
 sys.path.insert(0, ROOT)
@@ -41,20 +41,6 @@ def _wait_listening(port, proc, log, timeout=120):
         assert proc.poll() is None, open(log).read()[-3000:]
         assert time.monotonic() < deadline, open(log).read()[-3000:]
         time.sleep(0.3)
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(d))
-    return out
 
 
 def test_a_bind_beyond_loopback_needs_a_login(tmp_path):
@@ -150,12 +136,12 @@ def test_the_launcher_takes_the_app_and_its_worker_with_it(how, ui_python, tmp_p
                                 cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         _wait_listening(port, launcher, log)
-        apps = _children(launcher.pid)
+        apps = children(launcher.pid)
         assert len(apps) == 1
         deadline = time.monotonic() + 30
-        while not [w for w in _children(apps[0])] and time.monotonic() < deadline:
+        while not [w for w in children(apps[0])] and time.monotonic() < deadline:
             time.sleep(0.2)
-        workers = _children(apps[0])                      # the standby worker the app started
+        workers = children(apps[0])                      # the standby worker the app started
         assert workers
         if how == "sigterm":
             launcher.send_signal(signal.SIGTERM)
