@@ -429,6 +429,14 @@ def missing_roles(variant: Variant, models_dir: str, bias: bool | None = None, s
     return [r for r in _variant(variant).needed_roles(bias) if not locate(r, models_dir, search_dirs).present]
 
 
+TINY_MARKER = "i2l-tiny.json"        # written by ``python -m i2l_ext tiny-models`` beside the tiny random set
+
+
+def holds_tiny_set(models_dir: str) -> bool:
+    """Whether ``models_dir`` holds the tiny random-weight test set (its LoRAs are meaningless)."""
+    return os.path.isfile(os.path.join(models_dir, TINY_MARKER))
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

@@ -271,6 +271,45 @@ def release_when_done(job, lock) -> None:
     threading.Thread(target=run, daemon=True, name="i2l-queue-lock").start()
 
 
+# -- a weight sweep with the host's X/Y/Z plot -----------------------------------------------------
+SCRIPT_LIST, XYZ_TYPE, XYZ_VALUES = "script_list", "script_txt2img_xyz_plot_x_type", "script_txt2img_xyz_plot_x_values"
+XYZ_TITLE, PROMPT_SR = "X/Y/Z plot", "Prompt S/R"
+SWEEP_WEIGHTS = (1, 0.25, 0.5, 0.75, 1.25)      # Prompt S/R replaces the first, which is what the prompt holds
+_seen: dict = {}
+_sweep: dict = {}
+
+
+def remember_component(component, elem_id: str | None) -> None:
+    """Called for every component the host makes (``script_callbacks.on_after_component``): keeps
+    txt2img's script menu and its X/Y/Z plot's X axis fields, which the weight sweep fills. A new UI
+    (Reload UI) replaces them."""
+    if elem_id == SCRIPT_LIST:
+        _seen.setdefault("script_list", component)       # txt2img's comes first in each UI build
+    elif elem_id == XYZ_TYPE and "script_list" in _seen:
+        _sweep.clear()
+        _sweep.update(script_list=_seen.pop("script_list"), x_type=component)
+    elif elem_id == XYZ_VALUES and "x_type" in _sweep:
+        _sweep["x_values"] = component
+        _seen.clear()
+
+
+def sweep_components() -> list | None:
+    """[script menu, X type, X values] of txt2img, or None when this host has no X/Y/Z plot."""
+    if all(k in _sweep for k in ("script_list", "x_type", "x_values")):
+        return [_sweep["script_list"], _sweep["x_type"], _sweep["x_values"]]
+    return None
+
+
+def sweep_ready() -> bool:
+    return sweep_components() is not None
+
+
+def sweep_values(name: str) -> tuple[str, str]:
+    """(the prompt text, the X values) that make one Generate draw ``name`` at each sweep weight."""
+    tags = [f"<lora:{name}:{w:g}>" for w in SWEEP_WEIGHTS]
+    return tags[0], ", ".join(tags)
+
+
 # -- refreshing the Lora list ---------------------------------------------------------------------
 def refresh_loras() -> bool:
     """Make the host's Lora list see new or renamed files (the page then clicks its refresh button)."""

@@ -93,9 +93,46 @@
         return true;
     };
 
+    // "Add images": the upload box's own file dialog (the box itself is not shown).
+    window.i2l_pickFiles = function () {
+        const input = window.i2l_app().querySelector("#i2l_upload input[type=file]");
+        if (input) input.click();
+    };
+
+    function imageFiles(list) {
+        return Array.prototype.filter.call(list || [], function (f) {
+            return !f.type || f.type.indexOf("image/") === 0;
+        });
+    }
+
+    // The gallery that shows the images is where they are dropped.
+    function dropZone() {
+        return window.i2l_app().querySelector("#i2l_thumbs");
+    }
+    ["dragenter", "dragover"].forEach(function (type) {
+        document.addEventListener(type, function (e) {
+            const zone = dropZone();
+            if (!zone || !zone.contains(e.target)) return;
+            e.preventDefault();
+            zone.classList.add("i2l-drop-hover");
+        }, true);
+    });
+    ["dragleave", "drop"].forEach(function (type) {
+        document.addEventListener(type, function (e) {
+            const zone = dropZone();
+            if (!zone || !zone.contains(e.target)) return;
+            zone.classList.remove("i2l-drop-hover");
+            if (type !== "drop") return;
+            e.preventDefault();
+            e.stopPropagation();
+            const files = imageFiles(e.dataTransfer && e.dataTransfer.files);
+            if (files.length) window.i2l_addFiles(files);
+        }, true);
+    });
+
     // Paste images (Ctrl+V) anywhere while the tab is visible.
     document.addEventListener("paste", function (e) {
-        const zone = window.i2l_app().querySelector("#i2l_upload");
+        const zone = dropZone();
         if (!zone || zone.offsetParent === null) return;
         const data = e.clipboardData;
         if (!data) return;

@@ -38,7 +38,7 @@ def get_controller():
 
 
 def on_ui_tabs():
-    from i2l_ext import hosts, i18n
+    from i2l_ext import i18n
     ctl = get_controller()
     ctl.refresh_config()
     i18n.set_language(ctl.config.language)
@@ -88,7 +88,17 @@ def on_app_started(demo, app):
         threading.Thread(target=ctl.service.standby, daemon=True, name="i2l-standby").start()
 
 
+def on_after_component(component, **kwargs):
+    """txt2img's script menu and X/Y/Z plot fields, for "Send with a weight sweep"."""
+    elem_id = kwargs.get("elem_id")
+    if elem_id and elem_id.startswith("script_"):
+        from i2l_ext import hosts
+        hosts.remember_component(component, elem_id)
+
+
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(on_ui_settings)
 if hasattr(script_callbacks, "on_app_started"):
     script_callbacks.on_app_started(on_app_started)
+if hasattr(script_callbacks, "on_after_component"):
+    script_callbacks.on_after_component(on_after_component)

@@ -128,8 +128,17 @@ def models_html(ctl) -> str:
                      f'<div class="i2l-missing-files">{esc(", ".join(say(m) for m in r["missing"]))}</div>')
         rows.append(f'<tr data-variant="{esc(r["key"])}" data-ready="{int(r["ready"])}"><th>{esc(r["label"])}</th>'
                     f"<td>{state}</td></tr>")
-    return (f'<div class="i2l-models"><div class="i2l-models-dir">{esc(t("models_dir"))} '
-            f'<code>{esc(ctl.config.models_dir)}</code></div><table>{"".join(rows)}</table></div>')
+    head = f'<thead><tr><th>{esc(t("models_col_variant"))}</th><th>{esc(t("models_col_files"))}</th></tr></thead>'
+    return (f'<div class="i2l-models">{tiny_mark_html(ctl)}<div class="i2l-models-dir">{esc(t("models_dir"))} '
+            f'<code>{esc(ctl.config.models_dir)}</code></div><table>{head}<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def tiny_mark_html(ctl) -> str:
+    """A clear mark when the models folder holds the tiny random-weight test set."""
+    if not catalog.holds_tiny_set(ctl.config.models_dir):
+        return ""
+    return f'<div class="i2l-tiny-mark" data-tiny="1">{esc(t("tiny_mark"))}</div>'
+
 
 
 def _progress_html(p: dict | None, variant: str | None) -> str:

@@ -202,12 +202,17 @@ class Controller:
         keep = compat.update()
         hidden = compat.update(visible=False)
 
+        off = compat.update(interactive=False)
+
         def out(notice=keep, progress=keep, log=keep, result_vis=keep, preview=keep, info=keep, prompt=keep,
-                name_msg=keep, lib=keep, fetch=hidden, missing=None):
-            # fetch / missing: the "Download now" offer, made only when the job found weights missing
-            return [notice, progress, log, result_vis, preview, info, prompt, name_msg, lib, fetch, missing]
+                name_msg=keep, lib=keep, fetch=hidden, missing=None, cancel=off):
+            # fetch / missing: the "Download now" offer, made only when the job found weights missing;
+            # cancel: the Cancel button, usable only while a job runs
+            return [notice, progress, log, result_vis, preview, info, prompt, name_msg, lib, fetch, missing, cancel]
 
         def failed(e: I2LError, **kw):
+            # an error found before the job starts takes the place of the "Ready" line
+            kw.setdefault("progress", '<div class="i2l-progress" data-state="error" data-fraction="0"></div>')
             if e.code != I2LError.WEIGHTS_MISSING:
                 return out(notice=err_of(e), **kw)
             v = catalog.get_variant(req.variant)
@@ -219,22 +224,22 @@ class Controller:
             req = self.request(images, folder, variant, name, subfolder, overwrite, weight, activation, description,
                                vram_profile, key_format, bias)
         except I2LError as e:
-            yield out(notice=err_of(e))
+            yield failed(e)
             return
         if not req.images:
-            yield out(notice=error_html(I2LError.BAD_INPUT, T("err_no_images"), T("fix_no_images")))
+            yield failed(I2LError(I2LError.BAD_INPUT, T("err_no_images"), T("fix_no_images")))
             return
         problem = self.service.check_name(req.name, req.subfolder, req.overwrite)
         if problem:
-            yield out(notice=error_html(I2LError.BAD_INPUT, problem, T("fix_name")))
+            yield failed(I2LError(I2LError.BAD_INPUT, problem, T("fix_name")))
             return
         if self.service.busy:
-            yield out(notice=error_html(I2LError.BUSY, T("err_busy"), T("fix_busy")))
+            yield failed(I2LError(I2LError.BUSY, T("err_busy"), T("fix_busy")))
             return
         lock = None if self.standalone else hosts.queue_lock()
         if lock is not None:
             if not self._waiting.acquire(blocking=False):
-                yield out(notice=error_html(I2LError.BUSY, T("err_queued"), T("fix_busy")))
+                yield failed(I2LError(I2LError.BUSY, T("err_queued"), T("fix_busy")))
                 return
             waiter = hosts.LockWaiter(lock)     # the WebUIs' FIFOLock.acquire takes no timeout
             got = False
@@ -245,7 +250,7 @@ class Controller:
                         yield out(notice="", progress=self.progress_html(waiting=True), result_vis=hidden)
                         first = False
                     if self.service.busy:
-                        yield out(notice=error_html(I2LError.BUSY, T("err_busy"), T("fix_busy")))
+                        yield failed(I2LError(I2LError.BUSY, T("err_busy"), T("fix_busy")))
                         return
                 got = True
             finally:
@@ -257,7 +262,7 @@ class Controller:
         except I2LError as e:
             if lock is not None:
                 lock.release()
-            yield failed(e, progress=self.progress_html())
+            yield failed(e)
             return
         except Exception:
             if lock is not None:
@@ -265,13 +270,14 @@ class Controller:
             raise
         if lock is not None:
             hosts.release_when_done(job, lock)
-        yield out(notice="", progress=self.progress_html(job), log="", result_vis=hidden)
+        on = compat.update(interactive=True)
+        yield out(notice="", progress=self.progress_html(job), log="", result_vis=hidden, cancel=on)
         shown = 0
         while True:
             finished = job.wait(0.5)
             if len(job.log) != shown or not finished:
                 shown = len(job.log)
-                yield out(progress=self.progress_html(job), log=self.log_text(job))
+                yield out(progress=self.progress_html(job), log=self.log_text(job), cancel=on if not finished else off)
             if finished:
                 break
         log_text = self.log_text(job)
@@ -325,6 +331,17 @@ class Controller:
                           else err_of(e))
                 yield out(status=models.html(), progress=step.progress, accordion=compat.update(open=True),
                           notice=notice, fetch=compat.update(visible=True))
+
+    @staticmethod
+    def sweep(prompt):
+        """Updates for the host's script menu, X type and X values: X/Y/Z plot, Prompt S/R, the weights."""
+        import re
+        m = re.fullmatch(r"<lora:(.+):[^:>]*>", (prompt or "").strip())
+        if not m:
+            return compat.update(), compat.update(), compat.update()
+        _, values = hosts.sweep_values(m.group(1))
+        return (compat.update(value=hosts.XYZ_TITLE), compat.update(value=hosts.PROMPT_SR),
+                compat.update(value=values))
 
     def cancel(self):
         if self.service.cancel():
@@ -443,29 +460,33 @@ def build(ctl: Controller):
             repair_btn = gr.Button(t("repair_env"), elem_id="i2l_repair_env", size="sm")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, elem_id="i2l_inputs"):
-                upload = compat.file_component(label=t("upload_label"), elem_id="i2l_upload")
+                # One place for images: the gallery that shows them takes drops and pastes (the page
+                # script hands them to this upload box, kept in the page but not shown) and "Add images".
+                upload = compat.file_component(label=t("upload_label"), elem_id="i2l_upload",
+                                               elem_classes=["i2l-hidden-upload"])
                 images_state = gr.State([])
                 selected_image = gr.State(None)
-                count = gr.HTML(ctl.count_text([]), elem_id="i2l_count")
-                thumbs = gr.Gallery(label=t("thumbs_label"), elem_id="i2l_thumbs", columns=6, height=220,
+                thumbs = gr.Gallery(label=t("thumbs_label"), elem_id="i2l_thumbs", columns=6, height=240,
                                     allow_preview=False, show_label=True)
-                with gr.Row():
+                with gr.Row(elem_id="i2l_image_buttons"):
+                    add_btn = gr.Button(t("add_images"), elem_id="i2l_add", size="sm")
                     remove_btn = gr.Button(t("remove_selected"), elem_id="i2l_remove", size="sm")
                     clear_btn = gr.Button(t("clear_images"), elem_id="i2l_clear", size="sm")
-                folder = gr.Textbox(label=t("folder_label"), placeholder=t("folder_placeholder"), elem_id="i2l_folder",
-                                    visible=not ctl.config.remote or bool(ctl.config.image_dirs),
-                                    lines=1, max_lines=1)
+                count = gr.HTML(ctl.count_text([]), elem_id="i2l_count")
                 variant = gr.Radio(choices=variant_choices(), value=ctl.config.default_variant, label=t("variant_label"),
                                    elem_id="i2l_variant")
                 gr.HTML(variants_md(), elem_id="i2l_variant_info")
-                name = gr.Textbox(label=t("name_label"), placeholder="my_style", elem_id="i2l_name", lines=1, max_lines=1)
-                name_msg = gr.HTML(ctl.check_name("", "", False), elem_id="i2l_name_msg")
-                subfolder = gr.Textbox(label=t("subfolder_label"), placeholder=t("subfolder_placeholder"),
-                                       elem_id="i2l_subfolder", lines=1, max_lines=1)
-                with gr.Row():
-                    weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=t("weight_label"), elem_id="i2l_weight")
-                    activation = gr.Textbox(label=t("activation_text"), elem_id="i2l_activation", lines=1, max_lines=1)
                 with gr.Accordion(t("advanced"), open=False, elem_id="i2l_advanced"):
+                    folder = gr.Textbox(label=t("folder_label"), placeholder=t("folder_placeholder"),
+                                        elem_id="i2l_folder", visible=not ctl.config.remote or bool(ctl.config.image_dirs),
+                                        lines=1, max_lines=1)
+                    subfolder = gr.Textbox(label=t("subfolder_label"), placeholder=t("subfolder_placeholder"),
+                                           elem_id="i2l_subfolder", lines=1, max_lines=1)
+                    with gr.Row():
+                        weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=t("weight_label"), elem_id="i2l_weight")
+                        activation = gr.Textbox(label=t("activation_text"), elem_id="i2l_activation", lines=1,
+                                                max_lines=1)
+                    description = gr.Textbox(label=t("description_label"), elem_id="i2l_description", lines=2)
                     vram = gr.Radio(choices=[(t(f"vram_{p}"), p) for p in VRAM_PROFILES], value=ctl.config.vram_profile,
                                     label=t("vram_label"), elem_id="i2l_vram")
                     key_format = gr.Radio(choices=[(t(f"keys_{k}"), k) for k in KEY_FORMATS],
@@ -473,11 +494,13 @@ def build(ctl: Controller):
                     with gr.Row():
                         bias = gr.Checkbox(value=True, label=t("bias_label"), elem_id="i2l_bias")
                         overwrite = gr.Checkbox(value=False, label=t("overwrite_label"), elem_id="i2l_overwrite")
-                    description = gr.Textbox(label=t("description_label"), elem_id="i2l_description", lines=2)
             with gr.Column(scale=2, elem_id="i2l_run_col"):
+                tiny_mark = gr.HTML(panels.tiny_mark_html(ctl), elem_id="i2l_tiny_mark")
+                name = gr.Textbox(label=t("name_label"), placeholder="my_style", elem_id="i2l_name", lines=1, max_lines=1)
+                name_msg = gr.HTML(ctl.check_name("", "", False), elem_id="i2l_name_msg")
                 with gr.Row():
                     run_btn = gr.Button(t("make"), variant="primary", elem_id="i2l_run")
-                    cancel_btn = gr.Button(t("cancel"), variant="stop", elem_id="i2l_cancel")
+                    cancel_btn = gr.Button(t("cancel"), variant="stop", elem_id="i2l_cancel", interactive=False)
                 notice = gr.HTML("", elem_id="i2l_notice")
                 with gr.Row(visible=False, elem_id="i2l_fetch_row") as fetch_row:
                     fetch_btn = gr.Button(t("download_now"), variant="primary", elem_id="i2l_download_now", size="sm")
@@ -492,8 +515,10 @@ def build(ctl: Controller):
                     result_prompt = gr.Textbox(label=t("prompt_label"), interactive=False, elem_id="i2l_result_prompt",
                                                lines=1, max_lines=1)
                     with gr.Row():
-                        copy_btn = gr.Button(t("copy"), elem_id="i2l_copy", size="sm")
+                        copy_btn = gr.Button(t("copy_prompt"), elem_id="i2l_copy", size="sm")
                         send_btn = gr.Button(t("send_txt2img"), elem_id="i2l_send", size="sm", visible=host_only)
+                        sweep_btn = gr.Button(t("send_sweep"), elem_id="i2l_send_sweep", size="sm",
+                                              visible=host_only and hosts.sweep_ready())
         models = panels.ModelsPanel(ctl)
         with gr.Accordion(t("lib_title"), open=True, elem_id="i2l_library"):
             lib_rel = gr.State([])
@@ -507,7 +532,9 @@ def build(ctl: Controller):
                                     max_lines=1)
             with gr.Row():
                 lib_send = gr.Button(t("send_txt2img"), elem_id="i2l_lib_send", size="sm", visible=host_only)
-                lib_copy = gr.Button(t("copy"), elem_id="i2l_lib_copy", size="sm")
+                lib_sweep = gr.Button(t("send_sweep"), elem_id="i2l_lib_send_sweep", size="sm",
+                                      visible=host_only and hosts.sweep_ready())
+                lib_copy = gr.Button(t("copy_prompt"), elem_id="i2l_lib_copy", size="sm")
                 lib_new_name = gr.Textbox(label=t("lib_new_name"), elem_id="i2l_lib_new_name", lines=1, max_lines=1)
                 lib_rename = gr.Button(t("rename"), elem_id="i2l_lib_rename", size="sm")
                 lib_delete = gr.Button(t("delete"), elem_id="i2l_lib_delete", size="sm", variant="stop")
@@ -528,7 +555,7 @@ def build(ctl: Controller):
     run_inputs = [images_state, folder, variant, name, subfolder, overwrite, weight, activation, description, vram,
                   key_format, bias]
     run_outputs = [notice, progress, log, result_col, result_preview, result_info, result_prompt, name_msg, lib_gallery,
-                   fetch_row, missing_state]
+                   fetch_row, missing_state, cancel_btn]
     run_evt = run_btn.click(ctl.run, run_inputs, run_outputs,
                             **compat.event_kwargs(concurrent=True, show_progress="hidden"))
     if host_only:
@@ -557,6 +584,14 @@ def build(ctl: Controller):
     lib_copy.click(None, [lib_prompt], None, **compat.js(copy_js % "i2l_lib_copy"))
     send_btn.click(None, [result_prompt], None, **compat.js(send_js))
     lib_send.click(None, [lib_prompt], None, **compat.js(send_js))
+    host_xyz = hosts.sweep_components() if host_only else None
+    if host_xyz:
+        # The host's own X/Y/Z plot, set to Prompt S/R over the sweep's weights; then the prompt
+        # gets <lora:name:1> and txt2img comes to the front. One Generate compares the weights.
+        sweep_js = ("(p) => { if (window.i2l_sendToTxt2img && p) "
+                    "i2l_sendToTxt2img(p.replace(/:[^:>]*>$/, ':1>')); return []; }")
+        for button, prompt in ((sweep_btn, result_prompt), (lib_sweep, lib_prompt)):
+            button.click(ctl.sweep, [prompt], host_xyz, queue=False).then(None, [prompt], None, **compat.js(sweep_js))
 
     lib_outputs = [lib_gallery, lib_rel, lib_sel, lib_info, lib_prompt, lib_new_name, confirm_row]
     lib_refresh.click(ctl.library_refresh, None, lib_outputs)
@@ -573,7 +608,8 @@ def build(ctl: Controller):
     for comp in (variant, vram):
         comp.change(ctl.prewarm, [variant, vram, bias], None, queue=False, show_progress="hidden")
 
-    loaders = [(ctl.library_refresh, None, lib_outputs)]
+    loaders = [(ctl.library_refresh, None, lib_outputs), (lambda: panels.tiny_mark_html(ctl), None, tiny_mark)]
+    add_btn.click(None, None, None, **compat.js("() => { if (window.i2l_pickFiles) i2l_pickFiles(); return []; }"))
     if host_only:
         # In a WebUI the page loads with txt2img in front: the worker starts only when this tab is
         # opened (javascript/i2l.js clicks this hidden button), never merely because the page loaded.

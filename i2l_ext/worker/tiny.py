@@ -24,7 +24,7 @@ import torch
 
 from .. import catalog
 
-MARKER = "i2l-tiny.json"
+MARKER = catalog.TINY_MARKER
 TINY_FORMAT = 1
 
 # Sizes of the tiny set. The decoders' input is SigLIP2 hidden + DINOv3 hidden; their residual is

@@ -105,7 +105,9 @@ class Host:
         self.root = os.path.abspath(HOST_ROOT)
         self.artifacts = artifacts
         self.ext_dir = self._find_extension()
-        self.lora_dir = os.path.join(tmp, "flag-Lora")            # --i2l-lora-dir: not the WebUI's own
+        # Where LoRAs go: --i2l-lora-dir, or with I2L_HOST_LORA_FLAG=host the WebUI's own --lora-dir
+        self.lora_flag = "--lora-dir" if os.environ.get("I2L_HOST_LORA_FLAG") == "host" else "--i2l-lora-dir"
+        self.lora_dir = os.path.join(tmp, "flag-Lora")
         os.makedirs(self.lora_dir)
         self.models_dir = os.environ.get("I2L_TINY_MODELS") or os.path.join(tmp, "tiny-models")
         self.settings_file = os.path.join(tmp, "config.json")
@@ -145,7 +147,7 @@ class Host:
 
     def start(self) -> None:
         args = [HOST_PYTHON, "launch.py", "--port", str(self.port), "--ui-settings-file", self.settings_file,
-                "--i2l-models-dir", self.models_dir, "--i2l-lora-dir", self.lora_dir, *HOST_ARGS]
+                "--i2l-models-dir", self.models_dir, self.lora_flag, self.lora_dir, *HOST_ARGS]
         env = {k: v for k, v in os.environ.items() if not k.startswith("I2L_")}      # the flags alone decide
         env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
         self.log = open(self.log_path, "w", encoding="utf-8", errors="replace")     # closed by stop()
@@ -364,6 +366,29 @@ def test_send_to_txt2img(page, host, artifacts):
                            arg=f"<lora:{name}:1>", timeout=10_000)
     assert page.input_value("#txt2img_prompt textarea") == f"a photo of a cat, <lora:{name}:1>"
     _shot(page, artifacts, "04-sent-to-txt2img")
+
+
+def test_send_with_a_weight_sweep(page, host, artifacts):
+    """The host's own X/Y/Z plot set to Prompt S/R over the weights, the prompt given <lora:name:1>."""
+    name = _made.get("name")
+    if not name or not os.path.exists(os.path.join(host.lora_dir, name + ".safetensors")):
+        pytest.skip("no LoRA was made (see test_job_writes_lora)")
+    _to_txt2img(page)
+    page.fill("#txt2img_prompt textarea", "a photo of a cat")
+    _tab(page, TAB_TITLE)
+    page.wait_for_selector("#i2l_send_sweep", state="visible")
+    page.click("#i2l_send_sweep")
+    page.wait_for_selector("#txt2img_prompt textarea", state="visible")
+    page.wait_for_function("(t) => gradioApp().querySelector('#txt2img_prompt textarea').value.includes(t)",
+                           arg=f"<lora:{name}:1>", timeout=10_000)
+    values = ", ".join(f"<lora:{name}:{w}>" for w in ("1", "0.25", "0.5", "0.75", "1.25"))
+    page.wait_for_function("(v) => gradioApp().querySelector('#script_txt2img_xyz_plot_x_values textarea').value === v",
+                           arg=values, timeout=10_000)
+    shown = "e => e.innerText + ' ' + [...e.querySelectorAll('input')].map(i => i.value).join(' ')"
+    assert "X/Y/Z plot" in page.eval_on_selector("#txt2img_script_container #script_list", shown)
+    assert "Prompt S/R" in page.eval_on_selector("#script_txt2img_xyz_plot_x_type", shown)
+    assert page.is_visible("#script_txt2img_xyz_plot_x_values")      # the script's fields are shown
+    _shot(page, artifacts, "05-weight-sweep")
 
 
 def test_no_error_from_the_extension_in_the_host(page, host):

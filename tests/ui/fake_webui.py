@@ -100,7 +100,8 @@ callbacks = {}
 modules = module("modules", __path__=[])
 module("modules.script_callbacks", on_ui_tabs=lambda f: callbacks.setdefault("ui_tabs", f),
        on_ui_settings=lambda f: callbacks.setdefault("ui_settings", f),
-       on_app_started=lambda f: callbacks.setdefault("app_started", f))
+       on_app_started=lambda f: callbacks.setdefault("app_started", f),
+       on_after_component=lambda f: callbacks.setdefault("after_component", f))
 shared = module("modules.shared", opts=Options(), OptionInfo=OptionInfo, state=State(),
                 cmd_opts=parse_cmd_opts())
 
@@ -148,9 +149,37 @@ for m in list(sys.modules):
 import gradio as gr  # noqa: E402
 
 callbacks["ui_settings"]()
+
+
+def made(component, elem_id):
+    """What the WebUI does for every component it makes (its after-component hook)."""
+    if "after_component" in callbacks:
+        callbacks["after_component"](component, elem_id=elem_id)
+    return component
+
+
+# txt2img, built before the extensions' tabs as in the WebUI: the prompt, Generate, and the script
+# menu with an X/Y/Z plot whose X axis the weight sweep sets.
+with gr.Blocks(analytics_enabled=False) as txt2img_interface:
+    prompt = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=3)
+    with gr.Row():
+        gen = gr.Button("Generate", elem_id="txt2img_generate")
+        interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt")
+        refresh = gr.Button("refresh", elem_id="txt2img_lora_extra_refresh_internal", visible=True)
+    out = gr.Textbox(label="out", elem_id="txt2img_out")
+    refresh_count = gr.Textbox(value="0", label="refreshes", elem_id="txt2img_refresh_count")
+    script_list = made(gr.Dropdown(label="Script", elem_id="script_list", choices=["None", "X/Y/Z plot"],
+                                   value="None", type="index"), "script_list")
+    with gr.Column(visible=False, elem_id="fake_xyz") as xyz_group:
+        x_type = made(gr.Dropdown(label="X type", elem_id="script_txt2img_xyz_plot_x_type",
+                                  choices=["Nothing", "Seed", "Prompt S/R"], value="Seed", type="index"),
+                      "script_txt2img_xyz_plot_x_type")
+        x_values = made(gr.Textbox(label="X values", elem_id="script_txt2img_xyz_plot_x_values", lines=1),
+                        "script_txt2img_xyz_plot_x_values")
+    script_list.change(lambda i: gr.update(visible=i == 1), script_list, xyz_group)
+
 tabs = callbacks["ui_tabs"]()
 record("ui_tabs", tabs=[[t[1], t[2]] for t in tabs])
-
 HOST_JS = """
 window.gradioApp = function () {
     const elems = document.getElementsByTagName('gradio-app');
@@ -185,13 +214,7 @@ with open(os.path.join(ROOT, "javascript", "i2l.js"), encoding="utf-8") as f:
 with gr.Blocks(css=css, title="fake webui") as demo:
     with gr.Tabs(elem_id="tabs"):
         with gr.TabItem("txt2img", id="txt2img", elem_id="tab_txt2img"):
-            prompt = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=3)
-            with gr.Row():
-                gen = gr.Button("Generate", elem_id="txt2img_generate")
-                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt")
-                refresh = gr.Button("refresh", elem_id="txt2img_lora_extra_refresh_internal", visible=True)
-            out = gr.Textbox(label="out", elem_id="txt2img_out")
-            refresh_count = gr.Textbox(value="0", label="refreshes", elem_id="txt2img_refresh_count")
+            txt2img_interface.render()
         for blocks, title, elem_id in tabs:
             with gr.TabItem(title, id=elem_id, elem_id=f"tab_{elem_id}"):
                 blocks.render()

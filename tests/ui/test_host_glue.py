@@ -186,6 +186,25 @@ def test_job_in_host(page, webui, sample_images, artifacts):
                            ".includes('<lora:host_lora:1>')")
     shot(page, artifacts, "21-host-sent-to-txt2img")
 
+    # Send with a weight sweep: the host's own X/Y/Z plot, set to Prompt S/R over the weights
+    page.evaluate("() => { gradioApp().querySelector('#txt2img_prompt textarea').value = 'a cat'; "
+                  "updateInput(gradioApp().querySelector('#txt2img_prompt textarea')); }")
+    page.click("#tabs button:has-text('Image to LoRA')")
+    assert page.is_visible("#i2l_send_sweep")
+    page.click("#i2l_send_sweep")
+    page.wait_for_selector("#fake_xyz", state="visible")         # the script's own change shows its fields
+    page.wait_for_function("() => gradioApp().querySelector('#txt2img_prompt textarea').value"
+                           " === 'a cat, <lora:host_lora:1>'")
+    values = "<lora:host_lora:1>, <lora:host_lora:0.25>, <lora:host_lora:0.5>, <lora:host_lora:0.75>, " \
+             "<lora:host_lora:1.25>"
+    page.wait_for_function("(v) => gradioApp().querySelector('#script_txt2img_xyz_plot_x_values textarea').value === v",
+                           arg=values)
+    assert "X/Y/Z plot" in page.eval_on_selector("#script_list", "e => e.innerText + ' ' + "
+                                                 "[...e.querySelectorAll('input')].map(i => i.value).join(' ')")
+    assert "Prompt S/R" in page.eval_on_selector("#script_txt2img_xyz_plot_x_type", "e => e.innerText + ' ' + "
+                                                 "[...e.querySelectorAll('input')].map(i => i.value).join(' ')")
+    shot(page, artifacts, "22-host-weight-sweep")
+
 
 def test_interrupt_stops_job(page, webui, sample_images, artifacts):
     open_our_tab(page, webui)

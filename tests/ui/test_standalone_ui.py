@@ -11,6 +11,16 @@ from ui_helpers import (make_lora, name_state, open_tab, progress, shot, textbox
 def test_make_lora(page, app, sample_images, artifacts):
     open_tab(page, app)
     shot(page, artifacts, "01-empty")
+    # What a newcomer sees first, at 1000 px: the images, the name beside Make LoRA, a Cancel that is
+    # off while nothing runs, and a mark that these models are the tiny test set.
+    page.set_viewport_size({"width": 1280, "height": 1000})
+    for sel in ("#i2l_thumbs", "#i2l_name", "#i2l_run", "#i2l_add"):
+        box = page.locator(sel).bounding_box()
+        assert box and box["y"] + box["height"] <= 1000, sel
+    assert not page.is_visible("#i2l_upload")                     # one place for images: the gallery
+    assert page.is_disabled("#i2l_cancel")
+    assert page.locator("#i2l_tiny_mark [data-tiny='1']").count() == 1
+    page.set_viewport_size({"width": 1400, "height": 1600})
     upload(page, sample_images["images"])
     wait_count(page, 3)
     thumbs = page.query_selector_all("#i2l_thumbs .thumbnail-item")
@@ -23,10 +33,12 @@ def test_make_lora(page, app, sample_images, artifacts):
     assert captions == ["img0.png", "img2.png"]
     type_name(page, "ui_style")
     name_state(page, True, "ui_style.safetensors")
+    page.click("#i2l_advanced .label-wrap")
     page.fill("#i2l_activation input, #i2l_activation textarea", "ui style")
     shot(page, artifacts, "02-form")
 
     page.click("#i2l_run")
+    page.wait_for_function("() => !window.i2l_app().querySelector('#i2l_cancel').disabled")   # on while it runs
     running_shot = []
 
     def poll(p):
@@ -50,6 +62,9 @@ def test_make_lora(page, app, sample_images, artifacts):
     assert "MB" in info or "KB" in info
     page.wait_for_selector("#i2l_result_preview img")
     assert not page.is_visible("#i2l_send")                # host-only button hidden in the app
+    assert not page.is_visible("#i2l_send_sweep")
+    assert page.is_disabled("#i2l_cancel")                 # off again once it is over
+    assert page.inner_text("#i2l_copy").strip() == "Copy prompt"
     page.click("#i2l_copy")
     page.wait_for_function("() => window.i2l_lastCopied === '<lora:ui_style:1>'", timeout=10_000)
     name_state(page, False, "already exists")              # the name is taken now
@@ -74,6 +89,7 @@ def test_invalid_name(page, app, sample_images, artifacts):
     page.click("#i2l_run")
     page.wait_for_selector("#i2l_notice .i2l-error[data-code='bad_input']")
     assert "Fix" in page.inner_text("#i2l_notice")
+    assert "Ready" not in page.inner_text("#i2l_progress")   # the error takes the "Ready" line's place
     shot(page, artifacts, "05-invalid-name")
     with open(os.path.join(app.lora_dir, "taken.safetensors"), "wb") as f:
         f.write(b"x")
@@ -105,6 +121,18 @@ def test_paste_image(page, app, artifacts):
     wait_count(page, 1)
     captions = page.eval_on_selector_all("#i2l_thumbs .thumbnail-item", "es => es.map(e => e.innerText.trim())")
     assert captions == ["pasted.png"]
+    # dropped onto the gallery that shows them
+    page.evaluate("""async () => {
+        const c = document.createElement('canvas'); c.width = 300; c.height = 300;
+        const blob = await new Promise(r => c.toBlob(r, 'image/png'));
+        const dt = new DataTransfer(); dt.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+        const zone = window.i2l_app().querySelector('#i2l_thumbs');
+        zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true}));
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
+    }""")
+    wait_count(page, 2)
+    captions = page.eval_on_selector_all("#i2l_thumbs .thumbnail-item", "es => es.map(e => e.innerText.trim())")
+    assert captions == ["pasted.png", "dropped.png"]
 
 
 def test_library_rename_delete(page, app, sample_images, artifacts):
