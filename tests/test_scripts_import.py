@@ -60,3 +60,28 @@ def test_no_torch_or_gradio_at_import():
                                                           "numpy", "PIL", "safetensors")]
     assert heavy == [], heavy
     assert info["host"] == "a1111"          # a WebUI without Forge's packages
+
+
+# The tag names of AUTOMATIC1111's extension index (its tags.json).
+INDEX_TAGS = {"script", "localization", "tab", "dropdown", "ads", "installed", "training", "models",
+              "UI related", "prompting", "editing", "manipulations", "online", "animation", "query",
+              "science", "extras"}
+
+
+def test_index_entry_is_ready_for_the_extension_index():
+    with open(os.path.join(ROOT, "index", "sd-webui-i2l.json"), encoding="utf-8") as f:
+        entry = json.load(f)
+    assert set(entry) == {"name", "url", "description", "tags"}       # `added` is the index's to fill in
+    with open(os.path.join(ROOT, "i2l_ext", "locales", "en.json"), encoding="utf-8") as f:
+        assert entry["name"] == json.load(f)["tab_title"]              # what the user then finds as a tab
+    assert set(entry["tags"]) <= INDEX_TAGS and {"tab", "training"} <= set(entry["tags"])
+    assert "online" not in entry["tags"]                               # downloads are one-time; jobs are local
+    assert 40 < len(entry["description"]) < 250 and "\n" not in entry["description"]
+    url = entry["url"]
+    assert url.startswith("https://github.com/") and url.endswith(".git") and url.count("/") == 4, url
+    # the WebUI clones it into extensions/<the URL's last part>: the folder the docs and tests name
+    assert url.rsplit("/", 1)[1] == "sd-webui-i2l.git"
+    origin = subprocess.run(["git", "-C", ROOT, "remote", "get-url", "origin"], capture_output=True, text=True)
+    if origin.returncode == 0 and "github.com" in origin.stdout:         # a clone of the published repository
+        published = origin.stdout.strip().replace("git@github.com:", "https://github.com/")
+        assert url == (published if published.endswith(".git") else published + ".git")

@@ -7,6 +7,7 @@ refresh) are present only when ``controller.host != "standalone"``.
 from __future__ import annotations
 
 import html
+import itertools
 import os
 import tempfile
 import threading
@@ -52,6 +53,7 @@ class Controller:
         self.service = Service(config, hooks)
         self.settings_source = settings_source   # host: the settings in force, read again before each job
         self._waiting = threading.Lock()          # a click waiting for the host's queue lock
+        self._runs = itertools.count(1)           # each Make click's number, on its progress (data-run)
 
     @property
     def config(self):
@@ -136,9 +138,12 @@ class Controller:
         return f'<div class="i2l-name i2l-name-ok" data-ok="1">&#10003; {esc(t(key, path=target))}</div>'
 
     # -- the job -----------------------------------------------------------------------------
-    def progress_html(self, job=None, waiting: bool = False) -> str:
+    def progress_html(self, job=None, waiting: bool = False, run: int = 0) -> str:
+        """The progress line; `run` numbers the Make click it belongs to, so a page (and a test)
+        tells this click's state from the one before it."""
         if job is None and not waiting:
-            return f'<div class="i2l-progress" data-state="idle" data-fraction="0">{esc(t("progress_idle"))}</div>'
+            return (f'<div class="i2l-progress" data-state="idle" data-run="{run}" data-fraction="0">'
+                    f'{esc(t("progress_idle"))}</div>')
         if waiting:
             state, phase, frac, msg, secs = "queued", "start", 0.0, T("waiting_for_host"), 0
         else:
@@ -156,7 +161,7 @@ class Controller:
             steps.append(f'<span class="i2l-phase i2l-phase-{cls}" data-phase="{p}">{esc(t("phase_" + p))}</span>')
         pct = int(round(frac * 100))
         return (f'<div class="i2l-progress" data-state="{esc(state)}" data-phase="{esc(phase)}" '
-                f'data-fraction="{frac:.3f}"><div class="i2l-phases">{"".join(steps)}</div>'
+                f'data-run="{run}" data-fraction="{frac:.3f}"><div class="i2l-phases">{"".join(steps)}</div>'
                 f'<div class="i2l-bar i2l-bar-{esc(state)}"><div class="i2l-bar-fill" style="width:{pct}%"></div></div>'
                 f'<div class="i2l-progress-text"><b>{pct}%</b> &middot; {esc(msg)} &middot; '
                 f'{esc(t("seconds", s=f"{secs:.0f}"))}</div></div>')
@@ -203,6 +208,10 @@ class Controller:
         hidden = compat.update(visible=False)
 
         off = compat.update(interactive=False)
+        n = next(self._runs)
+
+        def prog(job=None, waiting=False):
+            return self.progress_html(job, waiting, run=n)
 
         def out(notice=keep, progress=keep, log=keep, result_vis=keep, preview=keep, info=keep, prompt=keep,
                 name_msg=keep, lib=keep, fetch=hidden, missing=None, cancel=off):
@@ -212,7 +221,7 @@ class Controller:
 
         def failed(e: I2LError, **kw):
             # an error found before the job starts takes the place of the "Ready" line
-            kw.setdefault("progress", '<div class="i2l-progress" data-state="error" data-fraction="0"></div>')
+            kw.setdefault("progress", f'<div class="i2l-progress" data-state="error" data-run="{n}" data-fraction="0"></div>')
             if e.code != I2LError.WEIGHTS_MISSING:
                 return out(notice=err_of(e), **kw)
             v = catalog.get_variant(req.variant)
@@ -247,7 +256,7 @@ class Controller:
                 first = True
                 while not waiter.wait(0.5):
                     if first:
-                        yield out(notice="", progress=self.progress_html(waiting=True), result_vis=hidden)
+                        yield out(notice="", progress=prog(waiting=True), result_vis=hidden)
                         first = False
                     if self.service.busy:
                         yield failed(I2LError(I2LError.BUSY, T("err_busy"), T("fix_busy")))
@@ -271,13 +280,13 @@ class Controller:
         if lock is not None:
             hosts.release_when_done(job, lock)
         on = compat.update(interactive=True)
-        yield out(notice="", progress=self.progress_html(job), log="", result_vis=hidden, cancel=on)
+        yield out(notice="", progress=prog(job), log="", result_vis=hidden, cancel=on)
         shown = 0
         while True:
             finished = job.wait(0.5)
             if len(job.log) != shown or not finished:
                 shown = len(job.log)
-                yield out(progress=self.progress_html(job), log=self.log_text(job), cancel=on if not finished else off)
+                yield out(progress=prog(job), log=self.log_text(job), cancel=on if not finished else off)
             if finished:
                 break
         log_text = self.log_text(job)
@@ -288,16 +297,16 @@ class Controller:
                 hosts.refresh_loras()
             preview = r.preview
             yield out(notice=notice_html(t("done_msg", name=r.name or req.name), "ok"),
-                      progress=self.progress_html(job), log=log_text, result_vis=compat.update(visible=True),
+                      progress=prog(job), log=log_text, result_vis=compat.update(visible=True),
                       preview=preview if preview and os.path.exists(preview) else None,
                       info=self.result_info_html(r), prompt=r.prompt, name_msg=name_msg,
                       lib=self.library_gallery())
         elif job.state == "cancelled":
-            yield out(notice=notice_html(t("cancelled_msg"), "warn"), progress=self.progress_html(job),
+            yield out(notice=notice_html(t("cancelled_msg"), "warn"), progress=prog(job),
                       log=log_text, name_msg=name_msg)
         else:
             e = job.error or I2LError(I2LError.INTERNAL, T("err_unknown"))
-            yield failed(e, progress=self.progress_html(job), log=log_text, name_msg=name_msg)
+            yield failed(e, progress=prog(job), log=log_text, name_msg=name_msg)
 
     def fetch_missing(self, models, missing, source_name, mirror_url):
         """Generator for "Download now" after a job found weights missing: the Models panel's own

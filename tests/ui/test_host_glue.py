@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from helpers import children, gone, slow_worker
-from ui_helpers import ROOT, free_port, name_state, progress, shot, type_name, upload, wait_count, wait_finished
+from ui_helpers import ROOT, click_run, free_port, name_state, progress, shot, type_name, upload, wait_count, wait_finished
 
 
 class FakeWebUI:
@@ -146,7 +146,7 @@ def test_job_in_host(page, webui, sample_images, artifacts):
     type_name(page, "host_lora")
     name_state(page, True, os.path.join(webui.lora_dir, "host_lora.safetensors"))
     standby = webui.workers()
-    page.click("#i2l_run")
+    click_run(page)
     # while the job runs, a txt2img Generate waits for the queue lock
     deadline = time.monotonic() + 120
     while progress(page)["state"] != "running":
@@ -213,7 +213,7 @@ def test_interrupt_stops_job(page, webui, sample_images, artifacts):
     wait_count(page, 1)
     type_name(page, "interrupted")
     name_state(page, True, "interrupted")
-    page.click("#i2l_run")
+    click_run(page)
     deadline = time.monotonic() + 120
     while True:
         p = progress(page)

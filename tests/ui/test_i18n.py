@@ -202,7 +202,7 @@ def test_english_detector():
 
 
 def test_a_job_on_a_chinese_page_shows_no_english(page, zh_app, sample_images, artifacts):
-    from ui_helpers import name_state, open_tab, progress, shot, type_name, upload, wait_count, wait_finished
+    from ui_helpers import click_run, name_state, open_tab, progress, shot, type_name, upload, wait_count, wait_finished
     open_tab(page, zh_app)
     seen: dict = {}
     upload(page, sample_images["images"][:2])
@@ -214,7 +214,7 @@ def test_a_job_on_a_chinese_page_shows_no_english(page, zh_app, sample_images, a
     name_state(page, True, "zh_style")
 
     # a job that works: progress while it runs, the log, the result
-    page.click("#i2l_run")
+    click_run(page)
     polls = []
     final, _ = wait_finished(page, on_poll=lambda p: (polls.append(p), assert_chinese(page, f"running {p}", seen)))
     assert final["state"] == "done", page_texts(page)

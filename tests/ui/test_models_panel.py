@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ui_helpers import (name_state, open_tab, shot, start_app, stop_app, type_name, upload, wait_count,
+from ui_helpers import (click_run, name_state, open_tab, shot, start_app, stop_app, type_name, upload, wait_count,
                         wait_finished)
 
 STYLE = "Qwen-Image-i2L-Style.safetensors"
@@ -216,7 +216,7 @@ def test_weights_missing_offers_download_now(page, hub_app, hub, tiny_models, sa
     assert_nothing_partial(hub_app.models_dir, hub)
     shot(page, artifacts, "35-downloaded-now")
 
-    page.click("#i2l_run")                                    # and the job runs now
+    click_run(page)                                    # and the job runs now
     final, _ = wait_finished(page)
     assert final["state"] == "done", page.inner_text("#i2l_notice")
     assert not page.is_visible("#i2l_download_now")

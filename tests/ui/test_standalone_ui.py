@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 
-from ui_helpers import (make_lora, name_state, open_tab, progress, shot, textbox_value, type_name, upload,
+from ui_helpers import (click_run, make_lora, name_state, open_tab, progress, shot, textbox_value, type_name, upload,
                         wait_count, wait_finished)
 
 
@@ -37,7 +37,7 @@ def test_make_lora(page, app, sample_images, artifacts):
     page.fill("#i2l_activation input, #i2l_activation textarea", "ui style")
     shot(page, artifacts, "02-form")
 
-    page.click("#i2l_run")
+    click_run(page)
     page.wait_for_function("() => !window.i2l_app().querySelector('#i2l_cancel').disabled")   # on while it runs
     running_shot = []
 
@@ -180,7 +180,7 @@ def test_cancel_mid_run_and_busy(browser, slow_app, sample_images, artifacts):
     type_name(page, "cancel_me")
     name_state(page, True, "cancel_me")
     shot(page, artifacts, "09-zh-form")
-    page.click("#i2l_run")
+    click_run(page)
     deadline = time.monotonic() + 240
     while True:                                            # the worker pauses before writing
         p = progress(page)

@@ -120,6 +120,15 @@ def progress(page) -> dict:
             "fraction": float(el.get_attribute("data-fraction") or 0)}
 
 
+def click_run(page) -> None:
+    """Make LoRA, then wait until the progress line is this click's (its data-run changes), so the
+    state read next is never the one an earlier click left."""
+    before = page.eval_on_selector("#i2l_progress .i2l-progress", "e => e.dataset.run")
+    page.click("#i2l_run")
+    page.wait_for_function("b => { const el = window.i2l_app().querySelector('#i2l_progress .i2l-progress');"
+                           " return el && el.dataset.run !== b; }", arg=before)
+
+
 def wait_finished(page, timeout=300, on_poll=None) -> tuple[dict, list[dict]]:
     seen = []
     deadline = time.monotonic() + timeout
@@ -143,7 +152,7 @@ def make_lora(page, app, images, name):
     wait_count(page, len(images))
     type_name(page, name)
     name_state(page, True, name)
-    page.click("#i2l_run")
+    click_run(page)
     final, seen = wait_finished(page)
     assert final["state"] == "done", page.inner_text("#i2l_notice")
     return seen
