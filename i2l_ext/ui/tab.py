@@ -293,6 +293,9 @@ class Controller:
         name_msg = self.check_name(req.name, req.subfolder, False)
         if job.state == "done":
             r = job.result
+            # the name is now taken by this job's own LoRA: said as news, not as a mistake
+            name_msg = (f'<div class="i2l-name i2l-name-made" data-ok="0">&#10003; '
+                        f'{esc(t("name_made", name=r.name or req.name))}</div>')
             if not self.standalone:
                 hosts.refresh_loras()
             preview = r.preview

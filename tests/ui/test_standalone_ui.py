@@ -67,7 +67,12 @@ def test_make_lora(page, app, sample_images, artifacts):
     assert page.inner_text("#i2l_copy").strip() == "Copy prompt"
     page.click("#i2l_copy")
     page.wait_for_function("() => window.i2l_lastCopied === '<lora:ui_style:1>'", timeout=10_000)
-    name_state(page, False, "already exists")              # the name is taken now
+    name_state(page, False, "is made")                     # the name is taken now, by this LoRA: news, not an error
+    assert page.query_selector("#i2l_name_msg .i2l-name-made") and not page.query_selector("#i2l_name_msg .i2l-name-bad")
+    type_name(page, "ui_style2")                           # typing gives the usual check back
+    name_state(page, True, "ui_style2.safetensors")
+    type_name(page, "ui_style")
+    name_state(page, False, "already exists")
     page.wait_for_function("() => [...(window.i2l_app().querySelectorAll('#i2l_lib_gallery .thumbnail-item'))]"
                            ".some(e => e.innerText.includes('ui_style.safetensors'))")
     shot(page, artifacts, "04-result")
