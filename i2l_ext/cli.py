@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_cli_flag(p, "key_format")
     settings.add_cli_flag(p, "vram_profile")
     settings.add_cli_flag(p, "vram_limit_gb", metavar="GB")
+    settings.add_cli_flag(p, "gpus", metavar="N", help="the GPU the job runs on, e.g. 1 (default: what the "
+                          "environment shows; or I2L_GPUS)")
     p.add_argument("--weight", type=float, default=1.0, help="preferred weight written to the card (default 1)")
     p.add_argument("--activation-text", default="", help="activation text for the card")
     p.add_argument("--description", default="", help="description for the card")

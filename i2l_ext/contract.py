@@ -107,13 +107,14 @@ class I2LError(Exception):
     WORKER_START = "worker_start"      # interpreter missing, environment broken
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
-    BUSY = "busy"
+    BUSY = "busy"                      # a download already running
+    QUEUE_FULL = "queue_full"          # too many jobs waiting for a worker
     DOWNLOAD = "download"
     ENVIRONMENT = "environment"
     NOT_ALLOWED = "not_allowed"        # a remote client asked for what only the owner may do
     INTERNAL = "internal"
     CODES = (BAD_INPUT, NAME_TAKEN, OUTPUT, WEIGHTS_MISSING, WEIGHTS_INVALID, OUT_OF_MEMORY, WORKER_CRASHED,
-             WORKER_START, TIMEOUT, CANCELLED, BUSY, DOWNLOAD, ENVIRONMENT, NOT_ALLOWED, INTERNAL)
+             WORKER_START, TIMEOUT, CANCELLED, BUSY, QUEUE_FULL, DOWNLOAD, ENVIRONMENT, NOT_ALLOWED, INTERNAL)
 
     def __init__(self, code: str, text: Text, fix: Text | None = None, details: str = ""):
         if not isinstance(text, Text) or not (fix is None or isinstance(fix, Text)):

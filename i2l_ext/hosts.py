@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 import threading
+from typing import Callable
 
 from . import settings as settings_mod
 from .service import HostHooks
@@ -257,18 +258,67 @@ def _release(lock) -> None:
         pass
 
 
-def release_when_done(job, lock) -> None:
-    """Hold ``lock`` (already acquired) until ``job`` ends, from a thread of its own, so a page
-    closed mid-run can never leave the WebUI locked."""
-    def run():
+class HostGate:
+    """The WebUI's queue lock, held while any job of ours runs, so a txt2img click waits for the job
+    instead of fighting it for the GPU. Jobs running side by side (one per GPU) share one hold: the
+    first to start takes the lock (waiting for a generation in progress), the last to end gives it
+    back, and ``first`` / ``last`` run then (the WebUI's VRAM freed, and given back)."""
+
+    def __init__(self, lock, first: Callable[[], None] = lambda: None, last: Callable[[], None] = lambda: None):
+        self.lock, self.first, self.last = lock, first, last
+        self._mutex = threading.Lock()
+        self._users = 0
+        self._held = False
+        self._waiter: LockWaiter | None = None
+
+    def enter(self, cancelled: Callable[[], bool], waiting: Callable[[], None]) -> bool:
+        """Wait for the hold; False when ``cancelled()`` turns true first. Every ``enter`` is
+        followed by one ``leave``, whatever it returned."""
+        with self._mutex:
+            self._users += 1
+            if not self._held and self._waiter is None:
+                self._waiter = LockWaiter(self.lock) if self.lock is not None else None
+                if self._waiter is None:
+                    self._held = True
+                    self._run(self.first)
+        told = False
+        while True:
+            with self._mutex:
+                if self._held:
+                    return True
+                waiter = self._waiter
+            if waiter.wait(0.25):
+                with self._mutex:
+                    if not self._held and self._waiter is waiter:
+                        self._held, self._waiter = True, None
+                        self._run(self.first)
+                continue
+            if cancelled():
+                return False            # the caller's ``leave`` (after_job) still follows
+            if not told:
+                waiting()
+                told = True
+
+    def leave(self) -> None:
+        with self._mutex:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if self._held:
+                self._held = False
+                self._run(self.last)
+                if self.lock is not None:
+                    _release(self.lock)
+            elif self._waiter is not None:
+                self._waiter.abandon()
+                self._waiter = None
+
+    @staticmethod
+    def _run(fn) -> None:
         try:
-            job.wait()
-        finally:
-            try:
-                lock.release()
-            except RuntimeError:
-                pass
-    threading.Thread(target=run, daemon=True, name="i2l-queue-lock").start()
+            fn()
+        except Exception as e:      # never leaves the WebUI locked or the job hanging
+            print(f"[Image to LoRA] {e!r}")
 
 
 # -- a weight sweep with the host's X/Y/Z plot -----------------------------------------------------
@@ -302,6 +352,17 @@ def sweep_components() -> list | None:
 
 def sweep_ready() -> bool:
     return sweep_components() is not None
+
+
+def sweep_choice(component, wanted: str) -> str:
+    """The value among ``component``'s own choices that is ``wanted`` compared without case:
+    Forge Classic titles its script "X/Y/Z Plot" where AUTOMATIC1111 and reForge say "X/Y/Z plot",
+    and a type="index" menu given a value not among its choices hands the host's handlers None."""
+    for c in getattr(component, "choices", None) or ():
+        label, value = (c[0], c[1]) if isinstance(c, (list, tuple)) else (c, c)
+        if str(label).casefold() == wanted.casefold():
+            return value
+    return wanted
 
 
 def sweep_values(name: str) -> tuple[str, str]:
@@ -343,25 +404,37 @@ def lora_cards_refreshable(host: str | None = None) -> bool:
 
 # -- hooks ----------------------------------------------------------------------------------------
 class WebUIHooks(HostHooks):
-    """Frees the host's VRAM before a job, gives it back after (A1111), watches Interrupt."""
+    """Holds the WebUI's queue lock while jobs run (``HostGate``): frees the host's VRAM before,
+    gives it back after (A1111), shows the WebUI busy, watches Interrupt."""
 
     def __init__(self, host: str | None = None, restore: bool = True):
         self.host = host or detect_host()
         self.restore = restore
         self._moved_model = None
         self._began = False
+        self._free_vram = True
+        self.gate = HostGate(queue_lock(), first=self._begin, last=self._end)
 
-    def before_job(self, settings) -> None:
+    def before_job(self, settings, job) -> bool:
+        from .contract import T
+        self._free_vram = bool(settings.free_vram)
+        return self.gate.enter(lambda: job._cancel.is_set(),
+                               lambda: job._progress("start", 0, 1, T("waiting_for_host")))
+
+    def after_job(self) -> None:
+        self.gate.leave()
+
+    def _begin(self) -> None:
         try:
             from modules import shared
             shared.state.begin(job="i2l")        # clears a stale Interrupt and shows the job as busy
             self._began = True
         except Exception:
             self._began = False
-        if settings.free_vram:
+        if self._free_vram:
             self._free()
 
-    def after_job(self) -> None:
+    def _end(self) -> None:
         try:
             if self.restore:
                 self._give_back()

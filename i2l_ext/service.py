@@ -1,14 +1,16 @@
-"""Running jobs, one at a time, on a worker that stays warm between them.
+"""Running jobs in one first-come queue, on workers that stay warm between them.
 
-The tab, the CLI and the standalone app all go through ``Service``. A job reads as named steps:
-``start`` checks the request (``JobRequest.check``), the images, the model files and the output
-(``output.plan_output`` claims the name) in the calling process, so mistakes are reported at once
-and nothing runs; ``_run`` gets a worker, hands it the ``JobSpec`` and turns what comes back into
-``Job`` state and events; whatever happens, the job ends, its output is committed or taken back,
-and the service is free again.
+The tab, the HTTP API, the CLI and the standalone app all go through ``Service``. A job reads as
+named steps: ``start`` checks the request (``JobRequest.check``), the images, the model files and
+the output (``output.plan_output`` claims the name) in the calling process, so mistakes are
+reported at once and nothing runs, then puts the job in the queue; a free ``Slot`` (one worker
+process, seeing one GPU) takes the oldest queued job; ``_run`` hands the worker the ``JobSpec`` and
+turns what comes back into ``Job`` state and events; whatever happens, the job ends, its output is
+committed or taken back, and the slot takes the next job.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import uuid
@@ -19,7 +21,10 @@ from .contract import I2LError, JobRequest, JobResult, JobSpec, T, Text, raw
 from .settings import Settings
 from .supervisor import WorkerProcess
 
-__all__ = ["Service", "Job", "JobRequest", "HostHooks", "PHASE_SPAN"]
+__all__ = ["Service", "Slot", "Job", "JobRequest", "HostHooks", "PHASE_SPAN", "QUEUE_MAX"]
+
+QUEUE_MAX = 32          # jobs waiting for a worker; one more is refused (QUEUE_FULL)
+KEEP_FINISHED = 100     # finished jobs the service still answers about (the API's GET /jobs/{id})
 
 # Share of the progress bar given to each phase (the worker reports steps within a phase).
 PHASE_SPAN = {"start": (0.0, 0.05), "load": (0.05, 0.45), "encode": (0.45, 0.75), "decode": (0.75, 0.92),
@@ -30,8 +35,10 @@ ROLE_ORDER = ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "b
 class HostHooks:
     """What a host does around a job. The default (standalone, CLI) does nothing."""
 
-    def before_job(self, settings) -> None:
-        pass
+    def before_job(self, settings, job: "Job") -> bool:
+        """Before a job uses its worker; False when the job was cancelled meanwhile. A host waits
+        here for its GPU (its queue lock) and says so in ``job``'s progress."""
+        return True
 
     def after_job(self) -> None:
         pass
@@ -62,7 +69,7 @@ class LogLine:
 class Job:
     request: JobRequest
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:output.JOB_ID_LEN])
-    state: str = "starting"          # starting | running | done | error | cancelled
+    state: str = "queued"            # queued | starting | running | done | error | cancelled
     phase: str = "start"
     fraction: float = 0.0
     message: Text = field(default_factory=lambda: T("m_starting"))
@@ -70,6 +77,8 @@ class Job:
     result: JobResult | None = None
     error: I2LError | None = None
     started: float = field(default_factory=time.time)
+    ahead: int = 0                   # queued: jobs before it in the queue
+    worker: int | None = None        # the slot that runs it
 
     def __post_init__(self):
         self._events: list[dict] = []
@@ -140,20 +149,26 @@ class Job:
         return True
 
     def cancel(self) -> None:
+        """Stop the job: a queued one leaves the queue at once, a running one within a second."""
         self._cancel.set()
+        on_cancel = getattr(self, "_on_cancel", None)
+        if on_cancel is not None:
+            on_cancel(self)
+
 
 
 class Service:
+    """The queue and the slots that run its jobs. ``config.gpus`` gives one slot per GPU (each worker
+    sees only its own); without it, one slot whose worker sees what the host sees."""
+
     def __init__(self, config: Settings, hooks: HostHooks | None = None):
         self.config = config
         self.hooks = hooks or HostHooks()
-        self._lock = threading.Lock()
-        self._job: Job | None = None
-        self._worker: WorkerProcess | None = None
-        self._idle_timer: threading.Timer | None = None
-        self._wlock = threading.RLock()      # held while the worker starts or is asked something
-        self._standby: WorkerProcess | None = None   # a worker started ahead of need (``standby``)
-        self._job_thread: threading.Thread | None = None
+        self._lock = threading.RLock()              # the queue, the slots' jobs, the job list
+        self._queue: collections.deque[Job] = collections.deque()
+        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._plans: dict[str, tuple[JobSpec, output.OutputPlan]] = {}
+        self.slots = [Slot(self, i, d) for i, d in enumerate(config.worker_devices)]
         self._closed = False
 
     # -- checks the tab runs as the user types -------------------------------------------------
@@ -167,27 +182,36 @@ class Service:
 
     # -- jobs ----------------------------------------------------------------------------------
     @property
-    def current(self) -> Job | None:
-        return self._job
-
-    @property
     def busy(self) -> bool:
-        return self._job is not None and not self._job.finished
+        """Whether a job is running (or waiting for a worker)."""
+        with self._lock:
+            return bool(self._queue) or any(sl.job is not None for sl in self.slots)
+
+    def job(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
 
     def start(self, req: JobRequest) -> Job:
-        """Check everything a job needs and start it; raises ``I2LError`` (nothing started) when
-        something is wrong."""
+        """Check everything a job needs, claim its name and queue it; a free worker takes it at once.
+        Raises ``I2LError`` (nothing queued) when something is wrong or the queue is full."""
         req.check()
         with self._lock:
-            if self.busy:
-                raise I2LError(I2LError.BUSY, T("err_busy"), T("fix_busy"))
+            if self._closed:
+                raise I2LError(I2LError.CANCELLED, T("m_job_cancelled"))
+            if len(self._queue) >= QUEUE_MAX:
+                raise I2LError(I2LError.QUEUE_FULL, T("err_queue_full", n=QUEUE_MAX), T("fix_queue_full"))
             job = Job(request=req)
-            spec, plan = self._prepare(job)       # raises before anything runs
-            self._job = job
-            self._cancel_idle_timer()
-        t = threading.Thread(target=self._run, args=(job, spec, plan), daemon=True, name=f"i2l-job-{job.id}")
-        self._job_thread = t
-        t.start()
+            self._plans[job.id] = self._prepare(job)       # raises before anything is queued
+            job._on_cancel = self._cancelled
+            self._jobs[job.id] = job
+            self._forget_old()
+            self._queue.append(job)
+            self._number_queue()
+            self._dispatch()
         return job
 
     def run(self, req: JobRequest) -> Job:
@@ -195,12 +219,54 @@ class Service:
         job.wait()
         return job
 
-    def cancel(self) -> bool:
-        job = self._job
-        if job is None or job.finished:
-            return False
-        job.cancel()
-        return True
+    def cancel(self, job_id: str | None = None) -> bool:
+        """Cancel one job, or (no id) every job that has not ended. Whether there was one."""
+        with self._lock:
+            jobs = [self._jobs[job_id]] if job_id in self._jobs else [] if job_id else list(self._jobs.values())
+        jobs = [j for j in jobs if not j.finished]
+        for j in jobs:
+            j.cancel()
+        return bool(jobs)
+
+    def position(self, job: Job) -> int | None:
+        """How many jobs are before ``job`` in the queue (None once a worker has it)."""
+        with self._lock:
+            return job.ahead if job.state == "queued" else None
+
+    def _cancelled(self, job: Job) -> None:
+        """A queued job leaves the queue at once and gives its name back."""
+        with self._lock:
+            if job not in self._queue:
+                return                              # running: its slot sees the cancel
+            self._queue.remove(job)
+            self._number_queue()
+            spec, plan = self._plans.pop(job.id)
+        output.abort(plan)
+        output.release(plan)
+        job._finish("cancelled", None, I2LError(I2LError.CANCELLED, T("m_job_cancelled")))
+
+    def _number_queue(self) -> None:
+        for i, j in enumerate(self._queue):
+            j.ahead = i
+
+    def _forget_old(self) -> None:
+        done = [k for k, j in self._jobs.items() if j.finished]
+        for k in done[:max(0, len(done) - KEEP_FINISHED)]:
+            del self._jobs[k]
+
+    def _dispatch(self) -> None:
+        """Each free slot takes the oldest queued job (the first slot first: its worker is the warm one)."""
+        with self._lock:
+            if self._closed:
+                return
+            for sl in self.slots:
+                if not self._queue:
+                    return
+                if sl.job is None:
+                    job = self._queue.popleft()
+                    self._number_queue()
+                    spec, plan = self._plans.pop(job.id)
+                    sl.take(job, spec, plan)
 
     def _prepare(self, job: Job) -> tuple[JobSpec, output.OutputPlan]:
         """The job's inputs checked and its output claimed: images, model files, then the name."""
@@ -227,171 +293,114 @@ class Service:
                        metadata={"modelspec.title": req.name}, card=card)
         return spec, plan
 
-    def _worker_python(self) -> str:
+    def worker_python(self) -> str:
         from .envsetup import find_worker_python
         return find_worker_python(self.config.worker_python, self.config.worker_env)
 
-    def _spawn(self, prefetch_files: list[str] | None = None) -> WorkerProcess:
-        python = self._worker_python()
-        sb = self._take_standby(python)
-        if sb is not None:
-            sb.log = self._route_log
-            self._worker = sb
-            try:
-                sb.wake(prefetch_files, timeout=self.config.start_timeout)
-                return sb
-            except I2LError:
-                if sb.alive:
-                    raise
-                sb.kill()               # it died while waiting: a fresh worker says why, if anything
-        w = WorkerProcess(python, extra_env=dict(self.config.worker_env_vars), args=self.config.worker_args(),
-                          log=self._route_log)
-        self._worker = w
-        w.start(prefetch_files, timeout=self.config.start_timeout)
-        return w
-
-    # -- standby worker ----------------------------------------------------------------------------
+    # -- the workers, through the first slot (the one a single-GPU machine has) ------------------
     def standby(self) -> bool:
-        """Start a worker ahead of need, when the WebUI (or the app) has started and whenever the
-        warm worker has gone: it imports torch and the model code, then waits holding no GPU
-        memory and no weights (about 0.7 GB of RAM). The next job or tab load wakes it and
-        starts with the weights' reading instead of seconds of imports. Returns whether one is
-        there (or starting); never waits for it. Off with ``Config.standby = False``."""
-        if not self.config.standby or self._closed:
-            return False
-        if not self._wlock.acquire(timeout=0.05):
-            return False                    # a worker is being started right now
-        try:
-            if self._closed or self.busy or (self._worker is not None and self._worker.alive):
-                return False
-            sb = self._standby
-            if sb is not None and sb.alive:
-                return True
-            try:
-                w = WorkerProcess(self._worker_python(), extra_env=dict(self.config.worker_env_vars),
-                                  args=self.config.worker_args())
-                w.start_standby()
-            except I2LError:
-                return False                # no environment yet: the job will say what to do
-            self._standby = w
-            return True
-        finally:
-            self._wlock.release()
-
-    def _take_standby(self, python: str) -> WorkerProcess | None:
-        """The standby worker, if it is alive and was started the way a worker would be now."""
-        sb, self._standby = self._standby, None
-        if sb is None:
-            return None
-        if sb.alive and sb.standby and sb.python == python and sb.extra_env == dict(self.config.worker_env_vars) \
-                and sb.args == self.config.worker_args():
-            return sb
-        sb.kill()                           # settings changed since it started
-        return None
-
-    def standby_pid(self) -> int | None:
-        sb = self._standby
-        return sb.pid if sb is not None and sb.alive else None
-
-    def standby_ready(self, timeout: float = 0.0) -> bool:
-        """Whether the standby worker has its code imported (waiting up to ``timeout`` s)."""
-        sb = self._standby
-        return sb is not None and sb.alive and sb.standby_ready.wait(timeout)
-
-    def stop_standby(self) -> None:
-        sb, self._standby = self._standby, None
-        if sb is not None:
-            sb.shutdown(timeout=2.0)
-
-    def _ensure_worker(self, job: Job, spec: JobSpec) -> WorkerProcess:
-        with self._wlock:
-            w = self._worker
-            if w is not None and w.alive and w.args != self.config.worker_args():
-                self._stop_worker()             # started with other settings (the VRAM limit)
-            elif w is not None and w.alive:
-                job._log("info", T("m_worker_warm", pid=w.pid))
-                return w
-            job._progress("start", 0, 1, T("m_starting_worker"))
-            w = self._spawn([p for role in ROLE_ORDER for p in spec.files.get(role, [])])
-        hello = w.hello or {}
-        job._log("info", T("m_worker_ready_info", pid=hello.get('pid'), device=hello.get('device'), torch=hello.get('torch'), diffsynth=hello.get('diffsynth')))
-        job._progress("start", 1, 1, T("m_worker_ready"))
-        return w
+        """A standby worker in every free slot (see ``Slot.standby``); whether the first has one."""
+        return [sl.standby() for sl in self.slots][0]
 
     def prewarm(self, variant: str = "style", bias: bool | None = None, vram_profile: str = "auto",
                 wait: bool = False) -> threading.Thread | None:
-        """Start the worker and begin reading the variant's weights before the click.
-
-        Does nothing while a job runs, or when the weights are missing (the job will say so).
-        """
-        if self.busy:
-            return None
-        try:
-            v = catalog.get_variant(variant)
-            b = v.bias_default if bias is None else bool(bias)
-            files = self.resolve_files(v.key, b)
-        except I2LError:
-            return None
-        spec = JobSpec(variant=v.key, bias=b, files=files, models_dir=self.config.models_dir,
-                       vram_profile=vram_profile if vram_profile in ("auto", "gpu", "cpu_offload", "disk") else "auto")
-        flat = [p for role in ROLE_ORDER for p in files.get(role, [])]
-
-        def run():
-            try:
-                with self._wlock:
-                    if self.busy:
-                        return
-                    w = self._worker
-                    if w is None or not w.alive:
-                        w = self._spawn(flat)
-                    w.send({"type": "prefetch", "spec": spec.to_dict()})
-                self._after_job()          # the idle timer applies to a prewarmed worker too
-            except I2LError:
-                pass
-        t = threading.Thread(target=run, daemon=True, name="i2l-prewarm")
-        t.start()
-        if wait:
-            t.join()
-        return t
+        return self.slots[0].prewarm(variant, bias, vram_profile, wait)
 
     def worker_stats(self, timeout: float = 10.0) -> dict | None:
-        """VRAM the idle worker holds (None when there is no worker or a job is running)."""
-        return self._ask({"type": "stats"}, "stats", timeout)
+        return self.slots[0].ask({"type": "stats"}, "stats", timeout)
 
     def park(self, timeout: float = 5.0) -> dict | None:
-        """Free the VRAM the idle worker still holds from its last job (the weights it kept on the
-        GPU for a next job; they stay in RAM). The host calls it before it generates. Returns the
-        worker's answer (``freed`` bytes, VRAM after), or None when there is nothing to ask: no
-        worker, one still starting (it holds nothing yet), a job running (it parks on its own),
-        or no answer in time. Never keeps the caller waiting on a worker's start."""
-        return self._ask({"type": "park"}, "parked", timeout, wait_for_start=False)
+        """Every idle worker frees the VRAM it kept from its last job (see ``Slot.park``); the
+        answers summed (``freed`` bytes), or None when no worker answered."""
+        replies = [r for r in (sl.park(timeout) for sl in self.slots) if r]
+        if not replies:
+            return None
+        out = dict(replies[0])
+        out["freed"] = sum(int(r.get("freed") or 0) for r in replies)
+        return out
 
-    def _ask(self, msg: dict, answer: str, timeout: float, during_job: bool = False,
-             wait_for_start: bool = True) -> dict | None:
-        if self.busy and not during_job:
-            return None
-        if not self._wlock.acquire(timeout=-1 if wait_for_start else 0.05):
-            return None                   # a worker is being started (or asked) right now
-        try:
-            w = self._worker
-            if w is None or not w.alive or (self.busy and not during_job):
-                return None
-            w.send(msg)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                reply = w.next_message(max(0.0, deadline - time.monotonic()))
-                if reply is None:
-                    return None
-                if reply["type"] == answer:
-                    return reply
-            return None
-        finally:
-            self._wlock.release()
+    def worker_pid(self) -> int | None:
+        return self.slots[0].worker_pid()
+
+    def worker_pids(self) -> list[int]:
+        return [p for p in (sl.worker_pid() for sl in self.slots) if p]
+
+    def standby_pid(self) -> int | None:
+        return self.slots[0].standby_pid()
+
+    def standby_ready(self, timeout: float = 0.0) -> bool:
+        return self.slots[0].standby_ready(timeout)
+
+    def stop_standby(self) -> None:
+        for sl in self.slots:
+            sl.stop_standby()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            queued = list(self._queue)
+        for job in queued:
+            job.cancel()
+        for sl in self.slots:
+            sl.cancel_job()
+        for sl in self.slots:
+            sl.shutdown()
+
+
+class Slot:
+    """One worker process and its life: started for a job (or ahead of need, as a standby), kept warm
+    between jobs, stopped when idle. ``device``: the GPU it sees (``CUDA_VISIBLE_DEVICES``), or None
+    for whatever the host's environment shows."""
+
+    def __init__(self, service: Service, index: int, device: str | None):
+        self.service = service
+        self.index = index
+        self.device = device
+        self.job: Job | None = None
+        self._worker: WorkerProcess | None = None
+        self._standby: WorkerProcess | None = None   # a worker started ahead of need
+        self._idle_timer: threading.Timer | None = None
+        self._wlock = threading.RLock()      # held while the worker starts or is asked something
+        self._thread: threading.Thread | None = None
+
+    @property
+    def config(self) -> Settings:
+        return self.service.config
+
+    @property
+    def worker(self) -> WorkerProcess | None:
+        return self._worker
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def _env(self) -> dict:
+        env = dict(self.config.worker_env_vars)
+        if self.device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.device
+        return env
+
+    # -- a job ---------------------------------------------------------------------------------
+    def take(self, job: Job, spec: JobSpec, plan: output.OutputPlan) -> None:
+        """Run ``job`` on this slot's worker, in a thread of its own (called with the service's lock)."""
+        self.job = job
+        job.worker, job.state = self.index, "starting"
+        self._cancel_idle_timer()
+        t = threading.Thread(target=self._run, args=(job, spec, plan), daemon=True, name=f"i2l-job-{job.id}")
+        self._thread = t
+        t.start()
+
+    def cancel_job(self) -> None:
+        job = self.job
+        if job is not None:
+            job.cancel()
 
     def _run(self, job: Job, spec: JobSpec, plan: output.OutputPlan) -> None:
         state, result, error = "error", None, None
         try:
-            self.hooks.before_job(self.config)
+            if not self.service.hooks.before_job(self.config, job):
+                raise I2LError(I2LError.CANCELLED, T("m_job_cancelled"))
             job.state = "running"
             result = self._work(job, spec, plan)
             state = "done"
@@ -405,13 +414,14 @@ class Service:
 
     def _work(self, job: Job, spec: JobSpec, plan: output.OutputPlan) -> JobResult:
         """The job in the worker: progress and log lines as they come, the result at the end."""
+        hooks = self.service.hooks
         deadline = time.monotonic() + self.config.job_timeout
         worker = self._ensure_worker(job, spec)
         if job._cancel.is_set():
             raise I2LError(I2LError.CANCELLED, T("m_job_cancelled"))
         worker.send({"type": "job", "job": job.id, "spec": spec.to_dict()})
         while True:
-            if job._cancel.is_set() or self.hooks.interrupted():
+            if job._cancel.is_set() or hooks.interrupted():
                 worker.kill()
                 raise I2LError(I2LError.CANCELLED, T("m_job_cancelled"))
             if time.monotonic() > deadline:
@@ -437,7 +447,8 @@ class Service:
     def _end(self, job: Job, state: str, result: JobResult | None, error: I2LError | None,
              plan: output.OutputPlan) -> None:
         """Whatever happened: the output committed or taken back, the claim on the name dropped,
-        the host given its GPU back, and the job finished (so the service is free again)."""
+        the host given its GPU back, the job finished, and the slot free for the next one."""
+        hooks = self.service.hooks
         try:
             if state != "done":
                 for problem in output.abort(plan):
@@ -450,9 +461,9 @@ class Service:
         finally:
             output.release(plan)
         try:
-            if state == "done" and result.held_on_gpu and self.hooks.needs_gpu_after_job():
-                self._park_worker()
-            self.hooks.after_job()
+            if state == "done" and result.held_on_gpu and hooks.needs_gpu_after_job():
+                self.ask({"type": "park"}, "parked", 5.0, during_job=True)
+            hooks.after_job()
         except BaseException as e:
             job._log("warning", T("m_give_back_failed", error=raw(e)))
         if state == "done":
@@ -461,45 +472,204 @@ class Service:
             job._log("error", error.text)
             if error.fix_text is not None:
                 job._log("error", T("m_fix_line", fix=error.fix_text))
-        job._finish(state, result, error)
+        with self.service._lock:
+            self.job = None
+            job._finish(state, result, error)
+            if self.service._queue:
+                self.service._dispatch()      # the next job, on the worker that is warm now
+                return
         try:
             self._after_job()
         except BaseException:
             pass
 
     def _route_log(self, level: str, text: Text) -> None:
-        job = self._job
+        job = self.job
         if job is not None and not job.finished and level != "debug":
             job._log(level, text)
 
-    # -- warm worker -----------------------------------------------------------------------------
+    # -- the worker ----------------------------------------------------------------------------
+    def _spawn(self, prefetch_files: list[str] | None = None) -> WorkerProcess:
+        python = self.service.worker_python()
+        sb = self._take_standby(python)
+        if sb is not None:
+            sb.log = self._route_log
+            self._worker = sb
+            try:
+                sb.wake(prefetch_files, timeout=self.config.start_timeout)
+                return sb
+            except I2LError:
+                if sb.alive:
+                    raise
+                sb.kill()               # it died while waiting: a fresh worker says why, if anything
+        w = WorkerProcess(python, extra_env=self._env(), args=self.config.worker_args(), log=self._route_log)
+        self._worker = w
+        w.start(prefetch_files, timeout=self.config.start_timeout)
+        return w
+
+    def _ensure_worker(self, job: Job, spec: JobSpec) -> WorkerProcess:
+        with self._wlock:
+            w = self._worker
+            if w is not None and w.alive and w.args != self.config.worker_args():
+                self._stop_worker()             # started with other settings (the VRAM limit)
+            elif w is not None and w.alive:
+                job._log("info", T("m_worker_warm", pid=w.pid))
+                return w
+            job._progress("start", 0, 1, T("m_starting_worker"))
+            w = self._spawn([p for role in ROLE_ORDER for p in spec.files.get(role, [])])
+        hello = w.hello or {}
+        job._log("info", T("m_worker_ready_info", pid=hello.get('pid'), device=hello.get('device'), torch=hello.get('torch'), diffsynth=hello.get('diffsynth')))
+        job._progress("start", 1, 1, T("m_worker_ready"))
+        return w
+
+    def standby(self) -> bool:
+        """Start a worker ahead of need, when the WebUI (or the app) has started and whenever the
+        warm worker has gone: it imports torch and the model code, then waits holding no GPU
+        memory and no weights (about 0.7 GB of RAM). The next job or tab load wakes it and
+        starts with the weights' reading instead of seconds of imports. Returns whether one is
+        there (or starting); never waits for it. Off with ``Settings.standby = False``."""
+        if not self.config.standby or self.service._closed:
+            return False
+        if not self._wlock.acquire(timeout=0.05):
+            return False                    # a worker is being started right now
+        try:
+            if self.service._closed or self.busy or (self._worker is not None and self._worker.alive):
+                return False
+            sb = self._standby
+            if sb is not None and sb.alive:
+                return True
+            try:
+                w = WorkerProcess(self.service.worker_python(), extra_env=self._env(), args=self.config.worker_args())
+                w.start_standby()
+            except I2LError:
+                return False                # no environment yet: the job will say what to do
+            self._standby = w
+            return True
+        finally:
+            self._wlock.release()
+
+    def _take_standby(self, python: str) -> WorkerProcess | None:
+        """The standby worker, if it is alive and was started the way a worker would be now."""
+        sb, self._standby = self._standby, None
+        if sb is None:
+            return None
+        if sb.alive and sb.standby and sb.python == python and sb.extra_env == self._env() \
+                and sb.args == self.config.worker_args():
+            return sb
+        sb.kill()                           # settings changed since it started
+        return None
+
+    def standby_pid(self) -> int | None:
+        sb = self._standby
+        return sb.pid if sb is not None and sb.alive else None
+
+    def standby_ready(self, timeout: float = 0.0) -> bool:
+        """Whether the standby worker has its code imported (waiting up to ``timeout`` s)."""
+        sb = self._standby
+        return sb is not None and sb.alive and sb.standby_ready.wait(timeout)
+
+    def stop_standby(self) -> None:
+        sb, self._standby = self._standby, None
+        if sb is not None:
+            sb.shutdown(timeout=2.0)
+
+    def prewarm(self, variant: str = "style", bias: bool | None = None, vram_profile: str = "auto",
+                wait: bool = False) -> threading.Thread | None:
+        """Start the worker and begin reading the variant's weights before the click.
+
+        Does nothing while a job runs, or when the weights are missing (the job will say so).
+        """
+        if self.busy:
+            return None
+        try:
+            v = catalog.get_variant(variant)
+            b = v.bias_default if bias is None else bool(bias)
+            files = self.service.resolve_files(v.key, b)
+        except I2LError:
+            return None
+        spec = JobSpec(variant=v.key, bias=b, files=files, models_dir=self.config.models_dir,
+                       vram_profile=vram_profile if vram_profile in ("auto", "gpu", "cpu_offload", "disk") else "auto")
+        flat = [p for role in ROLE_ORDER for p in files.get(role, [])]
+
+        def run():
+            try:
+                with self._wlock:
+                    if self.busy:
+                        return
+                    w = self._worker
+                    if w is None or not w.alive:
+                        w = self._spawn(flat)
+                    w.send({"type": "prefetch", "spec": spec.to_dict()})
+                self._after_job()          # the idle timer applies to a prewarmed worker too
+            except I2LError:
+                pass
+        t = threading.Thread(target=run, daemon=True, name="i2l-prewarm")
+        t.start()
+        if wait:
+            t.join()
+        return t
+
+    def park(self, timeout: float = 5.0) -> dict | None:
+        """Free the VRAM the idle worker still holds from its last job (the weights it kept on the
+        GPU for a next job; they stay in RAM). The host calls it before it generates. Returns the
+        worker's answer (``freed`` bytes, VRAM after), or None when there is nothing to ask: no
+        worker, one still starting (it holds nothing yet), a job running (it parks on its own),
+        or no answer in time. Never keeps the caller waiting on a worker's start."""
+        return self.ask({"type": "park"}, "parked", timeout, wait_for_start=False)
+
+    def ask(self, msg: dict, answer: str, timeout: float, during_job: bool = False,
+            wait_for_start: bool = True) -> dict | None:
+        """A question to the idle worker (stats, park) and its answer; None when there is none."""
+        if self.busy and not during_job:
+            return None
+        if not self._wlock.acquire(timeout=-1 if wait_for_start else 0.05):
+            return None                   # a worker is being started (or asked) right now
+        try:
+            w = self._worker
+            if w is None or not w.alive or (self.busy and not during_job):
+                return None
+            w.send(msg)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                reply = w.next_message(max(0.0, deadline - time.monotonic()))
+                if reply is None:
+                    return None
+                if reply["type"] == answer:
+                    return reply
+            return None
+        finally:
+            self._wlock.release()
+
     def _after_job(self) -> None:
+        """Between jobs: the worker kept warm for ``idle_timeout`` s, or (0) stopped now and a
+        standby in its place. A job the slot took meanwhile keeps its worker."""
         if not self.config.keep_warm or self.config.idle_timeout <= 0:
-            self._stop_worker()
-            self.standby()                 # ready again, without the weights or the GPU
+            self._idle()
             return
         if self._worker is None or not self._worker.alive:
             self.standby()                 # the worker was stopped (after an error) or died
-        self._cancel_idle_timer()
-        t = threading.Timer(self.config.idle_timeout, self._idle)
-        t.daemon = True
-        self._idle_timer = t
-        t.start()
+        with self.service._lock:
+            if self.busy:
+                return
+            self._cancel_idle_timer()
+            t = threading.Timer(self.config.idle_timeout, self._idle)
+            t.daemon = True
+            self._idle_timer = t
+            t.start()
 
     def _idle(self) -> None:
-        with self._lock:
-            if not self.busy:
-                self._stop_worker()
-                self.standby()
+        with self.service._lock:
+            if self.busy:
+                return
+            w, self._worker = self._worker, None        # taken under the lock: no job can pick it up now
+        if w is not None:
+            w.shutdown()
+        self.standby()                 # ready again, without the weights or the GPU
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-
-    def _park_worker(self) -> None:
-        """``park`` from inside a job's end (the job still counts as running)."""
-        self._ask({"type": "park"}, "parked", 5.0, during_job=True)
 
     def _stop_worker(self) -> None:
         w, self._worker = self._worker, None
@@ -510,11 +680,10 @@ class Service:
         return self._worker.pid if self._worker is not None and self._worker.alive else None
 
     def shutdown(self) -> None:
-        self._closed = True
-        self.cancel()
-        if self._job is not None:
-            self._job.wait(10)
-        t = self._job_thread
+        job = self.job
+        if job is not None:
+            job.wait(10)
+        t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(15)                # what it does after the job (stopping a one-shot worker) ends too
         self._cancel_idle_timer()

@@ -29,7 +29,7 @@ KEY_FORMATS = ("diffusers", "kohya")
 @dataclass(frozen=True)
 class Setting:
     name: str                       # the field of ``Settings``
-    kind: str                       # path | paths | text | bool | number | choice
+    kind: str                       # path | paths | text | bool | number | choice | devices
     default: Any                    # a value, or a function of the ``Context``
     help: str
     default_text: str = ""          # how README's table states the default
@@ -120,6 +120,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image_dirs", "paths", (), "folders the page's folder box may read images from when other computers "
             "can reach the page (a WebUI with --listen, serve --host); elsewhere any folder",
             "none: uploads only", flag="--i2l-image-dirs", cli="--image-dir", env="I2L_IMAGE_DIRS"),
+    Setting("gpus", "devices", None, "GPUs for jobs, e.g. 0,1: one worker per GPU, each seeing only its own, and "
+            "queued jobs go to the first free one", "one worker, seeing the GPUs the WebUI sees",
+            flag="--i2l-gpus", cli="--gpus", env="I2L_GPUS"),
     Setting("default_variant", "choice", "style", "the variant the tab starts with", "style",
             option="i2l_default_variant", choices=VARIANT_KEYS),
     Setting("vram_profile", "choice", "auto", "how weights reach the GPU: auto, gpu, cpu_offload, disk", "auto",
@@ -169,6 +172,7 @@ class Settings:
     torch_index_url: str | None = None
     language: str | None = None
     image_dirs: tuple = ()
+    gpus: str | None = None
     default_variant: str = "style"
     vram_profile: str = "auto"
     key_format: str = "diffusers"
@@ -225,6 +229,11 @@ class Settings:
         import shlex
         return " " + " ".join(shlex.quote(x) for x in out)
 
+    @property
+    def worker_devices(self) -> list[str | None]:
+        """One entry per worker: the GPU it sees, or None (one worker seeing what the host sees)."""
+        return self.gpus.split(",") if self.gpus else [None]
+
     def worker_args(self) -> list[str]:
         """What the worker is started with besides its module (settings a worker keeps for its life)."""
         args = []
@@ -264,6 +273,11 @@ def parse(setting: Setting, raw) -> Any:
     s = str(raw).strip()
     if not s or s in setting.unset:
         return None
+    if setting.kind == "devices":
+        ids = [d.strip() for d in s.split(",") if d.strip()]
+        if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids) or not 1 <= len(ids) <= 16:
+            raise ValueError("not a list of GPU numbers such as 0,1")
+        return ",".join(str(int(d)) for d in ids)
     if setting.kind == "choice":
         if s not in setting.choices:
             raise ValueError("not one of " + ", ".join(setting.choices))

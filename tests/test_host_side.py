@@ -62,6 +62,45 @@ def test_lock_waiter_with_a_lock_that_takes_no_timeout():
     w.abandon()                                 # twice is harmless
 
 
+def test_host_gate_one_hold_for_jobs_side_by_side():
+    """Jobs on two GPUs share one hold of the WebUI's queue lock: the first waits for a generation in
+    progress (and says so), the VRAM is freed once and given back once, after the last job."""
+    import threading
+    import time
+    from i2l_ext.hosts import HostGate
+    lock, calls = QueueLock(), []
+    gate = HostGate(lock, first=lambda: calls.append("first"), last=lambda: calls.append("last"))
+    assert lock.acquire()                                   # a txt2img generation runs
+    got = []
+    t = threading.Thread(target=lambda: got.append(gate.enter(lambda: False, lambda: calls.append("waiting"))))
+    t.start()
+    time.sleep(0.6)
+    assert got == [] and calls == ["waiting"]              # the job waits, and says it does
+    lock.release()
+    t.join(5)
+    assert got == [True] and calls == ["waiting", "first"]
+    assert gate.enter(lambda: False, lambda: calls.append("waiting")) is True    # a second job: no wait
+    assert lock.acquire(blocking=False) is False           # txt2img waits for our jobs
+    gate.leave()
+    assert calls == ["waiting", "first"] and lock.acquire(blocking=False) is False
+    gate.leave()                                            # the last job ends
+    assert calls == ["waiting", "first", "last"]
+    assert lock.acquire(blocking=False) is True             # the WebUI's again
+    # a job cancelled while waiting holds nothing once it has left
+    cancelled = threading.Event()
+    t = threading.Thread(target=lambda: got.append(gate.enter(cancelled.is_set, lambda: None)))
+    t.start()
+    cancelled.set()
+    t.join(5)
+    assert got[-1] is False
+    gate.leave()
+    lock.release()
+    time.sleep(0.3)
+    assert lock.acquire(blocking=False) is True             # the abandoned wait gave it straight back
+    lock.release()
+    assert calls == ["waiting", "first", "last"]
+
+
 def test_lora_cards_refreshed_only_where_the_host_can(monkeypatch):
     """A1111 / reForge refresh every extra-networks page at once, and their Textual Inversion page
     raises with no checkpoint loaded: the page then leaves the Lora cards alone."""

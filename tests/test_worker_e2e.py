@@ -203,13 +203,70 @@ def test_pickle_weight_file_refused(worker_python, broken_models, lora_dir, imag
         service.shutdown()
 
 
-def test_busy_second_job_refused(paused_service, lora_dir, images):
-    paused_service.start(JobRequest(images=images, name="one", variant="style"))
-    with pytest.raises(I2LError) as e:
-        paused_service.start(JobRequest(images=images, name="two", variant="style"))
-    assert e.value.code == I2LError.BUSY
-    paused_service.shutdown()
-    assert os.listdir(lora_dir) == []
+def test_jobs_wait_in_one_queue(paused_service, lora_dir, images, monkeypatch):
+    """A job started while the worker is busy waits in the queue with its place shown; its name is
+    claimed meanwhile; a queued job can be cancelled (its name free again); the next job starts when
+    the running one ends; a full queue refuses clearly."""
+    from i2l_ext import service as service_mod
+    monkeypatch.setattr(service_mod, "QUEUE_MAX", 2)
+    svc = paused_service
+    one = svc.start(JobRequest(images=images, name="one", variant="style"))
+    two = svc.start(JobRequest(images=images, name="two", variant="style"))
+    with pytest.raises(I2LError) as e:                      # a queued job's name is taken
+        svc.start(JobRequest(images=images, name="two", variant="style"))
+    assert e.value.code == I2LError.NAME_TAKEN
+    three = svc.start(JobRequest(images=images, name="three", variant="style"))
+    assert one.state in ("starting", "running") and one.worker == 0
+    assert (two.state, svc.position(two), three.state, svc.position(three)) == ("queued", 0, "queued", 1)
+    with pytest.raises(I2LError) as e:                      # two are waiting: the queue is full
+        svc.start(JobRequest(images=images, name="four", variant="style"))
+    assert e.value.code == I2LError.QUEUE_FULL
+
+    two.cancel()                                            # leaves the queue at once
+    assert two.state == "cancelled" and two.finished and svc.position(three) == 0
+    assert svc.check_name("two") is None                    # and gives its name back
+    assert svc.job(two.id) is two and svc.job("nope") is None
+
+    assert svc.cancel(one.id) and one.wait(30) and one.state == "cancelled"
+    deadline = time.monotonic() + 60
+    while three.state == "queued" and time.monotonic() < deadline:   # the next one is taken at once
+        time.sleep(0.05)
+    assert three.state in ("starting", "running") and svc.position(three) is None
+    svc.shutdown()
+    assert three.state == "cancelled"
+    assert os.listdir(lora_dir) == []                       # nothing written, no claim left
+
+
+def test_two_workers_run_two_jobs_at_once(worker_python, tiny_models, lora_dir, images):
+    """``gpus`` 0,1: one worker per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES), and two jobs
+    run side by side, one on each (here on the CPU, each worker pausing 4 s before it writes)."""
+    python, env = slow_worker(worker_python, 4)
+    cfg = Settings(models_dir=tiny_models, lora_dir=lora_dir, worker_python=python, worker_env_vars=env,
+                   gpus="0,1", standby=False)
+    svc = Service(cfg)
+    try:
+        a = svc.start(JobRequest(images=images[:1], name="left", variant="style"))
+        b = svc.start(JobRequest(images=images[:1], name="right", variant="style"))
+        assert (a.worker, b.worker) == (0, 1) and svc.position(b) is None   # no waiting: a worker each
+        both = False
+        deadline = time.monotonic() + 240
+        while not (a.finished and b.finished) and time.monotonic() < deadline:
+            pids = svc.worker_pids()
+            both = both or (len(pids) == 2 and a.state == b.state == "running" and not a.finished and not b.finished)
+            time.sleep(0.05)
+        assert a.state == b.state == "done", (a.error, b.error)
+        assert both                                          # they overlapped
+        seen = {}
+        for sl in svc.slots:
+            with open(f"/proc/{sl.worker_pid()}/environ", "rb") as f:
+                seen[sl.index] = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv).get(
+                    b"CUDA_VISIBLE_DEVICES")
+        assert seen == {0: b"0", 1: b"1"}
+        assert sorted(os.listdir(lora_dir)) == ["left.json", "left.preview.png", "left.safetensors",
+                                                "right.json", "right.preview.png", "right.safetensors"]
+    finally:
+        svc.shutdown()
+    assert svc.worker_pids() == []
 
 
 def load_gpu_script(monkeypatch):
@@ -260,9 +317,9 @@ def test_park_never_waits_for_a_worker_to_start(service):
     nothing yet, and the generation must not wait for its start."""
     t = service.prewarm("style")
     deadline = time.monotonic() + 10
-    while service._worker is None and time.monotonic() < deadline:     # spawned, not yet answered
+    while service.slots[0].worker is None and time.monotonic() < deadline:     # spawned, not yet answered
         time.sleep(0.005)
-    assert service._worker is not None and not service._worker.hello
+    assert service.slots[0].worker is not None and not service.slots[0].worker.hello
     started = time.monotonic()
     assert service.park() is None
     assert time.monotonic() - started < 0.5

@@ -69,7 +69,7 @@ def register(subparsers) -> None:
     p.add_argument("--auth-file", metavar="FILE", help="a file of logins, one USER:PASSWORD a line")
     p.add_argument("--port", type=int, default=7870)
     for name in ("lora_dir", "models_dir", "worker_python", "worker_env", "offline", "language", "vram_limit_gb",
-                 "image_dirs"):
+                 "image_dirs", "gpus"):
         settings.add_cli_flag(p, name)
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.add_argument("--exit-with", type=int, default=0, help=argparse.SUPPRESS)   # the launcher's pid

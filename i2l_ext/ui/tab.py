@@ -10,7 +10,6 @@ import html
 import itertools
 import os
 import tempfile
-import threading
 import time
 
 import gradio as gr
@@ -52,7 +51,6 @@ class Controller:
         self.standalone = host == "standalone"
         self.service = Service(config, hooks)
         self.settings_source = settings_source   # host: the settings in force, read again before each job
-        self._waiting = threading.Lock()          # a click waiting for the host's queue lock
         self._runs = itertools.count(1)           # each Make click's number, on its progress (data-run)
 
     @property
@@ -138,22 +136,21 @@ class Controller:
         return f'<div class="i2l-name i2l-name-ok" data-ok="1">&#10003; {esc(t(key, path=target))}</div>'
 
     # -- the job -----------------------------------------------------------------------------
-    def progress_html(self, job=None, waiting: bool = False, run: int = 0) -> str:
+    def progress_html(self, job=None, run: int = 0) -> str:
         """The progress line; `run` numbers the Make click it belongs to, so a page (and a test)
         tells this click's state from the one before it."""
-        if job is None and not waiting:
+        if job is None:
             return (f'<div class="i2l-progress" data-state="idle" data-run="{run}" data-fraction="0">'
                     f'{esc(t("progress_idle"))}</div>')
-        if waiting:
-            state, phase, frac, msg, secs = "queued", "start", 0.0, T("waiting_for_host"), 0
-        else:
-            state, phase, frac, msg = job.state, job.phase, job.fraction, job.message
-            secs = time.time() - job.started
-            if state == "cancelled":
-                msg = T("cancelled_msg")
-            elif state == "error" and job.error is not None:
-                msg = job.error.text
-            msg = msg.render()
+        state, phase, frac, msg = job.state, job.phase, job.fraction, job.message
+        secs = time.time() - job.started
+        if state == "queued":
+            msg = T("queued_next") if job.ahead == 0 else T("queued_msg", n=job.ahead)
+        elif state == "cancelled":
+            msg = T("cancelled_msg")
+        elif state == "error" and job.error is not None:
+            msg = job.error.text
+        msg = msg.render()
         cur = PHASES.index(phase) if phase in PHASES else 0
         steps = []
         for i, p in enumerate(PHASES):
@@ -161,7 +158,7 @@ class Controller:
             steps.append(f'<span class="i2l-phase i2l-phase-{cls}" data-phase="{p}">{esc(t("phase_" + p))}</span>')
         pct = int(round(frac * 100))
         return (f'<div class="i2l-progress" data-state="{esc(state)}" data-phase="{esc(phase)}" '
-                f'data-run="{run}" data-fraction="{frac:.3f}"><div class="i2l-phases">{"".join(steps)}</div>'
+                f'data-run="{run}" data-ahead="{job.ahead if state == "queued" else ""}" data-fraction="{frac:.3f}"><div class="i2l-phases">{"".join(steps)}</div>'
                 f'<div class="i2l-bar i2l-bar-{esc(state)}"><div class="i2l-bar-fill" style="width:{pct}%"></div></div>'
                 f'<div class="i2l-progress-text"><b>{pct}%</b> &middot; {esc(msg)} &middot; '
                 f'{esc(t("seconds", s=f"{secs:.0f}"))}</div></div>')
@@ -210,14 +207,16 @@ class Controller:
         off = compat.update(interactive=False)
         n = next(self._runs)
 
-        def prog(job=None, waiting=False):
-            return self.progress_html(job, waiting, run=n)
+        def prog(job=None):
+            return self.progress_html(job, run=n)
 
         def out(notice=keep, progress=keep, log=keep, result_vis=keep, preview=keep, info=keep, prompt=keep,
-                name_msg=keep, lib=keep, fetch=hidden, missing=None, cancel=off):
+                name_msg=keep, lib=keep, fetch=hidden, missing=None, cancel=off, job_id=keep):
             # fetch / missing: the "Download now" offer, made only when the job found weights missing;
-            # cancel: the Cancel button, usable only while a job runs
-            return [notice, progress, log, result_vis, preview, info, prompt, name_msg, lib, fetch, missing, cancel]
+            # cancel: the Cancel button, usable only while this page's job is queued or runs;
+            # job_id: that job, for Cancel
+            return [notice, progress, log, result_vis, preview, info, prompt, name_msg, lib, fetch, missing, cancel,
+                    job_id]
 
         def failed(e: I2LError, **kw):
             # an error found before the job starts takes the place of the "Ready" line
@@ -242,45 +241,13 @@ class Controller:
         if problem:
             yield failed(I2LError(I2LError.BAD_INPUT, problem, T("fix_name")))
             return
-        if self.service.busy:
-            yield failed(I2LError(I2LError.BUSY, T("err_busy"), T("fix_busy")))
-            return
-        lock = None if self.standalone else hosts.queue_lock()
-        if lock is not None:
-            if not self._waiting.acquire(blocking=False):
-                yield failed(I2LError(I2LError.BUSY, T("err_queued"), T("fix_busy")))
-                return
-            waiter = hosts.LockWaiter(lock)     # the WebUIs' FIFOLock.acquire takes no timeout
-            got = False
-            try:
-                first = True
-                while not waiter.wait(0.5):
-                    if first:
-                        yield out(notice="", progress=prog(waiting=True), result_vis=hidden)
-                        first = False
-                    if self.service.busy:
-                        yield failed(I2LError(I2LError.BUSY, T("err_busy"), T("fix_busy")))
-                        return
-                got = True
-            finally:
-                self._waiting.release()
-                if not got:                      # page closed or another job started: don't keep the lock
-                    waiter.abandon()
         try:
-            job = self.service.start(req)
+            job = self.service.start(req)       # queued behind other pages' jobs when workers are busy
         except I2LError as e:
-            if lock is not None:
-                lock.release()
             yield failed(e)
             return
-        except Exception:
-            if lock is not None:
-                lock.release()
-            raise
-        if lock is not None:
-            hosts.release_when_done(job, lock)
         on = compat.update(interactive=True)
-        yield out(notice="", progress=prog(job), log="", result_vis=hidden, cancel=on)
+        yield out(notice="", progress=prog(job), log="", result_vis=hidden, cancel=on, job_id=job.id)
         shown = 0
         while True:
             finished = job.wait(0.5)
@@ -352,11 +319,14 @@ class Controller:
         if not m:
             return compat.update(), compat.update(), compat.update()
         _, values = hosts.sweep_values(m.group(1))
-        return (compat.update(value=hosts.XYZ_TITLE), compat.update(value=hosts.PROMPT_SR),
+        script_list, x_type, _ = hosts.sweep_components() or (None, None, None)
+        return (compat.update(value=hosts.sweep_choice(script_list, hosts.XYZ_TITLE)),
+                compat.update(value=hosts.sweep_choice(x_type, hosts.PROMPT_SR)),
                 compat.update(value=values))
 
-    def cancel(self):
-        if self.service.cancel():
+    def cancel(self, job_id):
+        """Cancel: this page's job (queued or running), never another page's."""
+        if job_id and self.service.cancel(job_id):
             return notice_html(t("cancelling"), "warn")
         return notice_html(t("nothing_to_cancel"), "info")
 
@@ -517,6 +487,7 @@ def build(ctl: Controller):
                 with gr.Row(visible=False, elem_id="i2l_fetch_row") as fetch_row:
                     fetch_btn = gr.Button(t("download_now"), variant="primary", elem_id="i2l_download_now", size="sm")
                 missing_state = gr.State(None)
+                job_state = gr.State(None)          # this page's job, for Cancel
                 progress = gr.HTML(ctl.progress_html(), elem_id="i2l_progress")
                 log = gr.Textbox(label=t("log_label"), lines=8, max_lines=8, interactive=False, elem_id="i2l_log")
                 with gr.Column(visible=False, elem_id="i2l_result") as result_col:
@@ -567,7 +538,7 @@ def build(ctl: Controller):
     run_inputs = [images_state, folder, variant, name, subfolder, overwrite, weight, activation, description, vram,
                   key_format, bias]
     run_outputs = [notice, progress, log, result_col, result_preview, result_info, result_prompt, name_msg, lib_gallery,
-                   fetch_row, missing_state, cancel_btn]
+                   fetch_row, missing_state, cancel_btn, job_state]
     run_evt = run_btn.click(ctl.run, run_inputs, run_outputs,
                             **compat.event_kwargs(concurrent=True, show_progress="hidden"))
     if host_only:
@@ -582,7 +553,7 @@ def build(ctl: Controller):
         refresh_cards_after(run_evt)
     run_evt.then(ctl.library_refresh, None, [lib_gallery, lib_rel, lib_sel, lib_info, lib_prompt, lib_new_name,
                                              confirm_row])
-    cancel_btn.click(ctl.cancel, None, notice, queue=False)
+    cancel_btn.click(ctl.cancel, [job_state], notice, queue=False)
     def fetch(missing, source_name, mirror_url):
         yield from ctl.fetch_missing(models, missing, source_name, mirror_url)
 

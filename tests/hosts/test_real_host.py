@@ -385,7 +385,8 @@ def test_send_with_a_weight_sweep(page, host, artifacts):
     page.wait_for_function("(v) => gradioApp().querySelector('#script_txt2img_xyz_plot_x_values textarea').value === v",
                            arg=values, timeout=10_000)
     shown = "e => e.innerText + ' ' + [...e.querySelectorAll('input')].map(i => i.value).join(' ')"
-    assert "X/Y/Z plot" in page.eval_on_selector("#txt2img_script_container #script_list", shown)
+    # Forge Classic titles the script "X/Y/Z Plot"
+    assert "x/y/z plot" in page.eval_on_selector("#txt2img_script_container #script_list", shown).lower()
     assert "Prompt S/R" in page.eval_on_selector("#script_txt2img_xyz_plot_x_type", shown)
     assert page.is_visible("#script_txt2img_xyz_plot_x_values")      # the script's fields are shown
     _shot(page, artifacts, "05-weight-sweep")

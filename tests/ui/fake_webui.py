@@ -168,7 +168,9 @@ with gr.Blocks(analytics_enabled=False) as txt2img_interface:
         refresh = gr.Button("refresh", elem_id="txt2img_lora_extra_refresh_internal", visible=True)
     out = gr.Textbox(label="out", elem_id="txt2img_out")
     refresh_count = gr.Textbox(value="0", label="refreshes", elem_id="txt2img_refresh_count")
-    script_list = made(gr.Dropdown(label="Script", elem_id="script_list", choices=["None", "X/Y/Z plot"],
+    # the script's title as AUTOMATIC1111 spells it (gradio 4 run) and as Forge Classic does (gradio 3 run)
+    xyz_title = "X/Y/Z plot" if int(gr.__version__.split(".")[0]) >= 4 else "X/Y/Z Plot"
+    script_list = made(gr.Dropdown(label="Script", elem_id="script_list", choices=["None", xyz_title],
                                    value="None", type="index"), "script_list")
     with gr.Column(visible=False, elem_id="fake_xyz") as xyz_group:
         x_type = made(gr.Dropdown(label="X type", elem_id="script_txt2img_xyz_plot_x_type",

@@ -199,8 +199,8 @@ def test_job_in_host(page, webui, sample_images, artifacts):
              "<lora:host_lora:1.25>"
     page.wait_for_function("(v) => gradioApp().querySelector('#script_txt2img_xyz_plot_x_values textarea').value === v",
                            arg=values)
-    assert "X/Y/Z plot" in page.eval_on_selector("#script_list", "e => e.innerText + ' ' + "
-                                                 "[...e.querySelectorAll('input')].map(i => i.value).join(' ')")
+    assert "x/y/z plot" in page.eval_on_selector("#script_list", "e => e.innerText + ' ' + "      # either spelling
+                                                 "[...e.querySelectorAll('input')].map(i => i.value).join(' ')").lower()
     assert "Prompt S/R" in page.eval_on_selector("#script_txt2img_xyz_plot_x_type", "e => e.innerText + ' ' + "
                                                  "[...e.querySelectorAll('input')].map(i => i.value).join(' ')")
     shot(page, artifacts, "22-host-weight-sweep")

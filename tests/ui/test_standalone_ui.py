@@ -175,7 +175,9 @@ def test_library_rename_delete(page, app, sample_images, artifacts):
     assert not any(f.startswith("lib_b") for f in app.files())
 
 
-def test_cancel_mid_run_and_busy(browser, slow_app, sample_images, artifacts):
+def test_cancel_mid_run_and_queue(browser, slow_app, sample_images, artifacts):
+    """Two pages: the second page's job waits in the queue with its place shown; each page's Cancel
+    stops its own job only (a queued one at once); the queued job starts when the first ends."""
     ctx = browser.new_context(viewport={"width": 1400, "height": 1600})
     page = ctx.new_page()
     page.set_default_timeout(30_000)
@@ -202,10 +204,16 @@ def test_cancel_mid_run_and_busy(browser, slow_app, sample_images, artifacts):
     wait_count(other, 1, timeout=60_000)
     type_name(other, "second")
     name_state(other, True, "second")
-    other.click("#i2l_run")
-    other.wait_for_selector("#i2l_notice .i2l-error[data-code='busy']")
-    shot(other, artifacts, "10-zh-busy")
-    other.close()
+    click_run(other)
+    other.wait_for_selector("#i2l_progress .i2l-progress[data-state='queued'][data-ahead='0']")
+    assert "排队" in other.inner_text("#i2l_progress")        # "queued: next", in the page's language
+    assert not other.is_disabled("#i2l_cancel")            # a queued job can be cancelled
+    shot(other, artifacts, "10-zh-queued")
+    other.click("#i2l_cancel")
+    other.wait_for_selector("#i2l_progress .i2l-progress[data-state='cancelled']", timeout=5_000)
+    assert progress(page)["state"] == "running"             # the other page's job is untouched
+    click_run(other)                                       # queued again
+    other.wait_for_selector("#i2l_progress .i2l-progress[data-state='queued']")
 
     shot(page, artifacts, "11-zh-running")
     t0 = time.monotonic()
@@ -214,7 +222,13 @@ def test_cancel_mid_run_and_busy(browser, slow_app, sample_images, artifacts):
     took = time.monotonic() - t0
     assert final["state"] == "cancelled"
     assert took < 10, took
+    shot(page, artifacts, "12-zh-cancelled")
+    other.wait_for_function("() => { const el = window.i2l_app().querySelector('#i2l_progress .i2l-progress');"
+                            " return el && el.dataset.state !== 'queued'; }", timeout=60_000)   # its turn now
+    assert progress(other)["state"] in ("starting", "running")
+    other.click("#i2l_cancel")
+    final, _ = wait_finished(other, timeout=30)
+    assert final["state"] == "cancelled"
     time.sleep(1.0)
     assert slow_app.files() == []                          # nothing left, partial files included
-    shot(page, artifacts, "12-zh-cancelled")
     ctx.close()
