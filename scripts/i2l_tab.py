@@ -75,13 +75,17 @@ def on_ui_settings():
 
 
 def on_app_started(demo, app):
-    """Once the WebUI is up, in the background (its start is not held up): with "start with the
+    """Once the WebUI is up: the HTTP API on its app; then, in the background (its start is not held
+    up): with "start with the
     WebUI" on, the worker starts and reads the default variant's weights; else, with the standby
     setting on (the default), a worker starts that only imports its code and waits, holding no
     GPU memory and no weights, so the first job skips those seconds."""
     ctl = get_controller()
     ctl.refresh_config()
     cfg = ctl.config
+    if app is not None:         # the HTTP API at /i2l/v1, behind the WebUI's own logins
+        from i2l_ext import api, hosts
+        api.mount(app, ctl, api.webui_logins(), hosts.reachable_from_others)
     if cfg.start_with_webui:
         ctl.service.prewarm(cfg.default_variant, None, cfg.vram_profile)
     elif cfg.standby:           # finding the worker's Python and starting it: not in the WebUI's thread

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from i2l_ext import protocol
 from i2l_ext.contract import I2LError, T
 from helpers import ROOT, QueueLock
@@ -159,3 +161,26 @@ def test_code_files_listed_once_after_a_quiet_spell_never_mid_burst(monkeypatch)
     rec.job_ended(True)                       # listed once: later jobs change nothing
     time.sleep(0.6)
     assert len(calls) == 1
+
+
+def test_api_callers_beyond_this_computer_need_a_login():
+    """With no login set and a server others can reach, only this computer's callers get in; with
+    logins, every caller shows one."""
+    import types
+    from i2l_ext import api
+    from i2l_ext.contract import I2LError
+    req = lambda host: types.SimpleNamespace(client=types.SimpleNamespace(host=host))   # noqa: E731
+    open_api = api.Api(None, [], local_only=lambda: False)
+    open_api.allowed(req("192.168.1.5"), None)                     # served to this computer only: no check
+    closed = api.Api(None, [], local_only=lambda: True)
+    closed.allowed(req("127.0.0.1"), None)
+    closed.allowed(req("::1"), None)
+    with pytest.raises(I2LError) as e:
+        closed.allowed(req("192.168.1.5"), None)
+    assert e.value.code == I2LError.NOT_ALLOWED and "--api-auth" in e.value.fix
+    login = api.Api(None, [("ann", "s3cret")], local_only=lambda: True)
+    cred = lambda u, p: types.SimpleNamespace(username=u, password=p)   # noqa: E731
+    login.allowed(req("192.168.1.5"), cred("ann", "s3cret"))
+    for c in (None, cred("ann", "wrong"), cred("bob", "s3cret")):
+        with pytest.raises(api._Unauthorized):
+            login.allowed(req("127.0.0.1"), c)

@@ -34,8 +34,16 @@ def serve(cfg: Settings, host: str = "127.0.0.1", port: int = 7870, open_browser
     from ..lifetime import stop_on_sigterm
     stop_on_sigterm()              # SIGTERM closes the server like Ctrl-C, and the worker is stopped
     try:
-        demo.launch(server_name=host, server_port=port, inbrowser=open_browser, share=False, show_api=False,
-                    auth=auth or None, prevent_thread_lock=False)
+        app, _, _ = demo.launch(server_name=host, server_port=port, inbrowser=open_browser, share=False,
+                                show_api=False, auth=auth or None, prevent_thread_lock=True)
+        try:
+            from ..api import mount
+            mount(app, ctl, auth, lambda: cfg.remote)   # the HTTP API at /i2l/v1, behind the same logins
+            print(f"Image to LoRA: the HTTP API is at http://{host}:{port}/i2l/v1 (its page: /i2l/v1/docs)",
+                  flush=True)
+        except Exception as e:                          # the page works without it
+            print(f"Image to LoRA: the HTTP API could not start: {e!r}", flush=True)
+        demo.block_thread()
     except KeyboardInterrupt:
         pass
     finally:

@@ -392,6 +392,37 @@ def test_send_with_a_weight_sweep(page, host, artifacts):
     _shot(page, artifacts, "05-weight-sweep")
 
 
+def test_http_api_on_the_webuis_app(host, tmp_path):
+    """/i2l/v1 on the WebUI's own app: its version, the variants with the tiny set ready, and a job
+    from base64 images that lands in the Lora folder the flags give."""
+    import base64
+
+    def call(method, path, body=None):
+        req = urllib.request.Request(host.url + "i2l/v1" + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+
+    assert call("GET", "/version")[1]["api"] == 1
+    assert next(v for v in call("GET", "/variants")[1] if v["id"] == "style")["ready"] is True
+    img = make_image(tmp_path / "api.png", size=(96, 64), color=(200, 90, 40))
+    name = f"i2l_api_test_{int(time.time())}"
+    with open(img, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    status, job = call("POST", "/jobs", {"images": [data], "name": name})
+    assert status == 202
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while job["state"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+        job = call("GET", f"/jobs/{job['id']}")[1]
+    assert job["state"] == "done", job
+    assert os.path.abspath(job["result"]["path"]) == os.path.join(host.lora_dir, name + ".safetensors")
+    assert call("DELETE", f"/loras/{name}")[0] == 200
+    assert not os.path.exists(os.path.join(host.lora_dir, name + ".safetensors"))
+
+
 def test_no_error_from_the_extension_in_the_host(page, host):
     assert not [e for e in _page_errors if "i2l" in e.lower()], _page_errors
     log = host.log_text()

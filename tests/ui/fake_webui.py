@@ -89,6 +89,10 @@ def parse_cmd_opts():
     """The WebUI's flags (the one the Lora extension adds) and the extension's, from preload.py."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--lora-dir", default=os.path.join(WEBUI, "models", "Lora"))
+    parser.add_argument("--api-auth", default=None)                # the WebUI's logins, as it spells them
+    parser.add_argument("--gradio-auth", default=None)
+    parser.add_argument("--gradio-auth-path", default=None)
+    parser.add_argument("--listen", action="store_true")
     spec = importlib.util.spec_from_file_location("preload", os.path.join(ROOT, "preload.py"))
     preload = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(preload)
@@ -231,8 +235,9 @@ if int(gr.__version__.split(".")[0]) >= 4:
     demo.queue(default_concurrency_limit=8)
 else:
     demo.queue(concurrency_count=8)
+app, _, _ = demo.launch(server_name="127.0.0.1", server_port=PORT, prevent_thread_lock=True, show_api=False)
 if "app_started" in callbacks:             # as the WebUI does once its app exists
-    callbacks["app_started"](demo, None)
+    callbacks["app_started"](demo, app)
     record("app_started")
 record("ready")
-demo.launch(server_name="127.0.0.1", server_port=PORT, prevent_thread_lock=False, show_api=False)
+demo.block_thread()

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from helpers import children, gone, slow_worker
-from ui_helpers import ROOT, click_run, free_port, name_state, progress, shot, type_name, upload, wait_count, wait_finished
+from ui_helpers import ROOT, api, api_wait, b64, click_run, free_port, name_state, progress, shot, type_name, upload, wait_count, wait_finished
 
 
 class FakeWebUI:
@@ -231,3 +231,28 @@ def test_interrupt_stops_job(page, webui, sample_images, artifacts):
     time.sleep(0.5)
     assert webui.files() == before                          # nothing left behind
     shot(page, artifacts, "22-host-interrupted")
+
+
+def test_api_in_the_webui_follows_its_login(ui_python, tmp_path, tiny_models, worker_python, artifacts,
+                                            sample_images):
+    """The API on the WebUI's own app (on_app_started), behind its --api-auth; a job through it runs
+    as the tab's do (the WebUI shown busy meanwhile) and lands in the WebUI's Lora folder."""
+    w = FakeWebUI(ui_python, str(tmp_path), tiny_models, worker_python, artifacts, pause=0,
+                  args="--api-auth ann:s3cret")
+    try:
+        deadline = time.monotonic() + 30
+        while "app_started" not in w.events():
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert api(w.url, "GET", "/version")[0] == 401
+        assert api(w.url, "GET", "/version", auth=("ann", "nope"))[0] == 401
+        status, job = api(w.url, "POST", "/jobs", {"images": [b64(p) for p in sample_images["images"][:2]],
+                                                   "name": "from_api"}, auth=("ann", "s3cret"))
+        assert status == 202, job
+        job = api_wait(w.url, job["id"], auth=("ann", "s3cret"))
+        assert job["state"] == "done", job
+        assert w.files() == ["from_api.json", "from_api.preview.png", "from_api.safetensors"]
+        ev = w.events()
+        assert ev.index("state.begin") < ev.index("state.end")          # the WebUI showed the job as busy
+    finally:
+        w.stop()

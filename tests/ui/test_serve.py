@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from helpers import ROOT, children, gone
-from ui_helpers import free_port
+from ui_helpers import api, free_port
 
 sys.path.insert(0, ROOT)
 from i2l_ext.contract import I2LError  # noqa: E402
@@ -111,6 +111,15 @@ def test_remote_page_asks_for_a_login_and_serves_no_server_file(remote_app):
             opener.open(base + "/file=" + path, timeout=10)
         assert e.value.code in (403, 404), path
     assert "with a login" in open(log).read()
+    # the HTTP API asks for the same login (HTTP Basic)
+    deadline = time.monotonic() + 30
+    while "HTTP API is at" not in open(log).read():
+        assert time.monotonic() < deadline, open(log).read()[-3000:]
+        time.sleep(0.2)
+    assert api(base, "GET", "/version")[0] == 401
+    assert api(base, "GET", "/loras", auth=("ann", "wrong"))[0] == 401
+    status, answer = api(base, "GET", "/version", auth=("ann", "s3cret"))
+    assert status == 200 and answer["api"] == 1
 
 
 def _fake_app_env(tmp_path, ui_python) -> str:

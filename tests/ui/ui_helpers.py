@@ -52,7 +52,7 @@ def start_app(python: str, tmp_dir: str, models_dir: str, worker_python: str, ar
             log.close()
             raise RuntimeError(f"the app exited with {proc.returncode}:\n" + open(log_path).read()[-3000:])
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(url + "i2l/v1/version", timeout=2) as r:   # the page, then the API
                 if r.status == 200:
                     break
         except OSError:
@@ -156,3 +156,40 @@ def make_lora(page, app, images, name):
     final, seen = wait_finished(page)
     assert final["state"] == "done", page.inner_text("#i2l_notice")
     return seen
+
+
+def api(base: str, method: str, path: str, body=None, auth: tuple[str, str] | None = None,
+        headers: dict | None = None) -> tuple[int, object]:
+    """One call to the HTTP API under ``base`` (the server's URL): (status, the JSON answer or bytes)."""
+    import base64
+    import json
+    import urllib.error
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base.rstrip("/") + "/i2l/v1" + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, raw, kind = r.status, r.read(), r.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        status, raw, kind = e.code, e.read(), e.headers.get("content-type", "")
+    return status, json.loads(raw) if "json" in kind else raw
+
+
+def b64(path: str) -> str:
+    import base64
+    with open(path, "rb") as f:
+        return base64.b64encode(f.read()).decode()
+
+
+def api_wait(base: str, job_id: str, timeout: float = 240, auth=None) -> dict:
+    """Poll ``GET /jobs/{id}`` until the job ends; its last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, job = api(base, "GET", f"/jobs/{job_id}", auth=auth)
+        assert status == 200, job
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
