@@ -349,8 +349,8 @@ class Service:
 
 class Slot:
     """One worker process and its life: started for a job (or ahead of need, as a standby), kept warm
-    between jobs, stopped when idle. ``device``: the GPU it sees (``CUDA_VISIBLE_DEVICES``), or None
-    for whatever the host's environment shows."""
+    between jobs, stopped when idle. ``device``: the GPU it sees (``CUDA_VISIBLE_DEVICES``; "cpu":
+    none), or None for whatever the host's environment shows."""
 
     def __init__(self, service: Service, index: int, device: str | None):
         self.service = service
@@ -378,7 +378,7 @@ class Slot:
     def _env(self) -> dict:
         env = dict(self.config.worker_env_vars)
         if self.device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.device
+            env["CUDA_VISIBLE_DEVICES"] = "" if self.device == "cpu" else self.device
         return env
 
     # -- a job ---------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ SETTINGS: tuple[Setting, ...] = (
             "can reach the page (a WebUI with --listen, serve --host); elsewhere any folder",
             "none: uploads only", flag="--i2l-image-dirs", cli="--image-dir", env="I2L_IMAGE_DIRS"),
     Setting("gpus", "devices", None, "GPUs for jobs, e.g. 0,1: one worker per GPU, each seeing only its own, and "
-            "queued jobs go to the first free one", "one worker, seeing the GPUs the WebUI sees",
+            "queued jobs go to the first free one (cpu: a worker on the CPU, slow)",
+            "one worker, seeing the GPUs the WebUI sees",
             flag="--i2l-gpus", cli="--gpus", env="I2L_GPUS"),
     Setting("default_variant", "choice", "style", "the variant the tab starts with", "style",
             option="i2l_default_variant", choices=VARIANT_KEYS),
@@ -231,7 +232,7 @@ class Settings:
 
     @property
     def worker_devices(self) -> list[str | None]:
-        """One entry per worker: the GPU it sees, or None (one worker seeing what the host sees)."""
+        """One entry per worker: the GPU it sees ("cpu": none), or None (one worker seeing what the host sees)."""
         return self.gpus.split(",") if self.gpus else [None]
 
     def worker_args(self) -> list[str]:
@@ -274,10 +275,10 @@ def parse(setting: Setting, raw) -> Any:
     if not s or s in setting.unset:
         return None
     if setting.kind == "devices":
-        ids = [d.strip() for d in s.split(",") if d.strip()]
-        if not all(d.isdigit() for d in ids) or len(set(ids)) != len(ids) or not 1 <= len(ids) <= 16:
-            raise ValueError("not a list of GPU numbers such as 0,1")
-        return ",".join(str(int(d)) for d in ids)
+        ids = [d.strip().lower() for d in s.split(",") if d.strip()]
+        if not all(d.isdigit() or d == "cpu" for d in ids) or len(set(ids)) != len(ids) or not 1 <= len(ids) <= 16:
+            raise ValueError("not a list of GPU numbers such as 0,1 (or cpu)")
+        return ",".join(d if d == "cpu" else str(int(d)) for d in ids)
     if setting.kind == "choice":
         if s not in setting.choices:
             raise ValueError("not one of " + ", ".join(setting.choices))

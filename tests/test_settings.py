@@ -48,6 +48,15 @@ def test_bad_values_are_ignored_and_said(tmp_path):
     assert resolve({}, environ={"I2L_VRAM_LIMIT_GB": "nan"}).vram_limit_gb == 0
 
 
+def test_gpus_one_worker_each():
+    assert resolve({}, environ={}).worker_devices == [None]                  # one worker, as the host sees
+    assert resolve({"gpus": " 1, 0 "}, environ={}).worker_devices == ["1", "0"]
+    assert resolve({}, environ={"I2L_GPUS": "0,CPU"}).worker_devices == ["0", "cpu"]
+    for bad in ("0,0", "a", "-1", "0;1"):
+        st = resolve({}, environ={"I2L_GPUS": bad})
+        assert st.worker_devices == [None] and [s.name for s, *_ in st.problems] == ["gpus"], bad
+
+
 def test_readme_table_is_the_modules_own():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()

@@ -264,6 +264,17 @@ def test_two_workers_run_two_jobs_at_once(worker_python, tiny_models, lora_dir, 
         assert seen == {0: b"0", 1: b"1"}
         assert sorted(os.listdir(lora_dir)) == ["left.json", "left.preview.png", "left.safetensors",
                                                 "right.json", "right.preview.png", "right.safetensors"]
+        # a worker killed mid-job: its job fails clearly, the other worker goes on serving
+        a = svc.start(JobRequest(images=images[:1], name="killed", variant="style"))
+        b = svc.start(JobRequest(images=images[:1], name="survivor", variant="style"))
+        deadline = time.monotonic() + 120
+        while not (a.state == b.state == "running" and a.phase in ("decode", "merge", "write")):
+            assert time.monotonic() < deadline and not a.finished, (a.state, a.phase)
+            time.sleep(0.05)
+        os.kill(svc.slots[a.worker].worker_pid(), signal.SIGKILL)
+        assert a.wait(30) and a.state == "error" and a.error.code == I2LError.WORKER_CRASHED, a.error
+        assert b.wait(120) and b.state == "done", b.error
+        assert "killed.safetensors" not in os.listdir(lora_dir)
     finally:
         svc.shutdown()
     assert svc.worker_pids() == []
