@@ -7,7 +7,7 @@ the worker process (``python -m i2l_ext.worker``) that the service starts.
     python3 bench/ours.py --models DIR --lora DIR --variant style --images a.png,... --out ours.json
         [--profile auto] [--low-profile disk] [--cap-gb 8] [--click-delay 5] [--reps 3]
         [--idle-wait 20] [--no-low] [--low-jobs 2] [--no-restart] [--cold-only] [--config key=value ...]
-        [--worker-env K=V ...]
+        [--worker-env K=V ...] [--max-rank R]
 
 Scenarios, in this order, each one's figures in the JSON:
 
@@ -38,6 +38,9 @@ Scenarios, in this order, each one's figures in the JSON:
 7. ``low``: a new service whose worker runs under a VRAM cap of ``--cap-gb`` GB (2**30 bytes):
    ``torch.cuda.set_per_process_memory_fraction`` is set in the worker when it starts
    (the product's own ``vram_limit_gb`` setting, which also sizes the engine to it); page cache dropped; a job with ``--low-profile``, then a second.
+
+``--max-rank R`` gives every job the rank cap R (``JobRequest.max_rank``); each job's record then
+has the LoRA's rank, its bytes and ``energy_kept``, the share of the LoRA's energy the cap kept.
 
 Peak VRAM of each job: the worker's own ``peak_vram`` (``torch.cuda.max_memory_allocated``, as
 the reference) and the driver's per-process peak sampled every 50 ms.
@@ -86,6 +89,7 @@ class Bench:
         self.n = 0
         self.out: dict = {"variant": a.variant, "images": len(self.images), "profile": a.profile,
                           "low_profile": a.low_profile, "cap_gb": a.cap_gb, "click_delay_s": a.click_delay,
+                          "max_rank": a.max_rank,
                           "host_import_s": round(T_IMPORT, 3), "scenarios": {}}
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -117,7 +121,8 @@ class Bench:
     def request(self, images=None, profile=None) -> JobRequest:
         self.n += 1
         return JobRequest(images=list(images or self.images), name=f"bench_{self.a.variant}_{self.n}",
-                          variant=self.a.variant, vram_profile=profile or self.a.profile, overwrite=True)
+                          variant=self.a.variant, vram_profile=profile or self.a.profile, overwrite=True,
+                          max_rank=self.a.max_rank)
 
     # -- one job ----------------------------------------------------------------------------------
     def job(self, svc: Service, req: JobRequest, keep_events: bool = False) -> dict:
@@ -136,7 +141,7 @@ class Bench:
         if job.result:
             r = dict(job.result.to_dict(), **job.result.extra)
             rec.update({k: r.get(k) for k in ("seconds", "timings", "peak_vram", "profile", "keys", "rank", "bytes",
-                                              "device", "dtype")})
+                                              "device", "dtype", "energy_kept")})
             for k in r:
                 if k.startswith(("stat", "vram", "ram", "load", "weights")) and k not in rec:
                     rec[k] = r[k]
@@ -367,6 +372,7 @@ def main() -> int:
     ap.add_argument("--config", action="append", default=[], help="Config field=JSON value (if the field exists)")
     ap.add_argument("--worker-env", action="append", default=[], help="K=V for the worker's environment")
     ap.add_argument("--trace", default=None, help="the worker appends its start-up steps to this file")
+    ap.add_argument("--max-rank", type=int, default=None, help="every job's rank cap (default: none)")
     a = ap.parse_args()
     os.makedirs(a.lora, exist_ok=True)
     res = Bench(a).run()

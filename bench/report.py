@@ -253,6 +253,11 @@ def render(data: dict) -> tuple[str, str]:
         if _timeline(cold):
             notes.append(f"ours, cold job from the click: {_timeline(cold)}; in the worker: "
                          + ", ".join(f"{k} {x:.2f}" for k, x in (cold.get("timings") or {}).items()))
+        if (ours or {}).get("max_rank"):
+            capped = [(f"{n} images", cold)] + [("1 image", r) for r in ((sc.get("warm_1") or {}).get("runs") or [])[:1]]
+            notes.append(f"ours, rank cap {ours['max_rank']}: " + "; ".join(
+                f"{label}: rank {r['rank']}, {_s(r['bytes'] / 1e6)} MB, energy kept {_s(100 * r['energy_kept'], 2)}%"
+                for label, r in capped if r.get("state") == "done"))
         fresh = sc.get("cold_fresh") or {}
         if _timeline(fresh):
             notes.append(f"ours, cold job without a standby, from the click: {_timeline(fresh)}")

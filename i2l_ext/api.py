@@ -49,6 +49,7 @@ def _models():
         key_format: Optional[str] = None    # diffusers | kohya (default: the setting)
         vram_profile: Optional[str] = None  # auto | gpu | cpu_offload | disk (default: the setting)
         overwrite: bool = False
+        max_rank: Optional[int] = None      # the rank cap: a smaller file, less detail (default: none)
 
     class ErrorOut(BaseModel):
         code: str
@@ -151,7 +152,7 @@ class Api:
                              key_format=body.key_format or cfg.key_format,
                              vram_profile=body.vram_profile or cfg.vram_profile,
                              preferred_weight=body.weight, activation_text=body.activation_text,
-                             description=body.description)
+                             description=body.description, max_rank=body.max_rank)
             job = self.service.start(req)      # checks it all: the name, the images, the model files
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

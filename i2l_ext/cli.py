@@ -76,7 +76,8 @@ def cmd_make(args) -> int:
     name = args.name or os.path.splitext(os.path.basename(args.images[0].rstrip("/\\")))[0]
     req = JobRequest(images=args.images, name=name, variant=args.variant, bias=args.bias, subfolder=args.subfolder,
                      overwrite=args.overwrite, key_format=cfg.key_format, vram_profile=cfg.vram_profile,
-                     preferred_weight=args.weight, activation_text=args.activation_text, description=args.description)
+                     preferred_weight=args.weight, activation_text=args.activation_text, description=args.description,
+                     max_rank=args.max_rank)
     bar = ProgressBar()
     try:
         req.check()
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_cli_flag(p, "vram_limit_gb", metavar="GB")
     settings.add_cli_flag(p, "gpus", metavar="N", help="the GPU the job runs on, e.g. 1 (default: what the "
                           "environment shows; or I2L_GPUS)")
+    p.add_argument("--max-rank", type=int, default=None, metavar="R",
+                   help="cap the LoRA's rank at R (best rank-R approximation of each module): "
+                        "a smaller file, less detail (default: no cap)")
     p.add_argument("--weight", type=float, default=1.0, help="preferred weight written to the card (default 1)")
     p.add_argument("--activation-text", default="", help="activation text for the card")
     p.add_argument("--description", default="", help="description for the card")

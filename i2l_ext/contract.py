@@ -21,6 +21,7 @@ from typing import Any
 CONTRACT_VERSION = 2
 MAX_WEIGHT = 10.0
 MAX_TEXT = 10_000          # characters of a card's description or activation text
+MAX_RANK = 3072            # the Qwen-Image DiT's width: no change to one of its modules has a higher rank
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class JobRequest:
     preferred_weight: float = 1.0
     activation_text: str = ""
     description: str = ""
+    max_rank: int | None = None        # the LoRA's rank cap (truncated SVD per module); None: none
 
     def check(self) -> None:
         """Every field of the right type and in range; raises ``I2LError(BAD_INPUT)`` naming the
@@ -212,6 +214,14 @@ class JobRequest:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
             raise bad_input(T("m_bad_weight", value=str(w), max=f"{MAX_WEIGHT:g}"),
                             T("m_bad_weight_fix", max=f"{MAX_WEIGHT:g}"))
+        if not valid_max_rank(self.max_rank):
+            raise bad_input(T("m_bad_max_rank", value=str(self.max_rank), max=MAX_RANK),
+                            T("m_bad_max_rank_fix", max=MAX_RANK))
+
+
+def valid_max_rank(r) -> bool:
+    """None (no cap) or a whole number from 1 to ``MAX_RANK``."""
+    return r is None or (isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_RANK)
 
 
 def valid_unicode(s: str) -> bool:
@@ -241,6 +251,7 @@ class JobSpec:
     card: dict[str, Any] = field(default_factory=dict)
     device: str | None = None          # "cpu": keep the job off the GPU
     dtype: str | None = None           # "bfloat16" | "float32": the models' dtype (default: by device)
+    max_rank: int | None = None        # JobRequest.max_rank
     version: int = CONTRACT_VERSION
 
     def to_dict(self) -> dict:
@@ -279,6 +290,7 @@ class JobSpec:
         _check(isinstance(spec.card, dict), "card")
         _check(spec.device in (None, "cpu", "cuda"), "device")
         _check(spec.dtype in (None, "bfloat16", "float32"), "dtype")
+        _check(valid_max_rank(spec.max_rank), "max_rank")
         return spec
 
 

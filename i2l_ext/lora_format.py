@@ -167,9 +167,11 @@ def check_keys_map(keys, num_blocks: int = NUM_DIT_BLOCKS) -> dict:
 
 def build_metadata(variant: str, image_sha256: list[str], bias: bool = False, key_format: str = "diffusers",
                    title: str | None = None, diffsynth_version: str | None = None,
+                   max_rank: int | None = None, energy_kept: float | None = None,
                    extra: dict | None = None, created: str | None = None) -> dict[str, str]:
     """Safetensors metadata (all strings). ``ss_output_name`` is never written: hosts turn it into
-    the prompt alias, which must stay the file's own name."""
+    the prompt alias, which must stay the file's own name. With a rank cap, ``i2l.max_rank`` and
+    ``i2l.energy_kept`` (the share, 0 to 1, of the LoRA's energy the cap kept)."""
     from . import __version__
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
@@ -186,6 +188,9 @@ def build_metadata(variant: str, image_sha256: list[str], bias: bool = False, ke
         "i2l.key_format": _check_format(key_format),
         "i2l.version": __version__,
     }
+    if max_rank is not None:
+        meta["i2l.max_rank"] = str(max_rank)
+        meta["i2l.energy_kept"] = f"{energy_kept:.6f}"
     for k, v in (extra or {}).items():
         if k == "ss_output_name":
             continue

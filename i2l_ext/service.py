@@ -287,7 +287,7 @@ class Service:
         card = output.card_data(description, req.activation_text, req.preferred_weight, self.hooks.sd_version())
         spec = JobSpec(variant=variant.key, bias=bias, images=paths, image_sha256=[i.sha256 for i in infos],
                        files=files, models_dir=self.config.models_dir, output=plan.to_dict(),
-                       key_format=req.key_format, vram_profile=req.vram_profile,
+                       key_format=req.key_format, vram_profile=req.vram_profile, max_rank=req.max_rank,
                        gpu_hold_s=max(0.0, float(self.config.gpu_hold_seconds or 0)),
                        gpu_hold_gb=max(0.0, float(self.config.gpu_hold_gb or 0)),
                        metadata={"modelspec.title": req.name}, card=card)

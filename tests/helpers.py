@@ -1,7 +1,9 @@
 """Helpers shared by the tests (imported as ``helpers``; conftest files are not for importing)."""
 from __future__ import annotations
 
+import json
 import os
+import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -60,6 +62,13 @@ def make_image(path, size=(96, 64), mode="RGB", color=(200, 30, 60), fmt=None, *
                     im.putpixel((x, y), (x * 2 % 256, y * 3 % 256, 90))
     im.save(str(path), format=fmt, **save)
     return str(path)
+
+
+def read_header(path) -> dict:
+    """A safetensors file's header: ``__metadata__`` and each tensor's dtype, shape and offsets."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
 
 
 def gone(pid, timeout=10.0):

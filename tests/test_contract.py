@@ -17,8 +17,8 @@ from helpers import ROOT
 
 sys.path.insert(0, ROOT)
 from i2l_ext import i18n  # noqa: E402
-from i2l_ext.contract import (CONTRACT_VERSION, I2LError, JobRequest, JobResult, JobSpec, T, Text,  # noqa: E402
-                              raw)
+from i2l_ext.contract import (CONTRACT_VERSION, MAX_RANK, I2LError, JobRequest, JobResult, JobSpec, T,  # noqa: E402
+                              Text, raw)
 
 PRODUCT = glob.glob(os.path.join(ROOT, "i2l_ext", "**", "*.py"), recursive=True) + \
     glob.glob(os.path.join(ROOT, "scripts", "*.py"))
@@ -112,7 +112,8 @@ def test_every_key_the_code_uses_exists_in_every_language():
                                          ("preferred_weight", True), ("description", "a\ud800b"),
                                          ("activation_text", "x" * 10_001), ("variant", "nope"),
                                          ("key_format", "peft"), ("vram_profile", "fast"), ("images", "a.png"),
-                                         ("bias", "yes")])
+                                         ("bias", "yes"), ("max_rank", 0), ("max_rank", -4), ("max_rank", 2.5),
+                                         ("max_rank", "8"), ("max_rank", True), ("max_rank", MAX_RANK + 1)])
 def test_request_checked_once_with_the_reason(field, value):
     req = JobRequest(images=["a.png"], name="n")
     setattr(req, field, value)
@@ -124,6 +125,8 @@ def test_request_checked_once_with_the_reason(field, value):
 
 def test_a_good_request_passes():
     JobRequest(images=["a.png"], name="n", preferred_weight=-10, description="表情 ✓").check()
+    for cap in (1, 8, MAX_RANK):
+        JobRequest(images=["a.png"], name="n", max_rank=cap).check()
     assert math.isfinite(JobRequest(images=[], name="n").preferred_weight)
 
 
@@ -132,11 +135,15 @@ def test_spec_checked_as_it_enters_the_worker():
     assert JobSpec.from_dict(json.loads(json.dumps(good.to_dict()))) == good
     for change in ({"version": CONTRACT_VERSION + 1}, {"surprise": 1}, {"images": "/a.png"}, {"bias": "no"},
                    {"gpu_hold_s": float("nan")}, {"gpu_hold_gb": -1}, {"key_format": "x"}, {"metadata": {"a": 1}},
-                   {"device": "tpu"}):
+                   {"device": "tpu"}, {"max_rank": 0}, {"max_rank": "8"}):
         with pytest.raises(I2LError) as e:
             JobSpec.from_dict(dict(good.to_dict(), **change))
         assert e.value.code == I2LError.INTERNAL and "m_bad_spec" == e.value.text.key
     assert JobSpec.from_dict({"files": {"style": "/s"}}).files == {"style": ["/s"]}
+    assert JobSpec.from_dict(dict(good.to_dict(), max_rank=8)).max_rank == 8
+    old_host = good.to_dict()
+    del old_host["max_rank"]                  # a spec from a host without the rank cap: no cap
+    assert JobSpec.from_dict(old_host).max_rank is None
 
 
 def test_result_round_trips_with_warnings():

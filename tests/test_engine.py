@@ -257,6 +257,47 @@ def test_kohya_format(engine, tiny_dir, images, tmp_path):
     assert report["ok"] and report["generic"]
 
 
+def _energy(b, a):
+    """||B·A||² (squared Frobenius norm) from the small Gram matrices, without forming B·A."""
+    return ((b.T @ b) * (a @ a.T)).sum().item()
+
+
+def test_rank_cap_writes_the_best_approximation_of_that_rank(engine, tiny_dir, images, tmp_path, monkeypatch):
+    full, _ = run_job(engine, tiny_dir, images[:2], tmp_path / "full.safetensors", "style")
+    logged = []
+    monkeypatch.setattr(engine, "log", lambda level, text: logged.append(text))
+    out = tmp_path / "capped.safetensors"
+    res, _ = run_job(engine, tiny_dir, images[:2], out, "style", key_format="kohya", max_rank=3)
+    assert full["rank"] == 8 and res["rank"] == 3
+    before, after = load_file(str(tmp_path / "full.safetensors")), load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    with safe_open(str(tmp_path / "full.safetensors"), "pt") as f:
+        assert "i2l.max_rank" not in f.metadata() and "i2l.energy_kept" not in f.metadata()
+    assert meta["i2l.max_rank"] == "3" and float(meta["i2l.energy_kept"]) == pytest.approx(res["energy_kept"], abs=1e-6)
+    kept = total = 0.0
+    for key in before:
+        path, ab = lora_format.split_key(key)
+        if ab == "B":
+            continue
+        a, b = before[key].double(), before[key.replace(".lora_A.", ".lora_B.")].double()
+        name = lora_format.kohya_name(path)
+        a3, b3 = after[name + ".lora_down.weight"].double(), after[name + ".lora_up.weight"].double()
+        assert a3.shape == (3, a.shape[1]) and b3.shape == (b.shape[0], 3) and after[name + ".alpha"].item() == 3
+        # ΔW's squared singular values are the eigenvalues of (BᵀB)(AAᵀ); the best rank-3
+        # approximation keeps the top 3 and leaves the rest as an orthogonal residual (Eckart-Young)
+        s2 = torch.linalg.eigvals((b.T @ b) @ (a @ a.T)).real.sort(descending=True).values
+        e3, e = _energy(b3, a3), s2.sum().item()
+        assert e3 == pytest.approx(s2[:3].sum().item(), rel=2 ** -6)
+        residual = _energy(torch.cat([b, -b3], 1), torch.cat([a, a3], 0))
+        assert residual == pytest.approx(s2[3:].sum().item(), rel=0.05, abs=2 ** -6 * e)
+        kept, total = kept + e3, total + e
+    assert res["energy_kept"] == pytest.approx(kept / total, rel=2 ** -6) and 0 < res["energy_kept"] < 1
+    capped = [t for t in logged if t.key == "m_rank_capped"]
+    assert len(capped) == 1 and (capped[0].fields["before"], capped[0].fields["after"]) == (8, 3)
+    assert os.path.getsize(out) < os.path.getsize(tmp_path / "full.safetensors") / 2
+
+
 def test_bfloat16_on_cpu(engine, tiny_dir, images, tmp_path):
     out = tmp_path / "bf16.safetensors"
     res, _ = run_job(engine, tiny_dir, images[:2], out, "style", dtype="bfloat16")

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from i2l_ext import catalog
 from i2l_ext.settings import Settings
 from i2l_ext.contract import I2LError
 from i2l_ext.service import JobRequest, Service
-from helpers import ROOT, children, gone, slow_worker
+from helpers import ROOT, children, gone, read_header, slow_worker
 
 
 def group_members(pgid):
@@ -52,12 +51,6 @@ def paused_service(worker_python, tiny_models, lora_dir):
     s = Service(cfg)
     yield s
     s.shutdown()
-
-
-def read_header(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n))
 
 
 def test_style_end_to_end(service, images, lora_dir):
@@ -361,10 +354,19 @@ def test_cli_make_and_bad_input(worker_python, tiny_models, tmp_path, images):
     env = dict(os.environ, PYTHONPATH=ROOT)
     base = [sys.executable, "-m", "i2l_ext", "make", "--models-dir", tiny_models, "--lora-dir", str(lora),
             "--python", worker_python]
-    p = subprocess.run(base + images + ["--name", "cli_style"], capture_output=True, text=True, env=env, timeout=300)
+    # a rank cap of 0 is refused before anything runs
+    p = subprocess.run(base + images + ["--name", "cli_style", "--max-rank", "0"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 2 and "rank cap 0" in p.stderr and "--max-rank" in p.stderr
+    p = subprocess.run(base + images + ["--name", "cli_style", "--max-rank", "5", "-v"], capture_output=True, text=True,
+                       env=env, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert "<lora:cli_style:1>" in p.stdout
+    assert "<lora:cli_style:1>" in p.stdout and "rank 5" in p.stdout
     assert "encode" in p.stderr and "100%" in p.stderr
+    assert "Rank capped at 5: rank 12 became 5" in p.stderr
+    header = read_header(str(lora / "cli_style.safetensors"))
+    assert header.pop("__metadata__")["i2l.max_rank"] == "5"
+    assert {v["shape"][0] for k, v in header.items() if k.endswith("lora_A.weight")} == {5}
     # same name again: refused, the first file untouched
     before = os.path.getmtime(lora / "cli_style.safetensors")
     p = subprocess.run(base + images + ["--name", "cli_style"], capture_output=True, text=True, env=env, timeout=120)

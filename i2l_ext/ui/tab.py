@@ -186,7 +186,8 @@ class Controller:
                                            or os.path.join(tempfile.gettempdir(), "gradio")])
 
     def request(self, images, folder, variant, name, subfolder, overwrite, weight, activation, description,
-                vram_profile, key_format, bias) -> JobRequest:
+                vram_profile, key_format, bias, max_rank) -> JobRequest:
+        """The job the form asks for; the rank cap's 0 or empty box means no cap."""
         paths = list(images or [])
         if folder and folder.strip():
             paths.append(os.path.expanduser(folder.strip()))
@@ -196,10 +197,11 @@ class Controller:
                           bias=bool(bias) if variant == "coarse-fine" else None, subfolder=(subfolder or "").strip(),
                           overwrite=bool(overwrite), key_format=key_format or "diffusers",
                           vram_profile=vram_profile or "auto", preferred_weight=float(weight if weight is not None else 1.0),
-                          activation_text=activation or "", description=description or "")
+                          activation_text=activation or "", description=description or "",
+                          max_rank=int(max_rank) if max_rank else None)
 
     def run(self, images, folder, variant, name, subfolder, overwrite, weight, activation, description,
-            vram_profile, key_format, bias):
+            vram_profile, key_format, bias, max_rank):
         """Generator for the Make button: streams progress, the log and finally the result."""
         keep = compat.update()
         hidden = compat.update(visible=False)
@@ -230,7 +232,7 @@ class Controller:
         self.refresh_config()
         try:
             req = self.request(images, folder, variant, name, subfolder, overwrite, weight, activation, description,
-                               vram_profile, key_format, bias)
+                               vram_profile, key_format, bias, max_rank)
         except I2LError as e:
             yield failed(e)
             return
@@ -473,6 +475,8 @@ def build(ctl: Controller):
                                     label=t("vram_label"), elem_id="i2l_vram")
                     key_format = gr.Radio(choices=[(t(f"keys_{k}"), k) for k in KEY_FORMATS],
                                           value=ctl.config.key_format, label=t("keys_label"), elem_id="i2l_keys")
+                    max_rank = gr.Number(value=0, precision=0, label=t("rank_cap_label"), info=t("rank_cap_info"),
+                                         elem_id="i2l_max_rank")
                     with gr.Row():
                         bias = gr.Checkbox(value=True, label=t("bias_label"), elem_id="i2l_bias")
                         overwrite = gr.Checkbox(value=False, label=t("overwrite_label"), elem_id="i2l_overwrite")
@@ -536,7 +540,7 @@ def build(ctl: Controller):
         comp.change(ctl.check_name, [name, subfolder, overwrite], name_msg, queue=False, show_progress="hidden")
 
     run_inputs = [images_state, folder, variant, name, subfolder, overwrite, weight, activation, description, vram,
-                  key_format, bias]
+                  key_format, bias, max_rank]
     run_outputs = [notice, progress, log, result_col, result_preview, result_info, result_prompt, name_msg, lib_gallery,
                    fetch_row, missing_state, cancel_btn, job_state]
     run_evt = run_btn.click(ctl.run, run_inputs, run_outputs,

@@ -31,6 +31,7 @@ from .. import catalog, lora_format, output
 from ..contract import I2LError, JobSpec, T, Text, raw
 from ..images import crop_and_resize
 from . import lightimport, lora_file, tiny, vram, weights
+from .rank_cap import cap_rank
 from .streaming import GpuMirror, Streamer, plan_holds
 from .weights import WeightFile
 
@@ -51,6 +52,11 @@ DS_NAMES = {
 LOAD_ORDER = ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine")
 # The Qwen2.5-VL pass of the Coarse / Fine residual runs in chunks of this many images.
 TEXT_ENCODER_CHUNK = {"coarse": 16, "fine": 4}
+
+
+def _rank(lora: dict) -> int:
+    """The LoRA's rank: the largest among its modules."""
+    return lora_format.lora_rank({k: v.shape for k, v in lora.items()})
 
 
 @functools.lru_cache(maxsize=1)
@@ -503,11 +509,18 @@ class Engine:
             progress("decode", len(decoders), len(decoders), T("m_decoded"))
             lap("decode")
 
-            # --- merge: one merge over every per-image LoRA, alpha = 1/N (as the Decode unit), then Bias
+            # --- merge: one merge over every per-image LoRA, alpha = 1/N (as the Decode unit), then Bias,
+            # then the rank cap
             progress("merge", 0, 1, T("m_merging"))
             lora = self._merge(parts, 1 / n)
             if bias:
                 lora = self._merge_bias(lora)
+            energy_kept = None
+            if spec.max_rank:
+                before = _rank(lora)
+                lora, energy_kept = cap_rank(lora, spec.max_rank)
+                self.log("info", T("m_rank_capped", cap=spec.max_rank, before=before, after=_rank(lora),
+                                   energy=f"{100 * energy_kept:.2f}"))
             progress("merge", 1, 1, T("m_merged"))
             lap("merge")
 
@@ -515,10 +528,9 @@ class Engine:
         progress("write", 0, 1, T("m_writing"))
         cpu = self._to_host(lora)
         del lora
-        rank = max(v.shape[0] for k, v in cpu.items() if ".lora_A." in k)
         state = lora_format.build_state_dict(cpu, key_format,
                                              scalar=lambda r: torch.tensor(float(r), dtype=torch.float32))
-        meta = self._metadata(spec, images, variant.key, bias, key_format)
+        meta = self._metadata(spec, images, variant.key, bias, key_format, energy_kept)
         folder = os.path.dirname(os.path.abspath(out_path))
         try:
             size = lora_file.write(out_path, state, meta)     # straight from the host buffer
@@ -533,10 +545,11 @@ class Engine:
             torch.cuda.empty_cache()      # the worker now holds its CUDA context and the kept layers only
         return {"held_on_gpu": self.held_on_gpu, "gpu_hold_s": hold_s if self.held_on_gpu else 0.0,
                 "copied_to_gpu": self.copied,
-                "keys": len(state), "rank": rank, "bytes": size,
+                "keys": len(state), "rank": _rank(cpu), "bytes": size,
                 "timings": {k: round(v, 3) for k, v in timings.items()}, "peak_vram": peak,
                 "device": f"cuda:{torch.cuda.current_device()}" if dev == "cuda" else "cpu",
-                "dtype": str(dtype).replace("torch.", ""), "profile": profile, "warnings": warnings}
+                "dtype": str(dtype).replace("torch.", ""), "profile": profile, "warnings": warnings,
+                **({"energy_kept": energy_kept} if energy_kept is not None else {})}
 
     # ------------------------------------------------------------------ planning
 
@@ -1215,7 +1228,7 @@ class Engine:
     # ------------------------------------------------------------------ metadata
 
     @staticmethod
-    def _metadata(spec, images, variant, bias, key_format):
+    def _metadata(spec, images, variant, bias, key_format, energy_kept=None):
         shas = spec.image_sha256
         if not shas:
             shas = []
@@ -1234,4 +1247,5 @@ class Engine:
         extra = dict(spec.metadata)
         title = extra.pop("modelspec.title", None) or extra.pop("title", None)
         return lora_format.build_metadata(variant, shas, bias=bias, key_format=key_format, title=title,
-                                          diffsynth_version=dsv, extra=extra)
+                                          diffsynth_version=dsv, max_rank=spec.max_rank, energy_kept=energy_kept,
+                                          extra=extra)

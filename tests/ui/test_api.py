@@ -23,12 +23,12 @@ def test_api_makes_a_lora_end_to_end(app, sample_images):
     images = [b64(p) for p in sample_images["images"][:2]]
     images[1] = "data:image/png;base64," + images[1]
     status, job = api(base, "POST", "/jobs", {"images": images, "name": "api_style", "weight": 0.8,
-                                              "activation_text": "api style"})
+                                              "activation_text": "api style", "max_rank": 5})
     assert status == 202 and job["state"] in ("queued", "starting", "running") and job["id"]
     job = api_wait(base, job["id"])
     assert job["state"] == "done", job
     r = job["result"]
-    assert r["prompt"] == "<lora:api_style:0.8>" and r["images"] == 2 and r["rank"] > 0
+    assert r["prompt"] == "<lora:api_style:0.8>" and r["images"] == 2 and r["rank"] == 5     # capped from 8
     assert os.path.basename(r["path"]) == "api_style.safetensors" and job["log"]
     status, png = api(base, "GET", r["preview_url"][len("/i2l/v1"):])
     assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,6 +63,7 @@ def test_api_refuses_bad_requests_with_one_error_shape(app, sample_images):
     refused({"images": [good], "name": "x", "subfolder": "../out"}, 400, "bad_input")   # no way out of the folder
     refused({"images": [good]}, 400, "bad_input")                                       # no name: FastAPI's check
     refused({"images": [good], "name": "x", "weight": "heavy"}, 400, "bad_input")
+    refused({"images": [good], "name": "x", "max_rank": 0}, 400, "bad_input")
     with open(os.path.join(app.lora_dir, "taken.safetensors"), "wb") as f:
         f.write(b"someone else's")
     e = refused({"images": [good], "name": "taken"}, 409, "name_taken",

@@ -6,6 +6,7 @@ import time
 
 from ui_helpers import (click_run, make_lora, name_state, open_tab, progress, shot, textbox_value, type_name, upload,
                         wait_count, wait_finished)
+from helpers import read_header
 
 
 def test_make_lora(page, app, sample_images, artifacts):
@@ -35,6 +36,7 @@ def test_make_lora(page, app, sample_images, artifacts):
     name_state(page, True, "ui_style.safetensors")
     page.click("#i2l_advanced .label-wrap")
     page.fill("#i2l_activation input, #i2l_activation textarea", "ui style")
+    page.fill("#i2l_max_rank input", "4")                # the rank cap: 2 images give rank 8
     shot(page, artifacts, "02-form")
 
     click_run(page)
@@ -60,6 +62,7 @@ def test_make_lora(page, app, sample_images, artifacts):
     info = page.inner_text("#i2l_result_info")
     assert os.path.join(app.lora_dir, "ui_style.safetensors") in info
     assert "MB" in info or "KB" in info
+    assert "rank 4" in info
     page.wait_for_selector("#i2l_result_preview img")
     assert not page.is_visible("#i2l_send")                # host-only button hidden in the app
     assert not page.is_visible("#i2l_send_sweep")
@@ -77,6 +80,9 @@ def test_make_lora(page, app, sample_images, artifacts):
                            ".some(e => e.innerText.includes('ui_style.safetensors'))")
     shot(page, artifacts, "04-result")
     assert app.files() == ["ui_style.json", "ui_style.preview.png", "ui_style.safetensors"]
+    header = read_header(os.path.join(app.lora_dir, "ui_style.safetensors"))
+    assert header.pop("__metadata__")["i2l.max_rank"] == "4"
+    assert {v["shape"][0] for k, v in header.items() if k.endswith("lora_A.weight")} == {4}
 
 
 def test_invalid_name(page, app, sample_images, artifacts):
