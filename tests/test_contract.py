@@ -83,6 +83,7 @@ def test_no_english_where_a_message_is_made():
                 args = node.args[1:2]
             else:
                 continue
+            args = list(args) + [k.value for k in node.keywords if k.arg in ("text", "fix")]
             for a in args:
                 if isinstance(a, (ast.JoinedStr, ast.BinOp)) or (isinstance(a, ast.Constant) and isinstance(a.value, str)):
                     bad.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")

@@ -707,3 +707,17 @@ def test_model_code_imports_without_the_rest_of_diffsynth():
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_out_of_memory_is_said_as_such(monkeypatch):
+    """The GPU running out of memory mid-job ends it with the out-of-memory error and its fix (the
+    low-VRAM profile), not with an internal error."""
+    eng = Engine(lambda level, message: None)
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(eng, "_run", oom)
+    with pytest.raises(I2LError) as e:
+        eng.run(JobSpec(), [], lambda *a: None)
+    assert e.value.code == I2LError.OUT_OF_MEMORY and "low-VRAM" in e.value.fix
+    assert "2.00 GiB" in e.value.details

@@ -317,9 +317,8 @@ class Engine:
         except BaseException as e:
             if vram.is_oom(e):
                 self._drop_after_oom()
-                raise I2LError(I2LError.OUT_OF_MEMORY, T("m_oom"),
-                               fix="Choose the low-VRAM profile (cpu_offload or disk), close other GPU apps, "
-                                   "or use fewer images.", details=f"{type(e).__name__}: {e}") from None
+                raise I2LError(I2LError.OUT_OF_MEMORY, T("m_oom"), T("m_oom_fix"),
+                               details=f"{type(e).__name__}: {e}") from None
             raise
         finally:
             note.close()

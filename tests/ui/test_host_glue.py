@@ -43,6 +43,9 @@ class FakeWebUI:
                 pass
             assert time.monotonic() < deadline, "fake WebUI did not start"
             time.sleep(0.3)
+        while "ready" not in self.events():          # its app-started callbacks have run (the API is on)
+            assert self.proc.poll() is None and time.monotonic() < deadline, open(self.out.name).read()[-3000:]
+            time.sleep(0.1)
 
     def calls(self) -> list[dict]:
         with open(self.log_path, encoding="utf-8") as f:
@@ -240,10 +243,6 @@ def test_api_in_the_webui_follows_its_login(ui_python, tmp_path, tiny_models, wo
     w = FakeWebUI(ui_python, str(tmp_path), tiny_models, worker_python, artifacts, pause=0,
                   args="--api-auth ann:s3cret")
     try:
-        deadline = time.monotonic() + 30
-        while "app_started" not in w.events():
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
         assert api(w.url, "GET", "/version")[0] == 401
         assert api(w.url, "GET", "/version", auth=("ann", "nope"))[0] == 401
         status, job = api(w.url, "POST", "/jobs", {"images": [b64(p) for p in sample_images["images"][:2]],
