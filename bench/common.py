@@ -222,3 +222,28 @@ def median(xs):
         return None
     m = len(xs) // 2
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def job_args(description: str):
+    """The arguments every product-path script takes: the models and Lora folders, the images, the
+    output file."""
+    import argparse
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--models", required=True)
+    ap.add_argument("--lora", required=True)
+    ap.add_argument("--images", required=True, help="comma-separated image files")
+    ap.add_argument("--out", help="a JSON file for the figures")
+    return ap
+
+
+def service(models: str, lora: str, **settings):
+    """A ``Service`` as the tab makes one, its worker this interpreter with the project on its path
+    (no standby worker; kept warm for an hour), with ``settings`` on top."""
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from i2l_ext.service import Service
+    from i2l_ext.settings import Settings
+    os.makedirs(lora, exist_ok=True)
+    env = {"PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    return Service(Settings(models_dir=models, lora_dir=lora, worker_python=sys.executable, worker_env_vars=env,
+                            **{"keep_warm_minutes": 60.0, "standby": False, **settings}))

@@ -24,23 +24,15 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import common as C  # noqa: E402
-from i2l_ext.service import JobRequest, Service  # noqa: E402
-from i2l_ext.settings import Settings  # noqa: E402
+from i2l_ext.service import JobRequest  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", required=True)
-    ap.add_argument("--lora", required=True)
-    ap.add_argument("--images", required=True)
+    ap = C.job_args(__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", default="0,cpu")
-    ap.add_argument("--out")
     a = ap.parse_args()
     images = a.images.split(",")
-    os.makedirs(a.lora, exist_ok=True)
-    env = {"PYTHONPATH": os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    svc = Service(Settings(models_dir=a.models, lora_dir=a.lora, worker_python=sys.executable, worker_env_vars=env,
-                           keep_warm_minutes=60.0, standby=False, gpus=a.gpus))
+    svc = C.service(a.models, a.lora, gpus=a.gpus)
     out = {"gpus": a.gpus, "rounds": []}
     try:
         for rnd in ("cold", "warm", "kill"):
@@ -72,8 +64,7 @@ def main() -> int:
     finally:
         svc.shutdown()
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
+        C.write_json(a.out, out)
     return 0
 
 

@@ -15,8 +15,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import common as C  # noqa: E402
 import torch  # noqa: E402
 
 from i2l_ext.worker.engine import Engine, _import, build_model, real_model_config  # noqa: E402
@@ -58,8 +60,7 @@ def main() -> int:
                              "seconds": round(secs, 3), "device": dev})
                 print(json.dumps(rows[-1]), flush=True)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        C.write_json(a.out, rows)
     return 0
 
 

@@ -18,28 +18,22 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from i2l_ext.service import JobRequest, Service  # noqa: E402
-from i2l_ext.settings import Settings  # noqa: E402
+import common as C  # noqa: E402
+from i2l_ext.service import JobRequest  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", required=True)
-    ap.add_argument("--lora", required=True)
-    ap.add_argument("--images", required=True)
+    ap = C.job_args(__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="style")
     ap.add_argument("--caps", default="0,32,16,8,4")
     ap.add_argument("--counts", default="1,5")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out")
     a = ap.parse_args()
     images = a.images.split(",")
-    os.makedirs(a.lora, exist_ok=True)
-    env = {"PYTHONPATH": os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    svc = Service(Settings(models_dir=a.models, lora_dir=a.lora, worker_python=sys.executable, worker_env_vars=env,
-                           keep_warm_minutes=60.0, standby=False))
+    svc = C.service(a.models, a.lora)
     rows = []
     try:
         def job(n, cap, name):
@@ -69,8 +63,7 @@ def main() -> int:
         print(f"| {r['images']} | {r['cap'] or 'none'} | {r['rank']} | {r['bytes'] / 1e6:.1f} MB | "
               f"{100 * r['energy_kept']:.2f}% | {r['merge_s']:.3f} s | {extra:+.3f} s | {r['job_s']:.2f} s |")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        C.write_json(a.out, rows)
     return 0
 
 

@@ -1,45 +1,24 @@
 """The LoRAs this extension made: list, rename, delete.
 
 Ours are the ``.safetensors`` files whose header metadata carries ``i2l.version``. The header is
-read with the standard library only (8-byte little-endian length, then JSON), so listing a Lora
-folder never loads a tensor and never imports torch. A LoRA travels with its card
+read by ``safetensors_header`` (standard library only), so listing a Lora folder never loads a
+tensor and never imports torch. A LoRA travels with its card
 ``<stem>.json`` and its preview ``<stem>.preview.png``; rename and delete treat the three as one.
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 
-from . import output
+from . import output, safetensors_header
 from .contract import I2LError, T, bad_input, raw
 
-MAX_HEADER = 100 * 1024 * 1024
 COMPANIONS = (".json", ".preview.png", ".png")     # moved and deleted with the LoRA
 
 
-def read_header(path: str) -> dict:
-    """The safetensors JSON header (tensor entries plus ``__metadata__``)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("file too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 1 or n > MAX_HEADER:
-            raise ValueError(f"implausible header length {n}")
-        data = f.read(n)
-        if len(data) != n:
-            raise ValueError("truncated header")
-    header = json.loads(data.decode("utf-8"))
-    if not isinstance(header, dict):
-        raise ValueError("header is not an object")
-    return header
-
-
 def read_metadata(path: str) -> dict:
-    meta = read_header(path).get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return safetensors_header.read(path).metadata
 
 
 @dataclass

@@ -62,10 +62,22 @@ def test_lists_only_ours(lora_dir):
 
 
 def test_read_header_is_pure_python(lora_dir):
+    from i2l_ext import safetensors_header
     p = ours(lora_dir, "x")
     meta = library.read_metadata(p)
     assert meta["i2l.variant"] == "style"
-    assert "t0.lora_A.weight" in library.read_header(p)
+    h = safetensors_header.read(p)
+    assert "t0.lora_A.weight" in h.tensors and "__metadata__" not in h.tensors and h.metadata == meta
+    with open(p, "rb") as f:
+        data = f.read()
+    for bad, truncated in ((data[:-3], True), (b"\x80\x04\x95pickle" * 4, False), (data[:8] + b"[" + data[9:], False),
+                           (b"", False)):
+        with open(p, "wb") as f:
+            f.write(bad)
+        with pytest.raises(safetensors_header.NotSafetensors) as e:
+            safetensors_header.read(p)
+        assert e.value.truncated is truncated
+    assert library.list_loras(lora_dir) == []                # a broken file is not listed
 
 
 def test_rename_moves_all_three(lora_dir):

@@ -18,7 +18,6 @@ import gc
 import hashlib
 import json
 import os
-import struct
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .. import catalog, lora_format, output
+from .. import catalog, lora_format, output, safetensors_header
 from ..contract import I2LError, JobSpec, T, Text, raw
 from ..images import crop_and_resize
 from . import lightimport, lora_file, tiny, vram, weights
@@ -38,7 +37,6 @@ from .weights import WeightFile
 lightimport.install()
 
 PHASES = ("load", "encode", "decode", "merge", "write")
-MAX_HEADER = 100 * 1024 * 1024
 
 # role -> diffsynth's model name in configs/model_configs.py
 DS_NAMES = {
@@ -157,8 +155,7 @@ def real_model_config(role: str) -> dict:
 # ----------------------------------------------------------------------------- file checks
 
 def read_safetensors_header(path: str, title: str = "model") -> dict:
-    """Tensor names -> shapes from a safetensors header, checking that it is one.
-    Reads only the header; never unpickles anything."""
+    """Tensor names -> shapes of a model file, checking that it is a whole safetensors file."""
     if not os.path.exists(path):
         raise I2LError(I2LError.WEIGHTS_MISSING, T("m_file_missing", title=title, path=path),
                        T("m_redownload_panel"))
@@ -167,32 +164,14 @@ def read_safetensors_header(path: str, title: str = "model") -> dict:
     if not path.endswith(".safetensors"):
         raise bad
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise bad
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > MAX_HEADER or n > size - 8:
-                raise bad
-            header = json.loads(f.read(n).decode("utf-8"))
-    except I2LError:
-        raise
-    except (OSError, ValueError, UnicodeDecodeError):
+        return safetensors_header.read(path).shapes()
+    except safetensors_header.NotSafetensors as e:
+        if e.truncated:
+            raise I2LError(I2LError.WEIGHTS_INVALID, T("m_cut_short", path=path, title=title),
+                           T("m_delete_redownload")) from None
         raise bad from None
-    if not isinstance(header, dict):
-        raise bad
-    shapes, end = {}, 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        if not (isinstance(v, dict) and "shape" in v and "dtype" in v and "data_offsets" in v):
-            raise bad
-        shapes[k] = list(v["shape"])
-        end = max(end, int(v["data_offsets"][1]))
-    if 8 + n + end > size:
-        raise I2LError(I2LError.WEIGHTS_INVALID, T("m_cut_short", path=path, title=title), T("m_delete_redownload"))
-    return shapes
+    except OSError:
+        raise bad from None
 
 
 def keys_hash(shapes: dict) -> str:

@@ -28,7 +28,8 @@ import sys
 import threading
 import time
 
-from .weights import RAM_MARGIN, NotSafetensors, WeightFile, available_ram
+from ..safetensors_header import NotSafetensors
+from .weights import RAM_MARGIN, WeightFile, available_ram
 
 MANIFEST = "i2l-import-files.json"
 MAX_CODE_BYTES = 6 * 1024 ** 3

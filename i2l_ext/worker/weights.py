@@ -16,12 +16,13 @@ unpickled.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 import threading
 import time
+
+from .. import safetensors_header
+from ..safetensors_header import NotSafetensors  # noqa: F401  (raised by WeightFile; callers catch it here)
 
 CHUNK = 64 << 20                 # few, large requests: a reader needs the interpreter lock once per chunk
 READERS = 4
@@ -90,38 +91,6 @@ def anonymous_memory(n: int) -> mmap.mmap:
     return mm
 
 
-class NotSafetensors(ValueError):
-    pass
-
-
-def read_header(path: str) -> tuple[dict, int]:
-    """(header without __metadata__, byte offset where the data starts). Raises NotSafetensors."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise NotSafetensors("the file is too short")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > min(size - 8, 100 << 20):
-            raise NotSafetensors("it has no safetensors header")
-        raw = f.read(n)
-    if not raw.lstrip().startswith(b"{"):
-        raise NotSafetensors("it has no safetensors header")
-    try:
-        header = json.loads(raw)
-    except ValueError:
-        raise NotSafetensors("its safetensors header is not valid JSON") from None
-    header.pop("__metadata__", None)
-    end = 0
-    for k, v in header.items():
-        if not isinstance(v, dict) or "dtype" not in v or "data_offsets" not in v:
-            raise NotSafetensors(f"entry {k!r} of its header is malformed")
-        end = max(end, v["data_offsets"][1])
-    if 8 + n + end > size:
-        raise NotSafetensors(f"it is truncated ({size} bytes, the header needs {8 + n + end})")
-    return header, 8 + n
-
-
 class WeightFile:
     """One safetensors file read into a host buffer by background threads.
 
@@ -130,7 +99,8 @@ class WeightFile:
 
     def __init__(self, path: str, pin: bool = True):
         self.path = path
-        self.header, self.data_start = read_header(path)
+        h = safetensors_header.read(path)
+        self.header, self.data_start = h.tensors, h.data_start
         self.size = os.path.getsize(path)
         self.nbytes = self.size - self.data_start
         self.pin = pin
