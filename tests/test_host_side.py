@@ -184,3 +184,19 @@ def test_api_callers_beyond_this_computer_need_a_login():
     for c in (None, cred("ann", "wrong"), cred("bob", "s3cret")):
         with pytest.raises(api._Unauthorized):
             login.allowed(req("127.0.0.1"), c)
+
+
+def test_lora_folders_as_neo_gives_them(monkeypatch, tmp_path):
+    """Forge Neo: --lora-dir is its Lora folder (new LoRAs go there), --lora-dirs (repeatable) are more
+    folders its Lora cards read, e.g. another WebUI's or ComfyUI's."""
+    import types
+    from i2l_ext import hosts
+    modules = types.ModuleType("modules")
+    modules.__path__ = []
+    main, comfy, a1111 = (str(tmp_path / n) for n in ("Lora", "comfy-loras", "a1111-Lora"))
+    modules.shared = types.SimpleNamespace(cmd_opts=types.SimpleNamespace(lora_dir=main, lora_dirs=[comfy, a1111, main]))
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.shared", modules.shared)
+    assert hosts.lora_dirs() == [main, comfy, a1111] and hosts.lora_dir() == main
+    modules.shared.cmd_opts = types.SimpleNamespace(lora_dir=main)          # AUTOMATIC1111, Forge, reForge
+    assert hosts.lora_dirs() == [main]
