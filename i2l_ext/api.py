@@ -22,6 +22,7 @@ from typing import Callable, List, Optional
 from . import __version__, catalog, library
 from .contract import I2LError, JobRequest, T, Text, bad_input
 from .images import MAX_IMAGES
+from .settings import is_loopback
 
 PREFIX = "/i2l/v1"
 API_VERSION = 1
@@ -133,7 +134,7 @@ class Api:
                     return
             raise _Unauthorized()
         client = request.client.host if request.client else ""
-        if self.local_only() and not _loopback_client(client):
+        if self.local_only() and not is_loopback(client):
             raise I2LError(I2LError.NOT_ALLOWED, T("m_api_needs_login"), T("m_api_needs_login_fix"))
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class Api:
         cfg = self.service.config
         if not isinstance(body.images, list) or not body.images:
             raise bad_input(T("err_no_images"), T("m_api_images_fix"))
-        if len(body.images) > MAX_IMAGES:
+        if len(body.images) > MAX_IMAGES:             # before any is decoded and written to disk
             raise bad_input(T("err_too_many", n=len(body.images), max=MAX_IMAGES), T("m_api_images_fix"))
         folder = tempfile.mkdtemp(prefix="i2l-api-")
         try:
@@ -191,9 +192,6 @@ class _NotFound(Exception):
         self.text = text
 
 
-def _loopback_client(host: str) -> bool:
-    from .settings import is_loopback
-    return is_loopback(host) or host == "testclient"
 
 
 def _write_image(folder: str, i: int, data) -> str:

@@ -181,12 +181,6 @@ class Service:
                                      command_flags=self.config.cli_flags("models_dir"))
 
     # -- jobs ----------------------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        """Whether a job is running (or waiting for a worker)."""
-        with self._lock:
-            return bool(self._queue) or any(sl.job is not None for sl in self.slots)
-
     def job(self, job_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(job_id)
@@ -197,15 +191,21 @@ class Service:
 
     def start(self, req: JobRequest) -> Job:
         """Check everything a job needs, claim its name and queue it; a free worker takes it at once.
-        Raises ``I2LError`` (nothing queued) when something is wrong or the queue is full."""
+        Raises ``I2LError`` (nothing queued) when something is wrong or the queue is full. The
+        images are looked at outside the service's lock: a page adding 64 large images keeps no
+        other page or worker waiting."""
         req.check()
+        self._check_room()
+        job = Job(request=req)
+        spec, plan = self._prepare(job)       # raises before anything is queued
         with self._lock:
-            if self._closed:
-                raise I2LError(I2LError.CANCELLED, T("m_job_cancelled"))
-            if len(self._queue) >= QUEUE_MAX:
-                raise I2LError(I2LError.QUEUE_FULL, T("err_queue_full", n=QUEUE_MAX), T("fix_queue_full"))
-            job = Job(request=req)
-            self._plans[job.id] = self._prepare(job)       # raises before anything is queued
+            try:
+                self._check_room()            # another page may have filled it meanwhile
+            except I2LError:
+                output.abort(plan)
+                output.release(plan)
+                raise
+            self._plans[job.id] = (spec, plan)
             job._on_cancel = self._cancelled
             self._jobs[job.id] = job
             self._forget_old()
@@ -213,6 +213,13 @@ class Service:
             self._number_queue()
             self._dispatch()
         return job
+
+    def _check_room(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise I2LError(I2LError.CANCELLED, T("m_job_cancelled"))
+            if len(self._queue) >= QUEUE_MAX:
+                raise I2LError(I2LError.QUEUE_FULL, T("err_queue_full", n=QUEUE_MAX), T("fix_queue_full"))
 
     def run(self, req: JobRequest) -> Job:
         job = self.start(req)
