@@ -377,10 +377,20 @@ def add_cli_flag(parser, name: str, **extra) -> None:
         kwargs.update(action="append", default=None, metavar="DIR")
     elif s.kind == "choice":
         kwargs.update(choices=list(s.choices), default=None)
-    elif s.kind == "number":
-        kwargs.update(type=float, default=None)
+    elif s.kind in ("number", "devices"):
+        kwargs.update(type=lambda raw: _cli_value(s, raw), default=None)
     kwargs.update(extra)
     parser.add_argument(s.cli, **kwargs)
+
+
+def _cli_value(setting: Setting, raw: str):
+    """A flag's value checked as the setting's own: a bad one is refused by the command line at once
+    (an environment value is ignored and said, a command is not run on a value it did not get)."""
+    import argparse
+    try:
+        return parse(setting, raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{raw!r}: {e}") from None
 
 
 def _plain(text: str) -> str:

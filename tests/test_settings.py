@@ -93,6 +93,20 @@ def test_cli_flags_and_environment_reach_the_command(tmp_path):
     assert out.strip() == str(tmp_path / "m")
 
 
+def test_a_bad_flag_value_is_refused_by_the_command_line(capsys):
+    """On the command line a bad number or GPU list stops the command with the reason (an
+    environment value is ignored and said instead)."""
+    from i2l_ext.cli import build_parser
+    parser = build_parser()
+    for argv, reason in ((["--gpus", "a"], "GPU numbers"), (["--gpus", "0,0"], "GPU numbers"),
+                         (["--vram-limit", "-3"], "outside"), (["--vram-limit", "nan"], "finite")):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["make", "img.png"] + argv)
+        assert e.value.code == 2 and reason in capsys.readouterr().err, argv
+    a = parser.parse_args(["make", "img.png", "--gpus", "1, cpu", "--vram-limit", "8"])
+    assert (a.gpus, a.vram_limit_gb) == ("1,cpu", 8.0)
+
+
 def _fake_webui(monkeypatch, argv, data=None, labels=None, lora_dir="/webui/models/Lora"):
     """``modules.shared`` of a WebUI whose command line was parsed with our preload.py."""
     sys.path.insert(0, ROOT)
