@@ -15,14 +15,17 @@ import glob
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .contract import T, Text
+from .families import DECODERS, FAMILIES, IMAGE_ENCODERS, TEXT_ENCODER, Family
 
 ENCODERS_REPO = "DiffSynth-Studio/General-Image-Encoders"
 QWEN_I2L_REPO = "DiffSynth-Studio/Qwen-Image-i2L"
 QWEN_IMAGE_REPO = "Qwen/Qwen-Image"
 QWEN_EDIT_REPO = "Qwen/Qwen-Image-Edit"
+Z_IMAGE_I2L_REPO = "DiffSynth-Studio/Z-Image-i2L"
+Z_IMAGE_OMNI_I2L_REPO = "DiffSynth-Studio/Z-Image-Omni-Base-i2L"
 
 GB = 1000 ** 3
 
@@ -38,7 +41,7 @@ MANIFEST_NAME = ".i2l-manifest.json"     # the hubs' published sizes and hashes,
 
 @dataclass(frozen=True)
 class ModelFile:
-    role: str            # siglip2, dinov3, text_encoder, processor, style, coarse, fine, bias
+    role: str            # siglip2, dinov3, text_encoder, processor, a decoder (families.DECODERS), bias
     repo: str            # same id on ModelScope and Hugging Face
     pattern: str         # a file, a glob of shards ("text_encoder/model*.safetensors") or a folder ("processor/")
     approx_bytes: int
@@ -160,6 +163,9 @@ FILES: dict[str, ModelFile] = {f.role: f for f in [
     ModelFile("coarse", QWEN_I2L_REPO, "Qwen-Image-i2L-Coarse.safetensors", int(15.9 * GB), "i2L Coarse decoder"),
     ModelFile("fine", QWEN_I2L_REPO, "Qwen-Image-i2L-Fine.safetensors", int(15.1 * GB), "i2L Fine decoder"),
     ModelFile("bias", QWEN_I2L_REPO, "Qwen-Image-i2L-Bias.safetensors", 60_000_000, "i2L Bias LoRA"),
+    ModelFile("z_image", Z_IMAGE_I2L_REPO, "model.safetensors", int(3.2 * GB), "Z-Image i2L decoder"),
+    ModelFile("z_image_omni", Z_IMAGE_OMNI_I2L_REPO, "model.safetensors", int(3.2 * GB),
+              "Z-Image-Omni-Base i2L decoder"),
 ]}
 
 
@@ -172,15 +178,25 @@ class Variant:
     vram_gb: float          # peak VRAM (driver's figure) streaming from RAM, the default when RAM holds the weights
     low_vram_gb: float      # peak with the disk profile, used when RAM is short (DiffSynth's own streaming)
     bias_default: bool = False
-    roles: tuple[str, ...] = field(default=())
+    family_key: str = "qwen-image"
+    base_model: str = ""    # the checkpoint it is made for, where the family has several
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.family_key]
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the variant's family has a Bias LoRA to merge (Qwen-Image's)."""
+        return bool(self.family.bias_role)
 
     def needed_roles(self, bias: bool | None = None) -> list[str]:
-        roles = ["siglip2", "dinov3"]
-        if any(d in ("coarse", "fine") for d in self.decoders):
-            roles += ["text_encoder", "processor"]
+        roles = list(IMAGE_ENCODERS)
+        if any(DECODERS[d].residual for d in self.decoders):
+            roles += list(TEXT_ENCODER)
         roles += list(self.decoders)
-        if self.bias_default if bias is None else bias:
-            roles.append("bias")
+        if self.has_bias and (self.bias_default if bias is None else bias):
+            roles.append(self.family.bias_role)
         return roles
 
     def download_bytes(self, bias: bool | None = None) -> int:
@@ -196,7 +212,19 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in [
             ("coarse",), vram_gb=10, low_vram_gb=20),
     Variant("fine", "Fine", "Adds 1024x1024 detail; meant to go with Coarse.",
             ("fine",), vram_gb=10, low_vram_gb=20),
+    Variant("z-image", "Z-Image Style", "The look of the images, for Z-Image (Turbo or Base).",
+            ("z_image",), vram_gb=3, low_vram_gb=13, family_key="z-image", base_model="Z-Image"),
+    Variant("z-image-omni", "Z-Image-Omni-Base Style", "The look of the images, for Z-Image-Omni-Base.",
+            ("z_image_omni",), vram_gb=3, low_vram_gb=13, family_key="z-image", base_model="Z-Image-Omni-Base"),
 ]}
+
+
+def variants_by_family() -> list[tuple[Family, list[Variant]]]:
+    """The variants grouped by the base model family they serve, in catalog order."""
+    groups: dict[str, list[Variant]] = {}
+    for v in VARIANTS.values():
+        groups.setdefault(v.family_key, []).append(v)
+    return [(FAMILIES[k], vs) for k, vs in groups.items()]
 
 
 def get_variant(key: str) -> Variant:
@@ -208,6 +236,17 @@ def get_variant(key: str) -> Variant:
     except KeyError:
         from .contract import bad_input
         raise bad_input(T("m_unknown_variant", value=key), T("m_choose_one_of", choices=", ".join(VARIANTS))) from None
+
+
+def check_key_format(variant: Variant, key_format: str) -> None:
+    """Refuse a key format that the generators of the variant's family do not read."""
+    from . import lora_format
+    from .contract import bad_input
+    if key_format not in lora_format.FORMATS:
+        raise bad_input(T("m_unknown_key_format", value=key_format), T("m_key_format_fix"))
+    if key_format not in variant.family.key_formats:
+        raise bad_input(T("m_key_format_family", family=variant.family.label, value=key_format),
+                        T("m_key_format_family_fix", formats=", ".join(variant.family.key_formats)))
 
 
 # -- where files may already be ------------------------------------------------------------------

@@ -140,7 +140,7 @@ def cmd_tiny_models(args) -> int:
             return _fail(e)
     env = dict(os.environ, PYTHONPATH=settings.EXT_ROOT)
     t0 = time.monotonic()
-    rc = subprocess.call([python, "-m", "i2l_ext.worker.tiny", os.path.abspath(args.dir)], env=env)
+    rc = subprocess.call([python, "-m", "i2l_ext.testing.tiny", os.path.abspath(args.dir)], env=env)
     if rc == 0:
         print(f"Tiny model set written to {os.path.abspath(args.dir)} in {time.monotonic() - t0:.1f} s "
               f"(random weights: its LoRAs are meaningless, the code path is the real one).")

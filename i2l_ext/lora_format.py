@@ -1,15 +1,16 @@
 """LoRA key formats and file metadata. Pure Python: imported by both the host and the worker.
 
-DiffSynth's i2L writes ``transformer_blocks.{i}.{module}.lora_A.default.weight`` / ``.lora_B...``
-(no prefix, no alpha, scale 1), which loads in Forge Neo / ComfyUI only when the loaded model is
-recognised as Qwen-Image. The formats written here load generically:
+DiffSynth's i2L writes ``<DiT module path>.lora_A.default.weight`` / ``.lora_B...`` (no prefix, no
+alpha, scale 1), which Forge Neo / ComfyUI load only when they recognise the loaded model's family
+from those bare names (for Z-Image not at all). The formats written here load generically:
 
 - ``diffusers`` (default): ``diffusion_model.<path>.lora_A.weight`` / ``.lora_B.weight``, no alpha.
 - ``kohya``: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` and
-  ``lora_unet_<path with _>.alpha`` = rank (so alpha / rank = 1, the same strength).
+  ``lora_unet_<path with _>.alpha`` = rank (so alpha / rank = 1, the same strength). Only for the
+  families whose loaders read those names (``Family.key_formats``).
 
 ``check_keys_map`` applies the key-mapping rules of the Forge Neo / ComfyUI loader to a key list
-and reports which Qwen-Image DiT module each key reaches.
+and reports which DiT module of the family each key reaches.
 """
 from __future__ import annotations
 
@@ -17,39 +18,11 @@ import datetime as _dt
 import json
 import re
 
+from .families import FAMILIES, QWEN_IMAGE, Family
+
 FORMATS = ("diffusers", "kohya")
 
-NUM_DIT_BLOCKS = 60
-# Linear modules of one Qwen-Image DiT block: name -> (in_features, out_features).
-BLOCK_LINEARS: dict[str, tuple[int, int]] = {
-    "img_mod.1": (3072, 18432),
-    "attn.to_q": (3072, 3072), "attn.to_k": (3072, 3072), "attn.to_v": (3072, 3072),
-    "attn.add_q_proj": (3072, 3072), "attn.add_k_proj": (3072, 3072), "attn.add_v_proj": (3072, 3072),
-    "attn.to_out.0": (3072, 3072), "attn.to_add_out": (3072, 3072),
-    "img_mlp.net.0.proj": (3072, 12288), "img_mlp.net.2": (12288, 3072),
-    "txt_mod.1": (3072, 18432),
-    "txt_mlp.net.0.proj": (3072, 12288), "txt_mlp.net.2": (12288, 3072),
-}
-# The 12 modules the i2L decoders (and the Bias LoRA) write.
-QWEN_I2L_MODULES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.net.2", "img_mod.1",
-               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-               "txt_mlp.net.2", "txt_mod.1")
-# Linear modules outside the blocks.
-TOP_LINEARS: dict[str, tuple[int, int]] = {
-    "time_text_embed.timestep_embedder.linear_1": (256, 3072),
-    "time_text_embed.timestep_embedder.linear_2": (3072, 3072),
-    "img_in": (64, 3072), "txt_in": (3584, 3072), "norm_out.linear": (3072, 6144), "proj_out": (3072, 64),
-}
-
 _SRC_RE = re.compile(r"^(?:diffusion_model\.|transformer\.)?(?P<path>.+?)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
-
-
-def dit_modules(num_blocks: int = NUM_DIT_BLOCKS) -> list[str]:
-    """Every linear module path of a Qwen-Image DiT with ``num_blocks`` blocks."""
-    mods = list(TOP_LINEARS)
-    for i in range(num_blocks):
-        mods += [f"transformer_blocks.{i}.{m}" for m in BLOCK_LINEARS]
-    return mods
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -65,6 +38,15 @@ def _check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown key format {fmt!r}; use one of {', '.join(FORMATS)}")
     return fmt
+
+
+def family_of(variant_or_family: str) -> Family:
+    """A family by its key, or the family of a variant's key (Qwen-Image when unknown)."""
+    if variant_or_family in FAMILIES:
+        return FAMILIES[variant_or_family]
+    from .catalog import VARIANTS
+    v = VARIANTS.get(variant_or_family)
+    return v.family if v is not None else QWEN_IMAGE
 
 
 def kohya_name(path: str) -> str:
@@ -119,16 +101,17 @@ _SUFFIXES = (
 )
 
 
-def check_keys_map(keys, num_blocks: int = NUM_DIT_BLOCKS) -> dict:
-    """Map each key to a Qwen-Image DiT module the way Forge Neo's (ComfyUI-derived) loader does.
+def check_keys_map(keys, family: Family = QWEN_IMAGE, max_blocks: int | None = None) -> dict:
+    """Map each key to a DiT module of ``family`` the way Forge Neo's (ComfyUI-derived) loader does.
 
-    Prefixes ``diffusion_model.<path>`` and ``lora_unet_<path with _>`` map for any model;
-    ``<path>``, ``transformer.<path>`` and ``lycoris_<path with _>`` only when the model is
-    recognised as Qwen. Returns ``{"mapped": {key: module}, "unmapped": [...], "generic": bool
+    The family's ``any_model_prefixes`` (``diffusion_model.<path>``, for Qwen-Image also
+    ``lora_unet_<path with _>``) map for any model; its ``model_prefixes`` only once the loaded
+    model is recognised as that family. ``max_blocks``: the DiT has only that many blocks in each
+    list (a tiny test set). Returns ``{"mapped": {key: module}, "unmapped": [...], "generic": bool
     (every mapped key uses an any-model prefix), "incomplete": [modules lacking A or B],
     "ok": bool}``; ``ok`` means every key maps and every module has both halves.
     """
-    modules = dit_modules(num_blocks)
+    modules = family.dit_modules(max_blocks)
     dotted = set(modules)
     underscored = {m.replace(".", "_"): m for m in modules}
     mapped, unmapped, halves = {}, [], {}
@@ -142,16 +125,14 @@ def check_keys_map(keys, num_blocks: int = NUM_DIT_BLOCKS) -> dict:
             unmapped.append(key)
             continue
         module, any_model = None, False
-        if stem.startswith("diffusion_model.") and stem[len("diffusion_model."):] in dotted:
-            module, any_model = stem[len("diffusion_model."):], True
-        elif stem.startswith("lora_unet_") and stem[len("lora_unet_"):] in underscored:
-            module, any_model = underscored[stem[len("lora_unet_"):]], True
-        elif stem in dotted:
-            module = stem
-        elif stem.startswith("transformer.") and stem[len("transformer."):] in dotted:
-            module = stem[len("transformer."):]
-        elif stem.startswith("lycoris_") and stem[len("lycoris_"):] in underscored:
-            module = underscored[stem[len("lycoris_"):]]
+        for prefix in family.any_model_prefixes + family.model_prefixes:
+            if not stem.startswith(prefix):
+                continue
+            rest = stem[len(prefix):]
+            found = underscored.get(rest) if prefix.endswith("_") else (rest if rest in dotted else None)
+            if found is not None:
+                module, any_model = found, prefix in family.any_model_prefixes
+                break
         if module is None:
             unmapped.append(key)
             continue
@@ -171,14 +152,16 @@ def build_metadata(variant: str, image_sha256: list[str], bias: bool = False, ke
                    extra: dict | None = None, created: str | None = None) -> dict[str, str]:
     """Safetensors metadata (all strings). ``ss_output_name`` is never written: hosts turn it into
     the prompt alias, which must stay the file's own name. With a rank cap, ``i2l.max_rank`` and
-    ``i2l.energy_kept`` (the share, 0 to 1, of the LoRA's energy the cap kept)."""
+    ``i2l.energy_kept`` (the share, 0 to 1, of the LoRA's energy the cap kept). The base model's
+    words come from the variant's family."""
     from . import __version__
+    family = family_of(variant)
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "Qwen-Image/lora",
-        "modelspec.implementation": "https://github.com/QwenLM/Qwen-Image",
+        "modelspec.architecture": family.architecture,
+        "modelspec.implementation": family.implementation,
         "modelspec.title": title or f"i2L {variant}",
-        "ss_base_model_version": "qwen_image",
+        "ss_base_model_version": family.base_model_version,
         "i2l.variant": variant,
         "i2l.images": str(len(image_sha256)),
         "i2l.image_sha256": json.dumps(list(image_sha256)),

@@ -36,7 +36,7 @@ def tiny_models(worker_python, tmp_path_factory) -> str:
     if cached and os.path.exists(os.path.join(cached, "i2l-tiny.json")):
         return cached
     d = str(tmp_path_factory.mktemp("tiny-models"))
-    subprocess.run([worker_python, "-m", "i2l_ext.worker.tiny", d], check=True, cwd=ROOT,
+    subprocess.run([worker_python, "-m", "i2l_ext.testing.tiny", d], check=True, cwd=ROOT,
                    env=dict(os.environ, PYTHONPATH=ROOT))
     return d
 

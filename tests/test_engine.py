@@ -24,10 +24,12 @@ from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from i2l_ext import catalog, lora_format  # noqa: E402
+from i2l_ext import catalog, families, lora_format  # noqa: E402
 from i2l_ext.contract import I2LError, JobSpec  # noqa: E402
-from i2l_ext.worker import tiny  # noqa: E402
-from i2l_ext.worker.engine import PHASES, Engine, assign_state_dict  # noqa: E402
+from i2l_ext.testing import tiny  # noqa: E402
+from i2l_ext.worker import decoders  # noqa: E402
+from i2l_ext.worker.engine import PHASES, Engine  # noqa: E402
+from i2l_ext.worker.models import assign_state_dict, read_marker  # noqa: E402
 
 TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
             "background), then explain how the user's text instruction should alter or modify the image. Generate a "
@@ -84,7 +86,7 @@ def load_tiny(tiny_dir, role, dtype=torch.float32, device=REF_DEVICE):
     from diffsynth.core.loader import load_model
     from diffsynth.utils.state_dict_converters.dino_v3 import DINOv3StateDictConverter
     from diffsynth.utils.state_dict_converters.qwen_image_text_encoder import QwenImageTextEncoderStateDictConverter
-    marker = tiny.read_marker(tiny_dir)
+    marker = read_marker(tiny_dir)
     paths = catalog.FILES[role].resolve(tiny_dir)
     conv = {"dinov3": DINOv3StateDictConverter, "text_encoder": QwenImageTextEncoderStateDictConverter}.get(role)
     return load_model(tiny.tiny_class(role), paths if len(paths) > 1 else paths[0], marker["configs"][role],
@@ -113,6 +115,20 @@ def reference_lora(tiny_dir, images, variant, bias, dtype=torch.float32):
         lora = QwenImageUnit_Image2LoRADecode().process(pipe, **embs)["lora"]
     if bias:
         lora = merge_lora([lora, load_state_dict(catalog.FILES["bias"].resolve(tiny_dir)[0], device=REF_DEVICE)])
+    return {k: v.cpu() for k, v in lora.items()}
+
+
+def reference_z_image(tiny_dir, images, role="z_image", dtype=torch.float32):
+    """DiffSynth's Z-Image path: ZImageUnit_Image2LoRAEncode + ZImageUnit_Image2LoRADecode (one
+    image at a time, merge_lora with alpha = 1/N)."""
+    from diffsynth.pipelines.z_image import ZImagePipeline, ZImageUnit_Image2LoRADecode, ZImageUnit_Image2LoRAEncode
+    pipe = ZImagePipeline(device=REF_DEVICE, torch_dtype=dtype)
+    pipe.siglip2_image_encoder = load_tiny(tiny_dir, "siglip2", dtype)
+    pipe.dinov3_image_encoder = load_tiny(tiny_dir, "dinov3", dtype)
+    pipe.image2lora_style = load_tiny(tiny_dir, role, dtype)
+    with torch.no_grad():
+        embs = ZImageUnit_Image2LoRAEncode().process(pipe, image2lora_images=list(images))
+        lora = ZImageUnit_Image2LoRADecode().process(pipe, **embs)["lora"]
     return {k: v.cpu() for k, v in lora.items()}
 
 
@@ -148,7 +164,9 @@ def test_tiny_set_layout(tiny_dir):
     for v in ("Style", "Coarse", "Fine", "Bias"):
         assert os.path.isfile(os.path.join(tiny_dir, "DiffSynth-Studio", "Qwen-Image-i2L", f"Qwen-Image-i2L-{v}.safetensors"))
     marker = json.load(open(os.path.join(tiny_dir, "i2l-tiny.json")))
-    assert set(marker["hashes"]) == {"siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias"}
+    assert set(marker["hashes"]) == {"siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias",
+                                     "z_image", "z_image_omni"}
+    assert os.path.isfile(os.path.join(tiny_dir, "DiffSynth-Studio", "Z-Image-i2L", "model.safetensors"))
     total = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(tiny_dir) for n in ns)
     assert total < 100e6
 
@@ -170,22 +188,27 @@ def test_tiny_key_naming_is_the_real_one(tiny_dir):
     assert "transformer_blocks.1.txt_mod.1.lora_B.default.weight" in keys
 
 
-@pytest.mark.parametrize("role", ["siglip2", "dinov3", "text_encoder", "style", "coarse", "fine"])
+@pytest.mark.parametrize("role", ["siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "z_image"])
 def test_tiny_loads_with_diffsynth_loader(tiny_dir, role):
     from diffsynth.models.dinov3_image_encoder import DINOv3ImageEncoder
     from diffsynth.models.qwen_image_image2lora import QwenImageImage2LoRAModel
     from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
     from diffsynth.models.siglip2_image_encoder import Siglip2ImageEncoder
-    real = {"siglip2": Siglip2ImageEncoder, "dinov3": DINOv3ImageEncoder, "text_encoder": QwenImageTextEncoder}
+    from diffsynth.models.z_image_image2lora import ZImageImage2LoRAModel
+    real = {"siglip2": Siglip2ImageEncoder, "dinov3": DINOv3ImageEncoder, "text_encoder": QwenImageTextEncoder,
+            "z_image": ZImageImage2LoRAModel}
     model = load_tiny(tiny_dir, role, device="cpu")
     assert isinstance(model, real.get(role, QwenImageImage2LoRAModel))
     assert not any(p.is_meta for p in model.parameters())
-    if role in ("style", "coarse", "fine"):
-        # the LoRA output sizes are the real ones
-        for block in model.blocks:
+    if role in families.DECODERS:
+        # the LoRA output sizes are the real ones, for modules of the family's DiT
+        family = catalog.get_variant(role.replace("_", "-")).family if role == "z_image" else families.QWEN_IMAGE
+        for block in decoders.blocks(model):
             for (name, a_dim, b_dim), layer in zip(block.lora_patterns, block.layers):
                 assert layer.proj_a.proj_out.out_features == a_dim * 4
                 assert layer.proj_b.proj_out.out_features == b_dim * 4
+                assert family.linear_shape(f"{getattr(block, 'prefix', 'transformer_blocks')}.{block.block_id}.{name}") \
+                    == (a_dim, b_dim)
 
 
 def test_processor_token_counts(tiny_dir):
@@ -237,8 +260,34 @@ def test_coarse_fine_bias_equals_diffsynth(engine, tiny_dir, images, tmp_path):
     ref = reference_lora(tiny_dir, images, "coarse-fine", True)
     assert_same_lora(str(out), ref)
     assert res["rank"] == 4 * len(images) * 2 + tiny.BIAS["rank"]
-    report = lora_format.check_keys_map(list(load_file(str(out))), num_blocks=tiny.NUM_BLOCKS)
+    report = lora_format.check_keys_map(list(load_file(str(out))), max_blocks=tiny.NUM_BLOCKS)
     assert report["ok"] and report["generic"]
+
+
+@pytest.mark.parametrize("variant,role", [("z-image", "z_image"), ("z-image-omni", "z_image_omni")])
+def test_z_image_equals_diffsynth(engine, tiny_dir, images, tmp_path, variant, role):
+    out = tmp_path / "z.safetensors"
+    res, phases = run_job(engine, tiny_dir, images, out, variant)
+    sd = assert_same_lora(str(out), reference_z_image(tiny_dir, images, role))
+    assert res["rank"] == 4 * len(images) and res["keys"] == len(sd) == 3 * tiny.NUM_BLOCKS * 7 * 2
+    assert [p for p in PHASES if p in phases] == list(PHASES)
+    assert "diffusion_model.noise_refiner.1.feed_forward.w2.lora_B.weight" in sd
+    report = lora_format.check_keys_map(list(sd), families.Z_IMAGE, max_blocks=tiny.NUM_BLOCKS)
+    assert report["ok"] and report["generic"]
+    assert not lora_format.check_keys_map(list(sd), families.QWEN_IMAGE)["mapped"]
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "Z-Image/lora" and meta["ss_base_model_version"] == "z_image"
+    assert meta["i2l.variant"] == variant and meta["i2l.bias"] == "false"
+
+
+def test_z_image_refuses_kohya_names_and_has_no_bias(engine, tiny_dir, images, tmp_path):
+    with pytest.raises(I2LError) as ei:
+        run_job(engine, tiny_dir, images[:1], tmp_path / "k.safetensors", "z-image", key_format="kohya")
+    assert ei.value.code == I2LError.BAD_INPUT and "Z-Image LoRAs cannot be written with 'kohya'" in ei.value.message
+    assert "diffusers" in ei.value.fix
+    res, _ = run_job(engine, tiny_dir, images[:1], tmp_path / "b.safetensors", "z-image", bias=True)
+    assert res["rank"] == 4                                  # Z-Image has no Bias LoRA: nothing merged
 
 
 @pytest.mark.parametrize("variant", ["coarse", "fine"])
@@ -253,7 +302,7 @@ def test_kohya_format(engine, tiny_dir, images, tmp_path):
     res, _ = run_job(engine, tiny_dir, images[:2], out, "style", key_format="kohya")
     sd = assert_same_lora(str(out), reference_lora(tiny_dir, images[:2], "style", False), fmt="kohya")
     assert res["keys"] == len(sd) == tiny.NUM_BLOCKS * 12 * 3
-    report = lora_format.check_keys_map(list(sd), num_blocks=tiny.NUM_BLOCKS)
+    report = lora_format.check_keys_map(list(sd), max_blocks=tiny.NUM_BLOCKS)
     assert report["ok"] and report["generic"]
 
 
@@ -406,7 +455,7 @@ def test_decoder_block_read_from_its_bytes_equals_the_modules(tiny_dir, role, la
         residual = torch.randn(n, 1, pr.length * pr.in_dim)
     want = {}
     with torch.no_grad():
-        Engine._decode_block(block, x, residual, n, want)
+        decoders.decode_block(block, x, residual, n, want)
     named = sorted(block.named_parameters())             # a safetensors file's order
     params = [p for _, p in named] if layout == "file" else list(reversed(list(block.parameters())))
     gap = 0 if layout == "file" else 64
@@ -418,7 +467,7 @@ def test_decoder_block_read_from_its_bytes_equals_the_modules(tiny_dir, role, la
         view.copy_(p.data)
         p.data = view
         off += size + gap
-    plan = Engine._block_plan(block)
+    plan = decoders.block_plan(block)
     assert plan is not None and plan["base"] == min(p.data_ptr() for p in params)
     equal_layers = len({(a, b) for _, a, b in block.lora_patterns}) == 1
     assert bool(plan["in_batch"]) == bool(plan["out_batch"]) == (layout == "file" and equal_layers)
@@ -428,7 +477,7 @@ def test_decoder_block_read_from_its_bytes_equals_the_modules(tiny_dir, role, la
         p.data = torch.full_like(p.data, float("nan"))    # the raw path must not read the modules
     got = {}
     with torch.no_grad():
-        Engine._decode_block_raw(block, plan, span, x, residual, n, got)
+        decoders.decode_block_raw(block, plan, span, x, residual, n, got)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k][0], want[k][0], rtol=0, atol=0)
@@ -470,15 +519,15 @@ def test_cuda_jobs_in_a_row_find_their_layers_kept_on_the_gpu(tiny_dir, images, 
     assert first["copied_to_gpu"] > 0.9 * total and first["held_on_gpu"] >= 0.9 * total
     assert_same_lora(str(out), ref, tol=0.05)
     deadline = time.monotonic() + 10
-    while eng._out_buf is None and time.monotonic() < deadline:
+    while eng.memory._out_buf is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert eng._out_buf is not None and eng._out_buf.is_pinned()     # made in the background
-    buf = eng._out_buf
+    assert eng.memory._out_buf is not None and eng.memory._out_buf.is_pinned()     # made in the background
+    buf = eng.memory._out_buf
     base = torch.cuda.memory_allocated()
     second = eng.run(JobSpec.from_dict(spec), images, lambda *a: None)
     assert second["copied_to_gpu"] < 0.05 * total, second["copied_to_gpu"]
     assert_same_lora(str(out), ref, tol=0.05)         # through the page-locked buffer
-    assert eng._out_buf is buf
+    assert eng.memory._out_buf is buf
     assert eng.park() == second["held_on_gpu"] and eng.held_on_gpu == 0
     assert torch.cuda.memory_allocated() <= base - 0.9 * total
     third = eng.run(JobSpec.from_dict(spec), images, lambda *a: None)             # parked: copied again
@@ -523,7 +572,7 @@ def test_built_models_stay_out_of_full_collections_until_dropped(engine, tiny_di
     gc.unfreeze()
     run_job(engine, tiny_dir, images[:1], tmp_path / "a.safetensors", "style")
     assert gc.get_freeze_count() > 0
-    model = engine._models["style"].model
+    model = engine.models.built["style"].model
     object.__setattr__(model, "_i2l_test_cycle", [model])       # only the collector can free it
     gone = weakref.ref(model)
     del model
@@ -538,9 +587,11 @@ def test_the_lora_size_is_known_before_it_is_made(engine, tiny_dir, images, tmp_
     """The page-locked output buffer is made while the job computes, sized from the models."""
     out = tmp_path / "n.safetensors"
     run_job(engine, tiny_dir, images[:n], out, variant, bias)
-    decoders = [d for d in ("style", "coarse", "fine") if d in engine._models]
     made = sum(t.numel() for k, t in load_file(str(out)).items() if not k.endswith(".alpha"))
-    assert engine._lora_numel(decoders, n, bias) == made
+    want = sum(decoders.lora_numel(engine.models.built[d].model, n) for d in catalog.get_variant(variant).decoders)
+    if bias:
+        want += sum(t.numel() for t in engine.models.bias[1].values())
+    assert want == made
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
@@ -578,13 +629,13 @@ def test_a_preview_that_cannot_be_written_fails_the_job_plainly_and_leaves_nothi
 
 def test_models_stay_loaded_between_jobs(engine, tiny_dir, images, tmp_path):
     run_job(engine, tiny_dir, images[:1], tmp_path / "a.safetensors", "style")
-    first = {r: m.model for r, m in engine._models.items()}
+    first = {r: m.model for r, m in engine.models.built.items()}
     res, _ = run_job(engine, tiny_dir, images[:1], tmp_path / "b.safetensors", "style")
-    assert {r: m.model for r, m in engine._models.items()} == first
+    assert {r: m.model for r, m in engine.models.built.items()} == first
     run_job(engine, tiny_dir, images[:1], tmp_path / "c.safetensors", "style", dtype="bfloat16")
-    assert engine._models["style"].model is not first["style"]
+    assert engine.models.built["style"].model is not first["style"]
     engine.unload()
-    assert not engine._models
+    assert not engine.models.built
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -662,6 +713,14 @@ def test_wrong_model(tiny_dir, images, tmp_path, no_unpickling):
     assert catalog.FILES["dinov3"].local_path(d) in err.message
 
 
+def test_a_qwen_decoder_in_the_place_of_the_z_image_one_is_refused(tiny_dir, images, tmp_path, no_unpickling):
+    d = copy_set(tiny_dir, tmp_path)
+    p = catalog.FILES["z_image"].local_path(d)
+    shutil.copy(catalog.FILES["style"].local_path(d), p)
+    err = expect_error(d, images, tmp_path, I2LError.WEIGHTS_INVALID, variant="z-image")
+    assert p in err.message and "Z-Image i2L decoder" in err.message
+
+
 def test_tiny_files_need_the_marker(tiny_dir, images, tmp_path):
     d = copy_set(tiny_dir, tmp_path)
     os.remove(os.path.join(d, tiny.MARKER))
@@ -716,7 +775,8 @@ def test_out_of_memory_is_said_as_such(monkeypatch):
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(eng, "_run", oom)
+    from i2l_ext.worker import job
+    monkeypatch.setattr(job, "run", oom)
     with pytest.raises(I2LError) as e:
         eng.run(JobSpec(), [], lambda *a: None)
     assert e.value.code == I2LError.OUT_OF_MEMORY and "low-VRAM" in e.value.fix

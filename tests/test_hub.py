@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hubstub import COMMIT, HubStub  # noqa: E402
 
 from i2l_ext import catalog, hub  # noqa: E402
-from i2l_ext.catalog import ENCODERS_REPO, QWEN_I2L_REPO, QWEN_EDIT_REPO, QWEN_IMAGE_REPO  # noqa: E402
+from i2l_ext.catalog import (ENCODERS_REPO, QWEN_EDIT_REPO, QWEN_I2L_REPO, QWEN_IMAGE_REPO,  # noqa: E402
+                             Z_IMAGE_I2L_REPO, Z_IMAGE_OMNI_I2L_REPO)
 from i2l_ext.contract import I2LError  # noqa: E402
 from i2l_ext.hub import cli as hub_cli  # noqa: E402
 from i2l_ext.hub.sources import Source  # noqa: E402
@@ -50,6 +51,8 @@ def make_repos() -> dict[str, dict[str, bytes]]:
         QWEN_EDIT_REPO: {f"processor/{n}": (b'{"k": "%s"}' % n.encode()) for n in
                          ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "vocab.json",
                           "special_tokens_map.json")} | {"processor/merges.txt": b"#version: 0.2\na b\n" * 10},
+        Z_IMAGE_I2L_REPO: {"model.safetensors": _blob(3200, 10), "README.md": b"z"},
+        Z_IMAGE_OMNI_I2L_REPO: {"model.safetensors": _blob(3300, 11), "README.md": b"zo"},
     }
 
 
@@ -361,9 +364,26 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", real)
 
 
-def test_offline_job_with_everything_present_makes_no_request(stub, models_dir, monkeypatch, tmp_path, capsys):
-    downloader(models_dir, ms(stub)).download("coarse-fine")
+def test_z_image_after_style_needs_only_its_decoder(stub, models_dir):
+    """The encoders are the same files for Style and Z-Image: a user who has Style is told of one
+    missing file, and the download fetches only that."""
     downloader(models_dir, ms(stub)).download("style")
+    with pytest.raises(I2LError) as ei:
+        catalog.resolve_files("z-image", models_dir)
+    missing = json.loads(ei.value.details)["missing"]
+    assert [(m["repo"], m["path"]) for m in missing] == [(Z_IMAGE_I2L_REPO, "model.safetensors")]
+    assert "Z-Image i2L decoder" in ei.value.message and "models download z-image" in ei.value.fix
+    n = len(stub.requests)
+    got = downloader(models_dir, ms(stub)).download("z-image")
+    assert got["downloaded"] == [catalog.FILES["z_image"].local_path(models_dir)]
+    assert not any("General-Image-Encoders" in r["path"] or "General-Image-Encoders" in str(r["query"])
+               for r in stub.requests[n:])
+    assert set(catalog.resolve_files("z-image", models_dir)) == {"siglip2", "dinov3", "z_image"}
+
+
+def test_offline_job_with_everything_present_makes_no_request(stub, models_dir, monkeypatch, tmp_path, capsys):
+    for v in ("coarse-fine", "style", "z-image", "z-image-omni"):
+        downloader(models_dir, ms(stub)).download(v)
     hub.save_settings(models_dir, source="custom", endpoint=stub.url, api="modelscope")
     monkeypatch.setenv("HF_ENDPOINT", stub.url)
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", stub.url)

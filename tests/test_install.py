@@ -137,12 +137,12 @@ def test_install_py_builds_worker_env_without_touching_the_host(host_python, tmp
     assert freeze(host_python) == before
 
     # 7. the tiny end-to-end job in the built environment
-    tiny = os.path.join(ROOT, "i2l_ext", "worker", "tiny.py")
+    tiny = os.path.join(ROOT, "i2l_ext", "testing", "tiny.py")
     if not os.path.isfile(tiny):
-        pytest.skip("i2l_ext/worker/tiny.py not present yet")
+        pytest.skip("i2l_ext/testing/tiny.py not present yet")
     pytest.importorskip("PIL", reason="the host side of a job needs Pillow in the test runner")
     models = str(tmp_path / "tiny-models")
-    r = _run([wpy, "-m", "i2l_ext.worker.tiny", models], env=dict(os.environ, PYTHONPATH=ROOT))
+    r = _run([wpy, "-m", "i2l_ext.testing.tiny", models], env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from helpers import make_image
     from i2l_ext.settings import Settings

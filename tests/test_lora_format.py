@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from i2l_ext import __version__, lora_format  # noqa: E402
+from i2l_ext import __version__, families, lora_format  # noqa: E402
 
 
 class Shape:
@@ -21,11 +21,13 @@ class Shape:
         self.shape = shape
 
 
-def i2l_keys(num_blocks=2):
+def i2l_keys(num_blocks=2, family=families.QWEN_IMAGE):
+    """DiffSynth's raw key names, as its decoders for ``family`` write them."""
     keys = []
-    for i in range(num_blocks):
-        for m in lora_format.QWEN_I2L_MODULES:
-            keys += [f"transformer_blocks.{i}.{m}.lora_A.default.weight", f"transformer_blocks.{i}.{m}.lora_B.default.weight"]
+    for prefix, count in family.blocks:
+        for i in range(min(count, num_blocks)):
+            for m in family.decoded_modules:
+                keys += [f"{prefix}.{i}.{m}.lora_A.default.weight", f"{prefix}.{i}.{m}.lora_B.default.weight"]
     return keys
 
 
@@ -84,6 +86,27 @@ def test_raw_diffsynth_keys_map_only_as_qwen():
     assert report["ok"] and not report["generic"]
 
 
+def test_z_image_keys_map_in_neo_only_with_the_diffusers_names():
+    """Forge Neo maps a Z-Image LoRA from ``diffusion_model.<diffusers name>`` (and ``lycoris_``),
+    not from DiffSynth's bare names nor from kohya's ``lora_unet_`` names."""
+    z = families.Z_IMAGE
+    raw = i2l_keys(30, z)
+    assert len(raw) == 34 * 7 * 2
+    report = lora_format.check_keys_map(list(lora_format.build_state_dict({k: Shape(4, 8) for k in raw}, "diffusers")), z)
+    assert report["ok"] and report["generic"] and len(set(report["mapped"].values())) == 34 * 7
+    assert not lora_format.check_keys_map(raw, z)["mapped"]
+    kohya = list(lora_format.build_state_dict({k: Shape(4, 8) for k in raw}, "kohya", scalar=float))
+    assert not lora_format.check_keys_map(kohya, z)["mapped"]
+    assert z.key_formats == ("diffusers",)
+
+
+def test_family_shapes():
+    assert families.Z_IMAGE.linear_shape("layers.29.feed_forward.w2") == (10240, 3840)
+    assert families.Z_IMAGE.linear_shape("layers.30.feed_forward.w2") is None
+    assert families.QWEN_IMAGE.linear_shape("img_in") == (64, 3072)
+    assert len(families.QWEN_IMAGE.dit_modules()) == 6 + 60 * 14
+
+
 def test_check_keys_map_finds_problems():
     report = lora_format.check_keys_map([
         "diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight",     # B missing
@@ -112,3 +135,6 @@ def test_build_metadata():
     assert meta["i2l.diffsynth_version"] == "2.1.12" and meta["i2l.version"] == __version__
     assert meta["i2l.created"][:2] == "20" and "T" in meta["i2l.created"]
     assert meta["note"] == "hi" and meta["n"] == "3"
+    z = lora_format.build_metadata("z-image", ["a" * 64])
+    assert z["modelspec.architecture"] == "Z-Image/lora" and z["ss_base_model_version"] == "z_image"
+    assert z["modelspec.implementation"] == "https://github.com/Tongyi-MAI/Z-Image"

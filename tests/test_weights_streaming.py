@@ -608,7 +608,7 @@ def test_reading_note_says_how_much_is_read_until_all_is(tmp_path, monkeypatch):
     """A first job that runs while its weights are still being read: the step's message is sent
     again with the bytes read so far, until the files are in; then nothing more."""
     from i2l_ext.contract import T
-    from i2l_ext.worker.engine import ReadingNote
+    from i2l_ext.worker.job import ReadingNote
     monkeypatch.setattr(weights, "CHUNK", 4096)
     p = tmp_path / "w.safetensors"
     _write(p, n_layers=20, dim=64)

@@ -98,7 +98,10 @@ def import_model_code(with_text_encoder: bool = False) -> None:
     import diffsynth.core.loader.file  # noqa: F401
     import diffsynth.models.siglip2_image_encoder  # noqa: F401
     import diffsynth.models.dinov3_image_encoder  # noqa: F401
-    import diffsynth.models.qwen_image_image2lora  # noqa: F401
     import diffsynth.utils.state_dict_converters.dino_v3  # noqa: F401
+    from .. import families
+    from .models import real_model_config
+    for role in families.DECODERS:          # each family's decoder code (a few small modules)
+        importlib.import_module(real_model_config(role)["model_class"].rpartition(".")[0])
     if with_text_encoder:
         import diffsynth.models.qwen_image_text_encoder  # noqa: F401

@@ -7,10 +7,11 @@ Qwen2-VL processor whose tokenizer and image processor give the real token count
 keep their real LoRA output sizes, so the LoRA they make fits a real Qwen-Image DiT; only the
 number of DiT blocks covered (``num_blocks``) and the inner sizes are small.
 
-``<models_dir>/i2l-tiny.json`` records the configs and the key hashes; the engine uses the tiny
-classes only when that marker sits in the models folder.
+``<models_dir>/i2l-tiny.json`` records the configs, the key hashes and this module as the
+provider of the classes (``model_class``); the worker builds tiny models only for files whose hash
+that marker lists, importing this module then.
 
-Usage: ``python -m i2l_ext.worker.tiny DIR [--variants style,coarse,fine,bias] [--seed 0]``
+Usage: ``python -m i2l_ext.testing.tiny DIR [--variants style,coarse,fine,bias,z_image,z_image_omni] [--seed 0]``
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ import time
 import torch
 
 from .. import catalog
+from ..worker.models import keys_hash
 
 MARKER = catalog.TINY_MARKER
-TINY_FORMAT = 1
+TINY_FORMAT = 2
+ALL = ("style", "coarse", "fine", "bias", "z_image", "z_image_omni")
 
 # Sizes of the tiny set. The decoders' input is SigLIP2 hidden + DINOv3 hidden; their residual is
 # the text encoder's hidden size times the real token counts (64+7 at 224x224, 37*37+7 at 1024x1024).
@@ -45,6 +48,7 @@ DECODERS = {
              "residual_length": 37 * 37 + 7, "residual_mid_dim": 4,
              "in_dim": SIGLIP["hidden_size"] + DINO["hidden_size"], "residual_dim": TEXT["hidden_size"]},
 }
+Z_IMAGE = {"num_blocks": NUM_BLOCKS, "compress_dim": 4, "rank": 4, "in_dim": SIGLIP["hidden_size"] + DINO["hidden_size"]}
 BIAS = {"num_blocks": NUM_BLOCKS, "rank": 4}
 
 # Qwen2 / Qwen2.5-VL special tokens at their real ids (the BPE ranks end at 151642).
@@ -190,6 +194,32 @@ def tiny_decoder_class():
     return TinyQwenImageImage2LoRAModel
 
 
+def tiny_z_image_decoder_class():
+    from diffsynth.models.z_image_image2lora import (LoRATrainerBlock, ZImageImage2LoRAComponent,
+                                                     ZImageImage2LoRAModel)
+
+    class TinyZImageImage2LoRAModel(ZImageImage2LoRAModel):
+        """diffsynth's Z-Image i2L decoder (same components, blocks and forward) with a small input
+        size and ``num_blocks`` blocks per component; the LoRA output sizes stay real."""
+
+        def __init__(self, num_blocks=2, compress_dim=4, rank=4, in_dim=64):
+            torch.nn.Module.__init__(self)
+            with torch.device("meta"):          # only for its patterns: no memory
+                patterns = ZImageImage2LoRAModel(compress_dim=compress_dim, rank=rank).layers_lora.lora_patterns
+            for attr, prefix in (("layers_lora", "layers"), ("context_refiner_lora", "context_refiner"),
+                                 ("noise_refiner_lora", "noise_refiner")):
+                comp = ZImageImage2LoRAComponent(patterns, prefix=prefix, num_blocks=0, use_residual=False,
+                                                 compress_dim=compress_dim, rank=rank)
+                comp.num_blocks = num_blocks
+                comp.blocks = torch.nn.ModuleList([
+                    LoRATrainerBlock(p, in_dim=in_dim, compress_dim=compress_dim, rank=rank, block_id=i,
+                                     use_residual=False, prefix=prefix)
+                    for p in patterns for i in range(num_blocks)])
+                setattr(self, attr, comp)
+
+    return TinyZImageImage2LoRAModel
+
+
 def tiny_class(role: str):
     if role == "siglip2":
         return tiny_siglip_class()
@@ -199,11 +229,17 @@ def tiny_class(role: str):
         return tiny_text_encoder_class()
     if role in ("style", "coarse", "fine"):
         return tiny_decoder_class()
+    if role in ("z_image", "z_image_omni"):
+        return tiny_z_image_decoder_class()
     raise KeyError(role)
 
 
+model_class = tiny_class          # what the worker asks a marked set's provider for
+
+
 def tiny_config(role: str) -> dict:
-    return {"siglip2": SIGLIP, "dinov3": DINO, "text_encoder": TEXT}.get(role) or DECODERS[role]
+    return ({"siglip2": SIGLIP, "dinov3": DINO, "text_encoder": TEXT, "z_image": Z_IMAGE, "z_image_omni": Z_IMAGE}.get(role)
+            or DECODERS[role])
 
 
 # ----------------------------------------------------------------------------- processor
@@ -283,13 +319,6 @@ def _init_(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def keys_hash(keys_shapes: dict) -> str:
-    """diffsynth's model hash over tensor names and shapes (``hash_model_file``)."""
-    import hashlib
-    from diffsynth.core.loader.file import convert_keys_dict_to_single_str
-    return hashlib.md5(convert_keys_dict_to_single_str(keys_shapes).encode("utf-8")).hexdigest()
-
-
 def _save(sd: dict, path: str, metadata: dict | None = None) -> dict:
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -320,17 +349,18 @@ def lora_patterns() -> list[tuple[str, int, int]]:
     return _PATTERNS
 
 
-def write_tiny_models(models_dir: str, variants=("style", "coarse", "fine", "bias"), seed: int = 0) -> dict:
-    """Write the tiny set under ``models_dir`` in the real layout; returns the marker's content."""
+def write_tiny_models(models_dir: str, variants=ALL, seed: int = 0) -> dict:
+    """Write the tiny set under ``models_dir`` in the real layout; returns the marker's content.
+    ``variants``: the decoders (and ``bias``) to write; the encoders they need come with them."""
     t0 = time.time()
     variants = tuple(variants)
     roles = ["siglip2", "dinov3"]
     if any(v in ("coarse", "fine") for v in variants):
         roles += ["text_encoder", "processor"]
-    roles += [v for v in ("style", "coarse", "fine", "bias") if v in variants]
+    roles += [v for v in ALL if v in variants]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    marker = {"format": TINY_FORMAT, "seed": seed, "configs": {}, "hashes": {}, "files": {}}
+    marker = {"format": TINY_FORMAT, "seed": seed, "provider": "i2l_ext.testing.tiny", "configs": {}, "hashes": {}, "files": {}}
     for role in roles:
         entry = catalog.FILES[role]
         path = entry.local_path(models_dir)
@@ -386,19 +416,11 @@ def write_tiny_models(models_dir: str, variants=("style", "coarse", "fine", "bia
     return marker
 
 
-def read_marker(models_dir: str) -> dict | None:
-    p = os.path.join(models_dir, MARKER)
-    if not os.path.isfile(p):
-        return None
-    with open(p) as f:
-        return json.load(f)
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m i2l_ext.worker.tiny", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m i2l_ext.testing.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("dir")
-    ap.add_argument("--variants", default="style,coarse,fine,bias")
+    ap.add_argument("--variants", default=",".join(ALL))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
