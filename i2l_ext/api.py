@@ -300,7 +300,7 @@ def make_app(controller, logins: list[tuple[str, str]] | None = None,
         out = []
         for v in catalog.VARIANTS.values():
             missing = catalog.missing_roles(v, cfg.models_dir, search_dirs=tuple(cfg.search_dirs))
-            out.append(M["VariantOut"](id=v.key, title=v.label, base_model="Qwen-Image",
+            out.append(M["VariantOut"](id=v.key, title=v.label, base_model=v.base_model or v.family.label,
                                        download_bytes=v.download_bytes(), ready=not missing,
                                        missing=[catalog.FILES[r].title for r in missing]))
         return out

@@ -445,6 +445,12 @@ def resolve_files(variant, models_dir: str, bias: bool | None = None, search_dir
     return files
 
 
+def weight_paths(files: dict[str, list[str]]) -> list[str]:
+    """The weight files of ``resolve_files``'s answer in the order a job reads them (the encoders,
+    then the decoders, then a Bias LoRA), folders left out."""
+    return [p for role, paths in files.items() if not FILES[role].is_folder for p in paths]
+
+
 def _check_sizes(mf: ModelFile, loc: Located, manifest: dict) -> None:
     published = manifest.get(mf.repo, {})
     if not published or loc.root is None:

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make", help="make a LoRA from images", description="Make a LoRA from one image or a few.")
     p.add_argument("images", nargs="+", help="image files, or folders of images")
     p.add_argument("--name", help="LoRA name (default: the first image's name)")
-    p.add_argument("--variant", default="style", choices=list(settings.VARIANT_KEYS), help="style (default), coarse-fine, coarse or fine")
+    p.add_argument("--variant", default="style", choices=list(settings.VARIANT_KEYS), help="style (default), coarse-fine, coarse, fine (Qwen-Image); z-image, z-image-omni (Z-Image)")
     bias = p.add_mutually_exclusive_group()
     bias.add_argument("--no-bias", dest="bias", action="store_false", default=None, help="leave the Bias LoRA out (coarse-fine)")
     bias.add_argument("--bias", dest="bias", action="store_true", help="merge the Bias LoRA in")

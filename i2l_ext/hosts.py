@@ -57,8 +57,9 @@ def host_label(host: str) -> str:
             "standalone": "standalone app", "cli": "command line"}.get(host, host)
 
 
-def can_use_qwen_lora(host: str) -> bool:
-    """Whether the host itself can generate with a Qwen-Image LoRA (Forge Neo can)."""
+def can_use_lora(host: str, family) -> bool:
+    """Whether the host itself can generate with a LoRA of ``family`` (Forge Neo runs Qwen-Image
+    and Z-Image; the other WebUIs neither)."""
     return host == "neo"
 
 
@@ -454,8 +455,8 @@ class WebUIHooks(HostHooks):
         except Exception:
             return False
 
-    def sd_version(self) -> str:
-        return "qwen" if self.host == "neo" else "Unknown"
+    def sd_version(self, family) -> str:
+        return family.sd_version if self.host == "neo" else "Unknown"
 
     def needs_gpu_after_job(self) -> bool:
         return self.restore and self._moved_model is not None

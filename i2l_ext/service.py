@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import catalog, images as images_mod, output
-from .contract import I2LError, JobRequest, JobResult, JobSpec, T, Text, raw
+from .contract import I2LError, JobRequest, JobResult, JobSpec, T, Text, bad_input, raw
 from .settings import Settings
 from .supervisor import WorkerProcess
 
@@ -29,7 +29,6 @@ KEEP_FINISHED = 100     # finished jobs the service still answers about (the API
 # Share of the progress bar given to each phase (the worker reports steps within a phase).
 PHASE_SPAN = {"start": (0.0, 0.05), "load": (0.05, 0.45), "encode": (0.45, 0.75), "decode": (0.75, 0.92),
               "merge": (0.92, 0.95), "write": (0.95, 1.0)}
-ROLE_ORDER = ("siglip2", "dinov3", "text_encoder", "style", "coarse", "fine", "bias")
 
 
 class HostHooks:
@@ -46,7 +45,8 @@ class HostHooks:
     def interrupted(self) -> bool:
         return False
 
-    def sd_version(self) -> str:
+    def sd_version(self, family) -> str:
+        """The Lora card's "sd version" for a LoRA of ``family`` (a ``families.Family``)."""
         return "Unknown"
 
     def needs_gpu_after_job(self) -> bool:
@@ -284,14 +284,20 @@ class Service:
         for info in infos:
             for note in info.warnings:
                 job._log("warning", note)
-        bias = variant.bias_default if req.bias is None else bool(req.bias)
+        catalog.check_key_format(variant, req.key_format)
+        if req.bias and not variant.has_bias:
+            raise bad_input(T("m_no_bias", family=variant.family.label), T("m_no_bias_fix"))
+        bias = variant.has_bias and (variant.bias_default if req.bias is None else bool(req.bias))
         files = self.resolve_files(variant.key, bias)
         try:
             plan = output.plan_output(self.config.lora_dir, req.name, req.subfolder, req.overwrite, job.id)
         except OSError as e:                                   # a folder that could not even be looked at
             raise output.os_error(e, T("m_preparing_folder"), self.config.lora_dir) from None
         description = req.description or T("m_default_description", n=len(paths), variant=variant.label).render("en")
-        card = output.card_data(description, req.activation_text, req.preferred_weight, self.hooks.sd_version())
+        notes = T(f"m_card_note_{variant.family.key}", family=variant.family.label).render("en") \
+            if variant.family.conditional_only else ""
+        card = output.card_data(description, req.activation_text, req.preferred_weight,
+                                self.hooks.sd_version(variant.family), notes)
         spec = JobSpec(variant=variant.key, bias=bias, images=paths, image_sha256=[i.sha256 for i in infos],
                        files=files, models_dir=self.config.models_dir, output=plan.to_dict(),
                        key_format=req.key_format, vram_profile=req.vram_profile, max_rank=req.max_rank,
@@ -523,7 +529,7 @@ class Slot:
                 job._log("info", T("m_worker_warm", pid=w.pid))
                 return w
             job._progress("start", 0, 1, T("m_starting_worker"))
-            w = self._spawn([p for role in ROLE_ORDER for p in spec.files.get(role, [])])
+            w = self._spawn(catalog.weight_paths(spec.files))
         hello = w.hello or {}
         job._log("info", T("m_worker_ready_info", pid=hello.get('pid'), device=hello.get('device'), torch=hello.get('torch'), diffsynth=hello.get('diffsynth')))
         job._progress("start", 1, 1, T("m_worker_ready"))
@@ -590,13 +596,13 @@ class Slot:
             return None
         try:
             v = catalog.get_variant(variant)
-            b = v.bias_default if bias is None else bool(bias)
+            b = v.has_bias and (v.bias_default if bias is None else bool(bias))
             files = self.service.resolve_files(v.key, b)
         except I2LError:
             return None
         spec = JobSpec(variant=v.key, bias=b, files=files, models_dir=self.config.models_dir,
                        vram_profile=vram_profile if vram_profile in ("auto", "gpu", "cpu_offload", "disk") else "auto")
-        flat = [p for role in ROLE_ORDER for p in files.get(role, [])]
+        flat = catalog.weight_paths(files)
 
         def run():
             try:

@@ -17,11 +17,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from . import catalog as _catalog
+
 EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 
-VARIANT_KEYS = ("style", "coarse-fine", "coarse", "fine")
+VARIANT_KEYS = tuple(_catalog.VARIANTS)
 VRAM_PROFILES = ("auto", "gpu", "cpu_offload", "disk")
 KEY_FORMATS = ("diffusers", "kohya")
 

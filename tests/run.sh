@@ -35,10 +35,13 @@ export I2L_TEST_CACHE="${I2L_TEST_CACHE:-$(pwd)/.cache/i2l-test}"
 # Tests of the worker's own code (torch, diffsynth) run in the worker's interpreter. pytest for it
 # goes to a folder of its own, so the worker environment stays exactly as install.py made it.
 WORKER_TESTS="tests/test_engine.py tests/test_weights_streaming.py tests/test_lora_file.py tests/test_importcache.py
-  tests/test_rank_cap.py"
+  tests/test_rank_cap.py tests/test_generators.py"
 step "worker-side tests (in the worker's interpreter)"
 PYTEST_DIR=.cache/worker-pytest
 [ -d "$PYTEST_DIR/pytest" ] || "$WORKER" -m pip install -q --disable-pip-version-check --target "$PYTEST_DIR" pytest==9.2.0
+# diffusers (for test_generators.py), without dependencies: the worker has the rest; only what it lacks
+[ -d "$PYTEST_DIR/diffusers" ] || "$WORKER" -m pip install -q --disable-pip-version-check --no-deps --target "$PYTEST_DIR" \
+  diffusers==0.42.1 importlib_metadata==10.2.0 zipp==4.1.2 lazy-importer==0.1.0
 rc=0
 PYTHONPATH="$(pwd)/$PYTEST_DIR" "$WORKER" -m pytest $WORKER_TESTS "$@" || rc=$?
 

@@ -53,6 +53,33 @@ def paused_service(worker_python, tiny_models, lora_dir):
     s.shutdown()
 
 
+def test_z_image_end_to_end(service, images, lora_dir):
+    """A Z-Image LoRA from the same service: the keys Forge Neo and ComfyUI read for Z-Image, the
+    base model in the metadata, the card's advice on CFG; kohya names and a Bias are refused
+    before a worker is asked, with the reason."""
+    job = service.run(JobRequest(images=images[:2], name="my_z", variant="z-image"))
+    assert job.state == "done", job.error
+    header = read_header(job.result.path)
+    meta = header.pop("__metadata__")
+    assert meta["modelspec.architecture"] == "Z-Image/lora" and meta["ss_base_model_version"] == "z_image"
+    assert {k.split(".")[1] for k in header} == {"layers", "context_refiner", "noise_refiner"}
+    assert all(k.startswith("diffusion_model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in header)
+    card = json.load(open(job.result.sidecar))
+    assert "CFG" in card["notes"] and card["sd version"] == "Unknown"
+    for bad, words in ((dict(key_format="kohya"), "cannot be written with 'kohya'"), (dict(bias=True), "no Bias LoRA")):
+        with pytest.raises(I2LError) as ei:
+            service.run(JobRequest(images=images[:1], name="bad_z", variant="z-image", **bad))
+        assert ei.value.code == I2LError.BAD_INPUT and words in ei.value.message
+    assert sorted(os.listdir(lora_dir)) == ["my_z.json", "my_z.preview.png", "my_z.safetensors"]
+
+
+def test_forge_neo_cards_name_the_family():
+    from i2l_ext import families, hosts
+    assert hosts.WebUIHooks(host="neo").sd_version(families.Z_IMAGE) == "zit"
+    assert hosts.WebUIHooks(host="neo").sd_version(families.QWEN_IMAGE) == "qwen"
+    assert hosts.WebUIHooks(host="a1111").sd_version(families.Z_IMAGE) == "Unknown"
+
+
 def test_style_end_to_end(service, images, lora_dir):
     job = service.run(JobRequest(images=images, name="my_style", variant="style", preferred_weight=0.8))
     assert job.state == "done", job.error

@@ -38,7 +38,7 @@ def _add_subcommands(sub) -> None:
     p.set_defaults(models_func=cmd_list)
 
     p = sub.add_parser("download", help="download what a variant lacks (resumable; Ctrl-C keeps what arrived)")
-    p.add_argument("variant", help="style, coarse-fine, coarse or fine")
+    p.add_argument("variant", help="style, coarse-fine, coarse, fine, z-image or z-image-omni")
     _bias(p)
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="show what would be fetched, fetch nothing")

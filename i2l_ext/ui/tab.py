@@ -176,8 +176,9 @@ class Controller:
         body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
         warn = "".join(f'<div class="i2l-warning">{esc(w.render())}</div>' for w in r.warnings)
         note = ""
-        if not self.standalone and not hosts.can_use_qwen_lora(self.host):
-            note = f'<div class="i2l-note">{esc(t("host_cannot_use", host=hosts.host_label(self.host)))}</div>'
+        family = catalog.VARIANTS[r.variant].family if r.variant in catalog.VARIANTS else None
+        if family is not None and not self.standalone and not hosts.can_use_lora(self.host, family):
+            note = (f'<div class="i2l-note">{esc(t("host_cannot_use", host=hosts.host_label(self.host), family=family.label, generators=", ".join(family.generators)))}</div>')
         return f'<div class="i2l-result" data-path="{esc(r.path)}"><table>{body}</table>{warn}{note}</div>'
 
     def check_readable(self, path: str) -> None:
@@ -425,14 +426,22 @@ def variant_choices():
 
 
 def variants_md() -> str:
-    lines = []
-    for v in catalog.VARIANTS.values():
-        purpose = t(f"variant_{v.key}")
-        if purpose == f"variant_{v.key}":
-            purpose = v.purpose
-        lines.append(f'<li data-variant="{esc(v.key)}"><b>{esc(v.label)}</b>: {esc(purpose)} '
-                     f'<span class="i2l-variant-meta">{esc(t("variant_meta", size=catalog.human_size(v.download_bytes()), vram=v.vram_gb, low=v.low_vram_gb))}</span></li>')
-    return f'<ul class="i2l-variants">{"".join(lines)}</ul>'
+    """The variants grouped by the base model they serve, each group saying where its LoRAs load."""
+    groups = []
+    for family, variants in catalog.variants_by_family():
+        lines = []
+        for v in variants:
+            purpose = t(f"variant_{v.key}")
+            if purpose == f"variant_{v.key}":
+                purpose = v.purpose
+            lines.append(f'<li data-variant="{esc(v.key)}"><b>{esc(v.label)}</b>: {esc(purpose)} '
+                         f'<span class="i2l-variant-meta">{esc(t("variant_meta", size=catalog.human_size(v.download_bytes()), vram=v.vram_gb, low=v.low_vram_gb))}</span></li>')
+        head = t("family_heading", family=family.label, generators=", ".join(family.generators))
+        note = t(f"family_note_{family.key}")
+        note = f'<div class="i2l-family-note">{esc(note)}</div>' if note != f"family_note_{family.key}" else ""
+        groups.append(f'<div class="i2l-family" data-family="{esc(family.key)}"><div class="i2l-family-head">'
+                      f'{esc(head)}</div><ul class="i2l-variants">{"".join(lines)}</ul>{note}</div>')
+    return "".join(groups)
 
 
 def build(ctl: Controller):

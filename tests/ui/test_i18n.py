@@ -116,7 +116,8 @@ def test_lookup_and_fallback(monkeypatch):
 NAMES = {"LoRA", "Style", "Coarse", "Fine", "Bias", "SigLIP2", "G384", "DINOv3", "Qwen2", "VL", "i2L", "GPU", "CPU",
          "CUDA", "VRAM", "RAM", "B", "KB", "MB", "GB", "TB", "pid", "torch", "diffsynth", "cpu", "cuda", "float32",
          "bfloat16", "safetensors", "EXIF", "PNG", "JPEG", "WebP", "Pillow", "WebUI", "ModelScope", "Hugging", "Face",
-         "API", "Windows", "Lora", "DiffSynth", "SHA"}
+         "API", "Windows", "Lora", "DiffSynth", "SHA", "Qwen", "Image", "Z", "Omni", "Base", "Turbo", "CFG", "Forge",
+         "Neo", "ComfyUI", "SD", "Next", "diffusers"}
 
 
 def english_words(text: str) -> list[str]:
