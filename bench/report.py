@@ -21,8 +21,11 @@ import common as C  # noqa: E402
 TARGETS = {  # variant -> metric -> (limit, unit); the issue's targets
     "style": {"cold": 15.0, "warm": 1.0, "warm_1": 0.5, "held": 1.5, "unpark": 0.5, "peak": 13.0, "low": 8.0},
     "coarse-fine": {"held": 1.5, "unpark": 0.5, "low": 8.0},
+    "z-image": {"held": 1.5, "unpark": 0.5, "low": 8.0},      # the issue set no time targets for it
 }
-LABEL = {"style": "Style", "coarse-fine": "Coarse + Fine + Bias"}
+LABEL = {"style": "Style", "coarse-fine": "Coarse + Fine + Bias", "z-image": "Z-Image"}
+ORDER = ("style", "z-image", "coarse-fine")
+REF_MODES = ("disk", "gpu", "cpu")      # cpu: Z-Image's own low-VRAM example, in the notes only
 
 
 def _load(path):
@@ -157,12 +160,15 @@ def load_results(results: str) -> dict:
             "host": _load(os.path.join(results, "host.json")) or {}, "variants": {}}
     variants = sorted({os.path.basename(p)[5:-5] for p in glob.glob(os.path.join(results, "ours-*.json"))}
                       | {os.path.basename(p)[4:-5].rsplit("-", 1)[0] for p in glob.glob(os.path.join(results, "ref-*.json"))},
-                      key=lambda v: (v != "style", v))
+                      key=lambda v: (ORDER.index(v) if v in ORDER else len(ORDER), v))
     for v in variants:
         data["variants"][v] = {
             "ours": _load(os.path.join(results, f"ours-{v}.json")),
-            "reference": {m: _load(os.path.join(results, f"ref-{v}-{m}.json")) for m in ("disk", "gpu")},
-            "weights": _load(os.path.join(results, f"weights-{v}.json")) or {}}
+            "reference": {m: _load(os.path.join(results, f"ref-{v}-{m}.json")) for m in REF_MODES
+                          if m in ("disk", "gpu") or os.path.isfile(os.path.join(results, f"ref-{v}-{m}.json"))},
+            "weights": _load(os.path.join(results, f"weights-{v}.json")) or {},
+            "equal": {m: _load(os.path.join(results, f"equal-{v}-{m}.json")) for m in REF_MODES
+                      if os.path.isfile(os.path.join(results, f"equal-{v}-{m}.json"))}}
     return data
 
 
@@ -250,6 +256,10 @@ def render(data: dict) -> tuple[str, str]:
             notes.append(f"standby worker at WebUI start: {'ready after %.1f s' % sb['ready_after_s'] if sb.get('ready') else 'NOT ready'}"
                          f", GPU memory {C.gb(sb.get('vram')) if sb.get('vram') is not None else '?'} GB (driver's figure for its pid)"
                          f", RSS {C.gb(st.get('VmRSS'))} GB (anonymous {C.gb(st.get('RssAnon'))} GB)")
+        for m, eq in (vd.get("equal") or {}).items():
+            if eq:
+                notes.append(f"ours = reference {m}? relative error of B·A over the LoRA {eq['relative_error']:.2e}, "
+                             f"worst module {eq['worst_module']:.2e} ({eq['modules']} modules, {eq['n_missing']} missing)")
         if _timeline(cold):
             notes.append(f"ours, cold job from the click: {_timeline(cold)}; in the worker: "
                          + ", ".join(f"{k} {x:.2f}" for k, x in (cold.get("timings") or {}).items()))
@@ -273,7 +283,10 @@ def render(data: dict) -> tuple[str, str]:
         for m, r in refs.items():
             if r:
                 notes.append(f"reference {m}: import {r.get('import_s')} s, load {r.get('load_s')} s, runs "
-                             + ", ".join(f"{x['images']} img {x['total_s']:.2f}" for x in r.get("runs", [])))
+                             + ", ".join(f"{x['images']} img {x['total_s']:.2f}" for x in r.get("runs", []))
+                             + (f"; first LoRA {_s(r.get('first_lora_s'))} s, next {_s(r.get('warm_s'), 2)} s, "
+                                f"1 image {_s(r.get('warm_1_s'), 2)} s, peak VRAM {C.gb(r.get('peak_vram'))} GB"
+                                if m not in ("disk", "gpu") else ""))
         if spilled:
             notes.append("held in RAM (tmpfs) because the disk was full, so read warm: " + ", ".join(spilled))
         if cold.get("state") not in (None, "done"):

@@ -2,7 +2,7 @@
 # The benchmark, in one command, on a machine with an NVIDIA GPU (run as root so the page cache
 # can be dropped), from the project's root:
 #
-#     bash bench/run.sh [style|coarse-fine|all]
+#     bash bench/run.sh [style|coarse-fine|z-image|all]
 #
 # Makes random full-size weights in the project's models layout (bench/fake_weights.py), measures
 # the disk and the machine (bench/machine.py), runs DiffSynth's official i2L example as the
@@ -12,8 +12,9 @@
 # and log.txt are written there. See bench/README.md for the method and the knobs below.
 set -uo pipefail
 WHAT=${1:-style}
-case "$WHAT" in style) VARIANTS="style" ;; coarse-fine) VARIANTS="coarse-fine" ;; all) VARIANTS="style coarse-fine" ;;
-  *) echo "usage: bash bench/run.sh [style|coarse-fine|all]" >&2; exit 2 ;; esac
+case "$WHAT" in style) VARIANTS="style" ;; coarse-fine) VARIANTS="coarse-fine" ;; z-image) VARIANTS="z-image" ;;
+  all) VARIANTS="style z-image coarse-fine" ;;
+  *) echo "usage: bash bench/run.sh [style|coarse-fine|z-image|all]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
@@ -25,6 +26,7 @@ SITE=${BENCH_SITE:-/tmp/site}                   # where carried wheels (.whl/) a
 N_IMAGES=${BENCH_IMAGES:-5}
 REF_MODES_STYLE=${REF_MODES_STYLE:-disk gpu}     # "none": ours only
 REF_MODES_CF=${REF_MODES_CF:-gpu}               # the published Coarse+Fine example keeps all on the GPU
+REF_MODES_Z=${REF_MODES_Z:-disk gpu}             # Z-Image; "cpu": its own low-VRAM example (RAM offload)
 OURS_ARGS=${OURS_ARGS:-}                        # e.g. "--click-delay 5 --reps 3 --idle-wait 20"
 OURS_ARGS_CF=${OURS_ARGS_CF:---reps 2 --idle-wait 15 --no-restart --low-jobs 1}
 TINY=${BENCH_TINY:-}                            # 1: tiny random models, no reference, no cache drops
@@ -45,7 +47,7 @@ fi
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFSYNTH_SKIP_DOWNLOAD=true
 # Byte-compile what the measured processes import, so none of them pays for it.
-$PY -c "import torch, diffsynth.pipelines.qwen_image, diffsynth.utils.lora, transformers, safetensors.torch
+$PY -c "import torch, diffsynth.pipelines.qwen_image, diffsynth.pipelines.z_image, diffsynth.utils.lora, transformers, safetensors.torch
 from transformers import Qwen2VLProcessor
 import i2l_ext.service, i2l_ext.worker.main, i2l_ext.worker.engine" || { say "the worker's packages do not import"; exit 1; }
 # What the product's install does last: list the code files a job loads, for its cold starts.
@@ -65,14 +67,15 @@ print(','.join(common.make_images('$BENCH_DIR/images', $N_IMAGES)))")
 for V in $VARIANTS; do
   say "== $V: weights"
   if [ "$V" = coarse-fine ]; then
-    # Room for ~63 GB: the Style decoder is not needed any more; what the disk still cannot hold
-    # goes to a tmpfs (RAM), and the report names it.
-    rm -f "$MODELS/DiffSynth-Studio/Qwen-Image-i2L/Qwen-Image-i2L-Style.safetensors"
+    # Room for ~63 GB: the Style and Z-Image decoders are not needed any more; what the disk still
+    # cannot hold goes to a tmpfs (RAM), and the report names it.
+    rm -f "$MODELS/DiffSynth-Studio/Qwen-Image-i2L/Qwen-Image-i2L-Style.safetensors" \
+          "$MODELS/DiffSynth-Studio/Z-Image-i2L/model.safetensors"
     if [ "$(id -u)" = 0 ] && mountpoint -q /dev/shm; then mount -o remount,size=${SHM_GB:-90}G /dev/shm || true; fi
   fi
   if [ -n "$TINY" ]; then
-    [ -f "$MODELS/i2l-tiny.json" ] || $PY -m i2l_ext.worker.tiny "$MODELS" || exit 1
-    REF_MODES_STYLE=""; REF_MODES_CF=""; OURS_ARGS="$OURS_ARGS --no-drop"
+    [ -f "$MODELS/i2l-tiny.json" ] || $PY -m i2l_ext.testing.tiny "$MODELS" || exit 1
+    REF_MODES_STYLE=""; REF_MODES_CF=""; REF_MODES_Z=""; OURS_ARGS="$OURS_ARGS --no-drop"
   else
     $PY bench/fake_weights.py "$MODELS" "$V" --spill "$SPILL" || { say "weights failed"; exit 1; }
     cp "$MODELS/bench-weights.json" "$RES/weights-$V.json"
@@ -82,8 +85,12 @@ for V in $VARIANTS; do
     DINO=$(readlink -f "$MODELS/DiffSynth-Studio/General-Image-Encoders/DINOv3-7B/model.safetensors")
     $PY bench/machine.py --out "$RES/machine.json" --read "$DINO" --gib ${READ_GIB:-4} && touch "$RES/disk-measured"
   fi
-  if [ "$V" = style ]; then MODES=$REF_MODES_STYLE; EXTRA=$OURS_ARGS; else MODES=$REF_MODES_CF; EXTRA="$OURS_ARGS_CF $OURS_ARGS"; fi
-  [ "$MODES" = none ] && MODES=""                # REF_MODES_STYLE=none: ours only
+  case "$V" in
+    style) MODES=$REF_MODES_STYLE; EXTRA=$OURS_ARGS ;;
+    z-image) MODES=$REF_MODES_Z; EXTRA=$OURS_ARGS ;;
+    *) MODES=$REF_MODES_CF; EXTRA="$OURS_ARGS_CF $OURS_ARGS" ;;
+  esac
+  [ "$MODES" = none ] && MODES=""                # REF_MODES_STYLE=none (or _Z, _CF): ours only
   for M in $MODES; do
     say "== $V: reference, $M (page cache dropped)"
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || say "(page cache NOT dropped: not root)"
@@ -93,8 +100,15 @@ for V in $VARIANTS; do
   done
   say "== $V: ours"
   # shellcheck disable=SC2086
+  rm -f "$RES/ours-$V.safetensors"
   $PY bench/ours.py --models "$MODELS" --lora "$LORA" --variant "$V" --images "$IMAGES" \
-    --out "$RES/ours-$V.json" $EXTRA || say "ours $V failed"
+    --out "$RES/ours-$V.json" --keep-first "$RES/ours-$V.safetensors" $EXTRA || say "ours $V failed"
+  for M in $MODES; do            # the same LoRA? ours against the reference's first (all the images)
+    R=/tmp/i2l_ref_${V}_${M}_0.safetensors
+    [ -f "$R" ] && [ -f "$RES/ours-$V.safetensors" ] && \
+      $PY bench/compare.py "$RES/ours-$V.safetensors" "$R" --out "$RES/equal-$V-$M.json"
+  done
+  rm -f "$RES/ours-$V.safetensors"
 done
 
 say "host side"
