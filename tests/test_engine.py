@@ -627,6 +627,18 @@ def test_a_preview_that_cannot_be_written_fails_the_job_plainly_and_leaves_nothi
     assert os.listdir(lora_dir) == []                    # no LoRA, no card, no temporary file left
 
 
+def test_encoders_stay_loaded_from_one_family_to_the_other(engine, tiny_dir, images, tmp_path):
+    """Style and Z-Image share SigLIP2 and DINOv3: going from one to the other keeps one copy of
+    them and swaps only the decoder."""
+    run_job(engine, tiny_dir, images[:1], tmp_path / "a.safetensors", "style")
+    first = {r: m.model for r, m in engine.models.built.items()}
+    run_job(engine, tiny_dir, images[:1], tmp_path / "b.safetensors", "z-image")
+    now = {r: m.model for r, m in engine.models.built.items()}
+    assert set(now) == {"siglip2", "dinov3", "z_image"}
+    assert now["siglip2"] is first["siglip2"] and now["dinov3"] is first["dinov3"]
+    engine.unload()
+
+
 def test_models_stay_loaded_between_jobs(engine, tiny_dir, images, tmp_path):
     run_job(engine, tiny_dir, images[:1], tmp_path / "a.safetensors", "style")
     first = {r: m.model for r, m in engine.models.built.items()}
