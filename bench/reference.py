@@ -143,7 +143,8 @@ def main() -> None:
             first_done = done
         runs.append({"images": len(ps), "encode_s": round(t_enc, 3), "total_s": round(done - t, 3),
                      "bytes": os.path.getsize(out)})
-        os.remove(out)
+        if i:
+            os.remove(out)          # the first (all the images) stays, for bench/compare.py
     del embs
     held_allocated = torch.cuda.memory_allocated() if cuda else None
     held_reserved = torch.cuda.memory_reserved() if cuda else None
