@@ -303,7 +303,7 @@ class Bench:
         """The idle timeout passed (the "worker gone" choice): as the service does then, the
         worker stops and a standby worker takes its place (unless ``--no-standby``); one job once
         that is ready (its weights come from the disk again)."""
-        svc._stop_worker() if hasattr(svc, "_stop_worker") else svc.shutdown()
+        svc.slots[0]._idle()          # as the idle timeout does: the worker stops, a standby starts
         waited = None
         if not self.a.no_standby and hasattr(svc, "standby") and svc.standby():
             t = C.now()
