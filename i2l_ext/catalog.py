@@ -207,7 +207,7 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in [
     Variant("style", "Style", "Captures the look (palette, brushwork, lighting) and leaves the content free.",
             ("style",), vram_gb=3, low_vram_gb=13),
     Variant("coarse-fine", "Coarse + Fine (+ Bias)", "Captures style and content: subjects, layout, details.",
-            ("coarse", "fine"), vram_gb=10, low_vram_gb=24, bias_default=True),
+            ("coarse", "fine"), vram_gb=15, low_vram_gb=24, bias_default=True),
     Variant("coarse", "Coarse", "Style and content at a coarse level; lighter than Coarse + Fine.",
             ("coarse",), vram_gb=10, low_vram_gb=20),
     Variant("fine", "Fine", "Adds 1024x1024 detail; meant to go with Coarse.",

@@ -1,6 +1,7 @@
 """Shared fixtures: the worker interpreter, a tiny model set, sample images."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,8 +34,11 @@ def worker_python() -> str:
 def tiny_models(worker_python, tmp_path_factory) -> str:
     """A tiny random-weight model set in the real layout, written once per test session."""
     cached = os.environ.get("I2L_TINY_MODELS")
-    if cached and os.path.exists(os.path.join(cached, "i2l-tiny.json")):
-        return cached
+    marker = os.path.join(cached or "", "i2l-tiny.json")
+    if cached and os.path.exists(marker):
+        with open(marker, encoding="utf-8") as f:
+            if "provider" in json.load(f):          # a set written before the marker named it is not used
+                return cached
     d = str(tmp_path_factory.mktemp("tiny-models"))
     subprocess.run([worker_python, "-m", "i2l_ext.testing.tiny", d], check=True, cwd=ROOT,
                    env=dict(os.environ, PYTHONPATH=ROOT))

@@ -116,7 +116,7 @@ class Controller:
         so the click finds them (nothing happens while a job runs or when weights are missing)."""
         self.refresh_config()
         if getattr(self.config, "prewarm", True):
-            self.service.prewarm(variant or "style", bool(bias) if variant == "coarse-fine" else None,
+            self.service.prewarm(variant or "style", bias_choice(variant, bias),
                                  vram or "auto")
 
     def check_name(self, name, subfolder, overwrite):
@@ -195,7 +195,7 @@ class Controller:
         for p in paths:
             self.check_readable(p)
         return JobRequest(images=paths, name=(name or "").strip(), variant=variant or "style",
-                          bias=bool(bias) if variant == "coarse-fine" else None, subfolder=(subfolder or "").strip(),
+                          bias=bias_choice(variant, bias), subfolder=(subfolder or "").strip(),
                           overwrite=bool(overwrite), key_format=key_format or "diffusers",
                           vram_profile=vram_profile or "auto", preferred_weight=float(weight if weight is not None else 1.0),
                           activation_text=activation or "", description=description or "",
@@ -419,6 +419,13 @@ def _placeholder() -> str:
         Image.new("RGB", (64, 64), (60, 60, 60)).save(path)
         _PLACEHOLDER = path
     return _PLACEHOLDER
+
+
+def bias_choice(variant, bias):
+    """The Bias box counts for the variants that merge their family's Bias LoRA by default
+    (Coarse + Fine); for the others the variant's own default stands (None)."""
+    v = catalog.VARIANTS.get(variant or "")
+    return bool(bias) if v is not None and v.has_bias and v.bias_default else None
 
 
 def variant_choices():
