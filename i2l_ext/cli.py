@@ -162,7 +162,7 @@ def cmd_settings(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m i2l_ext", description="Image to LoRA: images in, a Qwen-Image LoRA out.")
+    parser = argparse.ArgumentParser(prog="python -m i2l_ext", description="Image to LoRA: images in, a Qwen-Image or Z-Image LoRA out.")
     parser.add_argument("--version", action="version", version=f"i2l_ext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
