@@ -110,6 +110,32 @@ def test_invalid_name(page, app, sample_images, artifacts):
     assert app.files() == before
 
 
+def test_z_image_from_the_tab(page, app, sample_images, artifacts):
+    """The variants come grouped by the base model they serve; kohya names, which no Z-Image loader
+    reads, are refused with the reason before anything runs; then a Z-Image LoRA is made."""
+    open_tab(page, app)
+    groups = page.eval_on_selector_all("#i2l_variant_info .i2l-family", "es => es.map(e => e.dataset.family)")
+    assert groups == ["qwen-image", "z-image"]
+    assert "CFG" in page.inner_text("#i2l_variant_info .i2l-family[data-family='z-image']")
+    upload(page, sample_images["images"][:1])
+    wait_count(page, 1)
+    page.click("#i2l_variant label:has-text('Z-Image Style')")
+    type_name(page, "ui_z")
+    page.click("#i2l_advanced .label-wrap")
+    page.click("#i2l_keys label:has-text('kohya')")
+    page.click("#i2l_run")
+    page.wait_for_selector("#i2l_notice .i2l-error[data-code='bad_input']")
+    assert "cannot be written with 'kohya'" in page.inner_text("#i2l_notice")
+    assert app.files() == []
+    page.click("#i2l_keys label:has-text('diffusers')")
+    click_run(page)
+    final, _ = wait_finished(page)
+    assert final["state"] == "done", page.inner_text("#i2l_notice")
+    meta = read_header(os.path.join(app.lora_dir, "ui_z.safetensors"))["__metadata__"]
+    assert meta["i2l.variant"] == "z-image" and meta["modelspec.architecture"] == "Z-Image/lora"
+    shot(page, artifacts, "05-z-image")
+
+
 def test_non_image_upload(page, app, sample_images, artifacts):
     open_tab(page, app)
     upload(page, [sample_images["text"], sample_images["images"][0]])
