@@ -24,8 +24,8 @@ ENCODERS_REPO = "DiffSynth-Studio/General-Image-Encoders"
 QWEN_I2L_REPO = "DiffSynth-Studio/Qwen-Image-i2L"
 QWEN_IMAGE_REPO = "Qwen/Qwen-Image"
 QWEN_EDIT_REPO = "Qwen/Qwen-Image-Edit"
-Z_IMAGE_I2L_REPO = "DiffSynth-Studio/Z-Image-i2L"
-Z_IMAGE_OMNI_I2L_REPO = "DiffSynth-Studio/Z-Image-Omni-Base-i2L"
+Z_IMAGE_REPO = "DiffSynth-Studio/Z-Image-i2L"
+Z_IMAGE_OMNI_REPO = "DiffSynth-Studio/Z-Image-Omni-Base-i2L"
 
 GB = 1000 ** 3
 
@@ -163,8 +163,8 @@ FILES: dict[str, ModelFile] = {f.role: f for f in [
     ModelFile("coarse", QWEN_I2L_REPO, "Qwen-Image-i2L-Coarse.safetensors", int(15.9 * GB), "i2L Coarse decoder"),
     ModelFile("fine", QWEN_I2L_REPO, "Qwen-Image-i2L-Fine.safetensors", int(15.1 * GB), "i2L Fine decoder"),
     ModelFile("bias", QWEN_I2L_REPO, "Qwen-Image-i2L-Bias.safetensors", 60_000_000, "i2L Bias LoRA"),
-    ModelFile("z_image", Z_IMAGE_I2L_REPO, "model.safetensors", int(3.2 * GB), "Z-Image i2L decoder"),
-    ModelFile("z_image_omni", Z_IMAGE_OMNI_I2L_REPO, "model.safetensors", int(3.2 * GB),
+    ModelFile("z_image", Z_IMAGE_REPO, "model.safetensors", int(3.2 * GB), "Z-Image i2L decoder"),
+    ModelFile("z_image_omni", Z_IMAGE_OMNI_REPO, "model.safetensors", int(3.2 * GB),
               "Z-Image-Omni-Base i2L decoder"),
 ]}
 

@@ -28,7 +28,8 @@ from i2l_ext import catalog, families, lora_format  # noqa: E402
 from i2l_ext.contract import I2LError, JobSpec  # noqa: E402
 from i2l_ext.testing import tiny  # noqa: E402
 from i2l_ext.worker import decoders  # noqa: E402
-from i2l_ext.worker.engine import PHASES, Engine  # noqa: E402
+from i2l_ext.worker.engine import Engine  # noqa: E402
+from i2l_ext.worker.job import PHASES  # noqa: E402
 from i2l_ext.worker.models import assign_state_dict, read_marker  # noqa: E402
 
 TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "

@@ -20,7 +20,7 @@ from hubstub import COMMIT, HubStub  # noqa: E402
 
 from i2l_ext import catalog, hub  # noqa: E402
 from i2l_ext.catalog import (ENCODERS_REPO, QWEN_EDIT_REPO, QWEN_I2L_REPO, QWEN_IMAGE_REPO,  # noqa: E402
-                             Z_IMAGE_I2L_REPO, Z_IMAGE_OMNI_I2L_REPO)
+                             Z_IMAGE_REPO, Z_IMAGE_OMNI_REPO)
 from i2l_ext.contract import I2LError  # noqa: E402
 from i2l_ext.hub import cli as hub_cli  # noqa: E402
 from i2l_ext.hub.sources import Source  # noqa: E402
@@ -51,8 +51,8 @@ def make_repos() -> dict[str, dict[str, bytes]]:
         QWEN_EDIT_REPO: {f"processor/{n}": (b'{"k": "%s"}' % n.encode()) for n in
                          ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "vocab.json",
                           "special_tokens_map.json")} | {"processor/merges.txt": b"#version: 0.2\na b\n" * 10},
-        Z_IMAGE_I2L_REPO: {"model.safetensors": _blob(3200, 10), "README.md": b"z"},
-        Z_IMAGE_OMNI_I2L_REPO: {"model.safetensors": _blob(3300, 11), "README.md": b"zo"},
+        Z_IMAGE_REPO: {"model.safetensors": _blob(3200, 10), "README.md": b"z"},
+        Z_IMAGE_OMNI_REPO: {"model.safetensors": _blob(3300, 11), "README.md": b"zo"},
     }
 
 
@@ -371,7 +371,7 @@ def test_z_image_after_style_needs_only_its_decoder(stub, models_dir):
     with pytest.raises(I2LError) as ei:
         catalog.resolve_files("z-image", models_dir)
     missing = json.loads(ei.value.details)["missing"]
-    assert [(m["repo"], m["path"]) for m in missing] == [(Z_IMAGE_I2L_REPO, "model.safetensors")]
+    assert [(m["repo"], m["path"]) for m in missing] == [(Z_IMAGE_REPO, "model.safetensors")]
     assert "Z-Image i2L decoder" in ei.value.message and "models download z-image" in ei.value.fix
     n = len(stub.requests)
     got = downloader(models_dir, ms(stub)).download("z-image")

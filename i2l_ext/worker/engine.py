@@ -17,7 +17,7 @@ from .. import catalog
 from ..contract import I2LError, JobSpec, T, Text
 from . import job as job_steps
 from . import lightimport, vram, weights
-from .job import PHASES, ReadingNote  # noqa: F401  (the worker's phases, its progress)
+from .job import ReadingNote
 from .memory import Memory
 from .models import PINNED_PROFILES, Models
 

@@ -16,7 +16,6 @@ import hashlib
 import os
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,7 +25,6 @@ from .. import catalog, families, lora_format, output
 from ..contract import I2LError, JobSpec, T, Text
 from ..images import crop_and_resize
 from . import decoders, encoders, lora_file, vram
-from .models import PINNED_PROFILES
 from .rank_cap import cap_rank
 from .weights import WeightFile
 
