@@ -36,7 +36,7 @@ SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, 
 DINO = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
 TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
         "num_hidden_layers": 1, "vision_hidden_size": 32, "vision_intermediate_size": 64,
-        "vision_num_heads": 2, "vision_depth": 1}
+        "vision_num_heads": 2, "vision_depth": 2}
 NUM_BLOCKS = 2
 DECODERS = {
     "style": {"num_blocks": NUM_BLOCKS, "compress_dim": 4, "rank": 4, "use_residual": False,

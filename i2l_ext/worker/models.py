@@ -21,7 +21,7 @@ import torch
 
 from .. import catalog, families, lora_format, safetensors_header
 from ..contract import I2LError, T
-from . import vram
+from . import encoders, vram
 
 PINNED_PROFILES = ("gpu", "cpu_offload")
 
@@ -379,6 +379,7 @@ class Models:
                            T("m_load_failed", path=p['paths'][0], title=catalog.FILES[role].label, error=e),
                            T("m_delete_redownload"), details=repr(e)) from None
         model.eval()
+        encoders.prepare(model)
         from .warmstart import trace
         trace(f"built {role}")
         self.fresh = True

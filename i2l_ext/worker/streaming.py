@@ -37,6 +37,23 @@ def layer_lists(model: torch.nn.Module, min_share: float = 0.05) -> list[torch.n
     return found
 
 
+HOST_ONLY = "_i2l_host_only"
+
+
+def keep_on_host(module: torch.nn.Module) -> None:
+    """Leave a module's parameters in host memory whenever its model is streamed (the caller
+    computes with them there). Set when the model is built, before it is first streamed."""
+    module.__dict__[HOST_ONLY] = True
+
+
+def is_on_host(module: torch.nn.Module) -> bool:
+    return bool(module.__dict__.get(HOST_ONLY))
+
+
+def _host_only(model: torch.nn.Module) -> set:
+    return {id(p) for m in model.modules() if is_on_host(m) for p in m.parameters()}
+
+
 def _param_slots(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     slots = []
     for mod in module.modules():
@@ -109,7 +126,10 @@ class _Layout:
         starts = [sum(len(x) for x in lists[:k]) for k in range(len(lists))]
         self.lists = [slice(a, a + len(x)) for a, x in zip(starts, lists)]    # each list's layers
         streamed = {id(p) for l in self.layers for p in l.parameters()}
-        self.resident = [(m, n) for (m, n) in _param_slots(model) if id(getattr(m, n)) not in streamed]
+        host = _host_only(model)
+        self.host_only = [(m, n) for (m, n) in _param_slots(model) if id(getattr(m, n)) in host]
+        self.resident = [(m, n) for (m, n) in _param_slots(model)
+                         if id(getattr(m, n)) not in streamed and id(getattr(m, n)) not in host]
         self.slots = [_param_slots(l) for l in self.layers]
         self.buffer_slots = [(mod, name) for mod in model.modules()
                              for name, b in mod.named_buffers(recurse=False) if b is not None]
@@ -439,6 +459,8 @@ class Streamer:
             return self
         compute = self._compute = torch.cuda.current_stream(self.device)
         self.copy_stream.wait_stream(compute)
+        for mod, name in self._layout.host_only:
+            self.wait(getattr(mod, name).data)
         for mod, name in self.resident:
             p = getattr(mod, name)
             host = p.data
