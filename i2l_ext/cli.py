@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_cli_flag(p, "key_format")
     settings.add_cli_flag(p, "vram_profile")
     settings.add_cli_flag(p, "vram_limit_gb", metavar="GB")
+    settings.add_cli_flag(p, "ram_limit_gb", metavar="GB")
     settings.add_cli_flag(p, "gpus", metavar="N", help="the GPU the job runs on, e.g. 1 (default: what the "
                           "environment shows; or I2L_GPUS)")
     p.add_argument("--max-rank", type=int, default=None, metavar="R",

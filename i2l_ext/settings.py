@@ -135,6 +135,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vram_limit_gb", "number", 0.0, "never let the worker use more VRAM than this (GB; 0: no limit)", "0",
             cli="--vram-limit", option="i2l_vram_limit_gb", env="I2L_VRAM_LIMIT_GB", low=0, high=1024,
             slider=(0, 80, 0.5)),
+    Setting("ram_limit_gb", "number", 0.0, "never let the worker keep more RAM than this for weights (GB; 0: what "
+            "the system and its container leave free); past it, weights are read from the disk as they are used",
+            "0", cli="--ram-limit", option="i2l_ram_limit_gb", env="I2L_RAM_LIMIT_GB", low=0, high=4096,
+            slider=(0, 256, 1)),
     Setting("free_vram", "bool", True, "free the WebUI's VRAM before a job", "on", option="i2l_free_vram"),
     Setting("keep_warm_minutes", "number", 10.0, "minutes an idle worker keeps the weights in RAM (0: none)", "10",
             option="i2l_keep_warm_minutes", low=0, high=24 * 60, slider=(0, 120, 1)),
@@ -180,6 +184,7 @@ class Settings:
     vram_profile: str = "auto"
     key_format: str = "diffusers"
     vram_limit_gb: float = 0.0
+    ram_limit_gb: float = 0.0
     free_vram: bool = True
     keep_warm_minutes: float = 10.0
     prewarm: bool = True
@@ -242,6 +247,8 @@ class Settings:
         args = []
         if self.vram_limit_gb and self.vram_limit_gb > 0:
             args += ["--vram-limit-gb", f"{self.vram_limit_gb:g}"]
+        if self.ram_limit_gb and self.ram_limit_gb > 0:
+            args += ["--ram-limit-gb", f"{self.ram_limit_gb:g}"]
         if self.trace:
             args += ["--trace", self.trace]
         return args

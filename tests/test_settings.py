@@ -144,8 +144,8 @@ def test_webui_flags_settings_and_environment(monkeypatch, tmp_path):
 
 
 def test_worker_settings_travel_as_arguments():
-    st = resolve({}, environ={"I2L_VRAM_LIMIT_GB": "7.5", "I2L_TRACE": "/tmp/t.txt"})
-    assert st.worker_args() == ["--vram-limit-gb", "7.5", "--trace", "/tmp/t.txt"]
+    st = resolve({}, environ={"I2L_VRAM_LIMIT_GB": "7.5", "I2L_RAM_LIMIT_GB": "32", "I2L_TRACE": "/tmp/t.txt"})
+    assert st.worker_args() == ["--vram-limit-gb", "7.5", "--ram-limit-gb", "32", "--trace", "/tmp/t.txt"]
     assert resolve({}, environ={}).worker_args() == []
 
 

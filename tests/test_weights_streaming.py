@@ -639,3 +639,50 @@ def test_reading_note_says_how_much_is_read_until_all_is(tmp_path, monkeypatch):
     quiet = ReadingNote(lambda *a: got.append(a), period=0.01)
     quiet.watch([wf])                            # files already read: no note at all
     assert quiet._thread is None
+
+
+def _cgroup(tmp_path, rel, files):
+    d = tmp_path / rel
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (d / name).write_text(text)
+
+
+def test_the_container_memory_limit_is_what_the_worker_may_take(tmp_path):
+    """A worker in a container (cgroup v2 or v1) with a memory limit counts the room under the
+    tightest limit of its group and the groups above it, the page cache it may reclaim as free."""
+    G = 1024 ** 3
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/docker/abc\n")
+    _cgroup(tmp_path, "v2/docker/abc", {"memory.max": f"{32 * G}\n", "memory.current": f"{10 * G}\n",
+                                        "memory.stat": f"anon {6 * G}\ninactive_file {4 * G}\n"})
+    _cgroup(tmp_path, "v2/docker", {"memory.max": "max\n", "memory.current": f"{50 * G}\n"})
+    assert weights.cgroup_room(str(tmp_path / "v2"), str(proc)) == 26 * G
+    _cgroup(tmp_path, "v2", {"memory.max": f"{20 * G}\n", "memory.current": f"{12 * G}\n"})   # a tighter parent
+    assert weights.cgroup_room(str(tmp_path / "v2"), str(proc)) == 8 * G
+    proc.write_text("12:cpu,cpuacct:/x\n7:memory:/docker/abc\n0::/\n")
+    _cgroup(tmp_path, "v1/memory/docker/abc", {"memory.limit_in_bytes": f"{16 * G}\n",
+                                               "memory.usage_in_bytes": f"{9 * G}\n",
+                                               "memory.stat": f"cache {3 * G}\ntotal_inactive_file {1 * G}\n"})
+    _cgroup(tmp_path, "v1/memory", {"memory.limit_in_bytes": "9223372036854771712\n"})   # v1's "no limit"
+    assert weights.cgroup_room(str(tmp_path / "v1"), str(proc)) == 8 * G
+    proc.write_text("0::/\n")
+    assert weights.cgroup_room(str(tmp_path / "none"), str(proc)) is None
+
+
+def test_the_ram_limit_setting_sends_big_variants_to_the_disk_profile(monkeypatch):
+    """``ram_limit_gb``: weights that do not fit under it with the margin are read from the disk
+    as they are used (the ``disk`` profile), those that fit are kept in RAM."""
+    from i2l_ext.worker import vram
+    G = 1024 ** 3
+    monkeypatch.setattr(weights, "RAM_LIMIT_BYTES", 32 * G)
+    monkeypatch.setattr(weights, "_system_available", lambda: 100 * G)
+    monkeypatch.setattr(weights, "cgroup_room", lambda: None)
+    monkeypatch.setattr(weights, "_own_rss", lambda: 1 * G)
+    assert weights.available_ram() == 31 * G
+    assert vram.choose_profile("auto", 59 * G, dev="cuda") == "disk"          # Coarse + Fine + Bias
+    assert vram.choose_profile("auto", 20 * G, dev="cuda") == "cpu_offload"   # Style
+    monkeypatch.setattr(weights, "RAM_LIMIT_BYTES", None)
+    assert vram.choose_profile("auto", 59 * G, dev="cuda") == "cpu_offload"
+    monkeypatch.setattr(weights, "cgroup_room", lambda: 23 * G)               # a container's limit
+    assert vram.choose_profile("auto", 20 * G, dev="cuda") == "disk"

@@ -41,11 +41,12 @@ def _claim_stdout() -> None:
 
 def parse_args(argv: list[str]):
     """The worker's command line, given by the host (``supervisor.WorkerProcess``):
-    ``[--parent PID] [--vram-limit-gb GB] [--trace FILE] [--standby | --prefetch FILE...] [--record-code]``."""
+    ``[--parent PID] [--vram-limit-gb GB] [--ram-limit-gb GB] [--trace FILE] [--standby | --prefetch FILE...] [--record-code]``."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m i2l_ext.worker", add_help=False)
     p.add_argument("--parent", type=int, default=0)
     p.add_argument("--vram-limit-gb", type=float, default=0.0)
+    p.add_argument("--ram-limit-gb", type=float, default=0.0)
     p.add_argument("--trace", default=None)
     p.add_argument("--standby", action="store_true")
     p.add_argument("--prefetch", nargs="*", default=[])
@@ -381,8 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from .. import lifetime
     lifetime.exit_with_parent(args.parent)         # first: never outlive the host, even mid-import
-    from . import warmstart
+    from . import warmstart, weights
     warmstart.TRACE_FILE = args.trace
+    weights.RAM_LIMIT_BYTES = int(args.ram_limit_gb * 1024 ** 3) if args.ram_limit_gb > 0 else None
     if args.record_code:
         sys.exit(record_code_main())
     _claim_stdout()

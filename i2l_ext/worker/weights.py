@@ -365,8 +365,87 @@ class WeightFile:
 RAM_MARGIN = 4 * 1024 ** 3
 
 
+RAM_LIMIT_BYTES: int | None = None     # the ``ram_limit_gb`` setting, set when the worker starts
+
+
 def available_ram() -> int | None:
-    """Bytes of RAM the system can still give (MemAvailable on Linux, ullAvailPhys on Windows)."""
+    """Bytes of RAM this worker can still take: what the system can give (MemAvailable on Linux,
+    ullAvailPhys on Windows), within the memory limit of the container or control group it runs
+    in (Docker's ``--memory``, systemd's ``MemoryMax``) and within the ``ram_limit_gb`` setting
+    less what this worker holds now."""
+    found = [x for x in (_system_available(), cgroup_room()) if x is not None]
+    if RAM_LIMIT_BYTES is not None:
+        found.append(max(0, RAM_LIMIT_BYTES - _own_rss()))
+    return min(found) if found else None
+
+
+def _own_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss
+    except Exception:
+        return 0
+
+
+def cgroup_room(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """The room left under the tightest memory limit of this process's control group and its
+    parents (cgroup v2 ``memory.max``, or v1 ``memory.limit_in_bytes``), the page cache they may
+    reclaim (``inactive_file``) counted as free; None where no limit is set or none is readable."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":                                   # v2: one unified hierarchy
+            names, base = ("memory.max", "memory.current", "inactive_file"), root
+        elif "memory" in controllers.split(","):                 # v1: the memory controller's own
+            names, base = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"), \
+                os.path.join(root, "memory")
+        else:
+            continue
+        rel = path.strip("/")
+        while True:
+            room = _cgroup_level(os.path.join(base, rel) if rel else base, *names)
+            if room is not None:
+                rooms.append(room)
+            if not rel:
+                break
+            rel = os.path.dirname(rel)
+    return min(rooms) if rooms else None
+
+
+def _cgroup_level(folder: str, limit_name: str, usage_name: str, inactive_name: str) -> int | None:
+    def read(name):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                return f.read()
+        except OSError:
+            return None
+    limit = (read(limit_name) or "").strip()
+    if not limit.isdigit() or int(limit) >= 1 << 60:        # "max", or v1's "no limit" (a huge number)
+        return None
+    usage = (read(usage_name) or "").strip()
+    used = int(usage) if usage.isdigit() else 0
+    for row in (read("memory.stat") or "").splitlines():
+        key, _, value = row.partition(" ")
+        if key == inactive_name and value.strip().isdigit():
+            used -= int(value)
+            break
+    return max(0, int(limit) - max(0, used))
+
+
+def _system_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
