@@ -794,3 +794,66 @@ def test_out_of_memory_is_said_as_such(monkeypatch):
         eng.run(JobSpec(), [], lambda *a: None)
     assert e.value.code == I2LError.OUT_OF_MEMORY and "low-VRAM" in e.value.fix
     assert "2.00 GiB" in e.value.details
+
+
+def test_vision_windows_in_a_few_calls_equal_the_per_window_loop(tiny_dir, images):
+    """The text encoder's vision tower with its windows batched by size (``encoders.prepare``)
+    computes what transformers' own one-call-per-window loop computes, in fewer attention calls;
+    the language-model head is dropped and the token embedding stays in host memory."""
+    from i2l_ext.images import crop_and_resize
+    from i2l_ext.worker import encoders
+    from i2l_ext.worker.streaming import is_on_host
+    from transformers import Qwen2VLProcessor
+    torch.manual_seed(0)
+    te = tiny.tiny_text_encoder_class()(**tiny.TEXT).eval()
+    proc = Qwen2VLProcessor.from_pretrained(catalog.FILES["processor"].resolve(tiny_dir)[0])
+    pics = [crop_and_resize(images[0], 1024, 1024), crop_and_resize(images[1], 1024, 1024),
+            crop_and_resize(images[2], 300, 460)]          # two sizes: windows of several lengths
+    inputs = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"] * 3, images=pics, padding=True,
+                   return_tensors="pt")
+    visual = te.model.visual
+    assert visual.config._attn_implementation != encoders.WINDOWS_ATTENTION
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*a, **k):
+        calls.append(1)
+        return sdpa(*a, **k)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+        want = visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw).pooler_output
+        loop_calls = len(calls)
+        encoders.prepare(te)
+        calls.clear()
+        got = visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw).pooler_output
+    assert len(calls) * 10 < loop_calls, (len(calls), loop_calls)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert te.lm_head is None and is_on_host(te.model.language_model.embed_tokens)
+
+
+def test_a_job_that_runs_out_of_vram_is_tried_once_more_holding_less(monkeypatch):
+    """Out of VRAM mid-job on a GPU: the job runs again with nothing kept for the next job and the
+    text encoder an image at a time, saying so; out of VRAM again, the error."""
+    logs, calls = [], []
+    eng = Engine(lambda level, message: logs.append((level, message.key)))
+    from i2l_ext.worker import job, vram
+
+    def run(engine, spec, images, note, tight=False):
+        calls.append(tight)
+        if not tight:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"ok": True}
+    monkeypatch.setattr(job, "run", run)
+    monkeypatch.setattr(vram, "device", lambda: "cuda")
+    monkeypatch.setattr(eng, "_drop_after_oom", lambda: None)
+    assert eng.run(JobSpec(), [], lambda *a: None) == {"ok": True}
+    assert calls == [False, True] and ("warning", "m_oom_retry") in logs
+
+    def always(engine, spec, images, note, tight=False):
+        calls.append(tight)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    monkeypatch.setattr(job, "run", always)
+    calls.clear()
+    with pytest.raises(I2LError) as e:
+        eng.run(JobSpec(), [], lambda *a: None)
+    assert calls == [False, True] and e.value.code == I2LError.OUT_OF_MEMORY and "1.00 GiB" in e.value.details

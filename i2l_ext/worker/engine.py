@@ -42,18 +42,24 @@ class Engine:
     # ------------------------------------------------------------------ jobs
 
     def run(self, spec: JobSpec, images: list, progress: Callable[[str, int, int, Text], None]) -> dict:
+        """The job; if the GPU runs out of memory, once more with nothing kept on the GPU and the
+        text encoder's images one at a time (another program may have taken VRAM meanwhile)."""
         note = ReadingNote(progress)
         try:
             with self._lock:
-                return job_steps.run(self, spec, images, note)
-        except I2LError:
-            raise
-        except BaseException as e:
-            if vram.is_oom(e):
-                self._drop_after_oom()
-                raise I2LError(I2LError.OUT_OF_MEMORY, T("m_oom"), T("m_oom_fix"),
-                               details=f"{type(e).__name__}: {e}") from None
-            raise
+                for tight in (False, True):
+                    try:
+                        return job_steps.run(self, spec, images, note, tight=tight)
+                    except I2LError:
+                        raise
+                    except BaseException as e:
+                        if not vram.is_oom(e):
+                            raise
+                        self._drop_after_oom()
+                        if tight or vram.device() != "cuda":
+                            raise I2LError(I2LError.OUT_OF_MEMORY, T("m_oom"), T("m_oom_fix"),
+                                           details=f"{type(e).__name__}: {e}") from None
+                        self.log("warning", T("m_oom_retry"))
         finally:
             note.close()
 

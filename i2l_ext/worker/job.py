@@ -81,6 +81,7 @@ class Job:
     family: families.Family = None
     bias: bool = False
     dev: str = "cpu"
+    tight: bool = False             # the second try after running out of VRAM: nothing held, small passes
     out_path: str = ""
     plan: dict = field(default_factory=dict)
     dtype: torch.dtype = torch.bfloat16
@@ -97,9 +98,11 @@ class Job:
         self._t = now
 
 
-def run(engine, spec: JobSpec, images: list, progress: ReadingNote) -> dict:
-    """The job, start to end (the engine's lock held)."""
+def run(engine, spec: JobSpec, images: list, progress: ReadingNote, tight: bool = False) -> dict:
+    """The job, start to end (the engine's lock held). ``tight``: keep nothing on the GPU for the
+    next job and run the text encoder an image at a time (the retry after running out of VRAM)."""
     job = check_inputs(spec, images, progress)
+    job.tight = tight
     plan_models(engine, job)
     load_models(engine, job)
     with torch.no_grad():
@@ -151,7 +154,7 @@ def load_models(engine, job: Job) -> None:
         engine.log("info", T("m_cpu", dtype=str(job.dtype).replace('torch.', '')))
     engine.log("info", T("m_vram_profile", profile=T(f"profile_{job.profile}")))
     engine.keep_only(job)
-    engine.memory.hold_setup(job.spec, job.profile, dev)
+    engine.memory.hold_setup(job.spec, job.profile, dev, keep=not job.tight)
     engine.memory.copied = 0
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -184,7 +187,12 @@ def passes(job: Job, role: str) -> int:
     if role != "text_encoder":
         return 1
     n = len(job.images)
-    return sum(-(-n // families.DECODERS[d].text_chunk) for d in job.decoders if families.DECODERS[d].residual)
+    return sum(-(-n // text_chunk(job, d)) for d in job.decoders if families.DECODERS[d].residual)
+
+
+def text_chunk(job: Job, decoder: str) -> int:
+    """Images per text-encoder pass for a decoder's residual (one at a time in the retry)."""
+    return 1 if job.tight else families.DECODERS[decoder].text_chunk
 
 
 # ----------------------------------------------------------------------------- 4. encode
@@ -216,7 +224,8 @@ def encode(engine, job: Job):
                 spec = families.DECODERS[d]
                 size, done = RESIDUAL[spec.residual]
                 pics = hi if size == ENCODE_SIZE else [crop_and_resize(im, size, size) for im in images]
-                residuals[d] = encoders.qwenvl(te.model, engine.models.processor[1], pics, dtype, dev, spec.text_chunk)
+                residuals[d] = encoders.qwenvl(te.model, engine.models.processor[1], pics, dtype, dev,
+                                               text_chunk(job, d))
                 job.progress("encode", 2 + len(residuals), steps, T(done))
         engine.models.release("text_encoder")
     job.lap("encode")

@@ -179,13 +179,13 @@ class Memory:
             if self.mirror is not None and time.monotonic() >= self.hold_until:
                 self.park()
 
-    def hold_setup(self, spec, profile, dev) -> None:
+    def hold_setup(self, spec, profile, dev, keep: bool = True) -> None:
         """Decide how much of this job's weights may stay on the GPU for the next job:
         ``gpu_hold_s`` seconds after it, at most ``gpu_hold_gb`` and what free VRAM allows
-        beside the job's working memory."""
+        beside the job's working memory (nothing when not ``keep``)."""
         hold_s = float(spec.gpu_hold_s or 0)
         budget = float(spec.gpu_hold_gb or 0) * vram.GiB
-        if dev != "cuda" or profile not in PINNED_PROFILES or hold_s <= 0 or budget <= 0:
+        if dev != "cuda" or profile not in PINNED_PROFILES or hold_s <= 0 or budget <= 0 or not keep:
             self.park()
             return
         held = self.held_on_gpu
