@@ -170,12 +170,83 @@ def proc_status(pid: int | None) -> dict[str, int]:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(("VmRSS", "VmLck", "VmPin", "RssFile", "RssAnon", "RssShmem")):
+                if line.startswith(("VmRSS", "VmHWM", "VmLck", "VmPin", "RssFile", "RssAnon", "RssShmem")):
                     k, v = line.split(":", 1)
                     out[k] = int(v.split()[0]) * 1024
     except OSError:
         pass
     return out
+
+
+# ----------------------------------------------------------------------------- a memory control group
+
+def _cgroup_roots() -> list[tuple[str, str, str]]:
+    """(folder where groups are made, limit file, peak file): cgroup v1's memory controller, or v2."""
+    out = []
+    if os.path.isfile("/sys/fs/cgroup/memory/memory.limit_in_bytes") or os.path.isdir("/sys/fs/cgroup/memory"):
+        out.append(("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.max_usage_in_bytes"))
+    if os.path.isfile("/sys/fs/cgroup/cgroup.controllers"):
+        out.append(("/sys/fs/cgroup", "memory.max", "memory.peak"))
+    return out
+
+
+def memory_cgroup(name: str, limit: int) -> tuple | None:
+    """A memory control group with ``limit`` bytes (made as root), or None where this machine
+    lets none be made or does not keep the limit."""
+    for root, limit_file, peak_file in _cgroup_roots():
+        path = os.path.join(root, name)
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, limit_file), "w") as f:
+                f.write(str(limit))
+            with open(os.path.join(path, limit_file)) as f:
+                if abs(int(f.read().strip()) - limit) > 1 << 20:
+                    raise OSError("limit not kept")
+            return path, root, peak_file
+        except (OSError, ValueError):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+    return None
+
+
+class in_cgroup:
+    """``with in_cgroup(group):`` this process (and what it starts meanwhile) in the group."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __enter__(self):
+        if self.group:
+            with open(os.path.join(self.group[0], "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+    def __exit__(self, *exc):
+        if self.group:
+            with open(os.path.join(self.group[1], "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+
+def cgroup_peak(group) -> int | None:
+    if not group:
+        return None
+    try:
+        with open(os.path.join(group[0], group[2])) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_cgroup(group) -> None:
+    if not group:
+        return
+    for _ in range(20):
+        try:
+            os.rmdir(group[0])
+            return
+        except OSError:
+            time.sleep(0.25)          # its last process is still exiting
 
 
 # ----------------------------------------------------------------------------- inputs

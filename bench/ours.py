@@ -5,7 +5,7 @@ drives ``Service`` with ``Config`` and ``JobRequest`` exactly as the tab does; t
 the worker process (``python -m i2l_ext.worker``) that the service starts.
 
     python3 bench/ours.py --models DIR --lora DIR --variant style --images a.png,... --out ours.json
-        [--profile auto] [--low-profile disk] [--cap-gb 8] [--click-delay 5] [--reps 3]
+        [--profile auto] [--low-profile disk] [--cap-gb 8[,12]] [--ram-gb 32] [--click-delay 5] [--reps 3]
         [--idle-wait 20] [--no-low] [--low-jobs 2] [--no-restart] [--cold-only] [--config key=value ...]
         [--worker-env K=V ...] [--max-rank R]
 
@@ -38,6 +38,12 @@ Scenarios, in this order, each one's figures in the JSON:
 7. ``low``: a new service whose worker runs under a VRAM cap of ``--cap-gb`` GB (2**30 bytes):
    ``torch.cuda.set_per_process_memory_fraction`` is set in the worker when it starts
    (the product's own ``vram_limit_gb`` setting, which also sizes the engine to it); page cache dropped; a job with ``--low-profile``, then a second.
+   With several caps (``--cap-gb 8,12``), one such service per cap (``low``, then ``low_12``...).
+8. ``ram`` (with ``--ram-gb``): a new service whose worker may take that much RAM: a memory
+   control group with that limit when this machine lets one be made (the worker, started from
+   here, is in it, and finds the limit itself, as in a container), else the product's
+   ``ram_limit_gb`` setting; page cache dropped; one job with the default profile. Recorded: the
+   profile chosen, the time, and the worker's peak RSS (``VmHWM``) and the group's peak usage.
 
 ``--max-rank R`` gives every job the rank cap R (``JobRequest.max_rank``); each job's record then
 has the LoRA's rank, its bytes and ``energy_kept``, the share of the LoRA's energy the cap kept.
@@ -89,19 +95,19 @@ class Bench:
         self.images = a.images.split(",")
         self.n = 0
         self.out: dict = {"variant": a.variant, "images": len(self.images), "profile": a.profile,
-                          "low_profile": a.low_profile, "cap_gb": a.cap_gb, "click_delay_s": a.click_delay,
+                          "low_profile": a.low_profile, "cap_gb": a.caps, "click_delay_s": a.click_delay,
                           "max_rank": a.max_rank,
                           "host_import_s": round(T_IMPORT, 3), "scenarios": {}}
 
     # -- set-up ---------------------------------------------------------------------------------
-    def config(self, capped: bool = False, standby: bool = True) -> Settings:
+    def config(self, cap_gb: float = 0.0, standby: bool = True) -> Settings:
         env = {"PYTHONPATH": os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         for kv in self.a.worker_env:
             k, _, v = kv.partition("=")
             env[k] = v
         python = self.a.python or sys.executable
         cfg = Settings(models_dir=self.a.models, lora_dir=self.a.lora, worker_python=python, worker_env_vars=env,
-                       keep_warm_minutes=60.0, vram_limit_gb=self.a.cap_gb if capped else 0.0,
+                       keep_warm_minutes=60.0, vram_limit_gb=cap_gb,
                        trace=self.a.trace, standby=standby and not self.a.no_standby)
         fields = {f.name for f in dataclasses.fields(Settings)}
         applied, ignored = {}, []
@@ -314,9 +320,9 @@ class Bench:
         rec["standby_ready_after_s"] = waited
         self.out["scenarios"]["restart"] = rec
 
-    def low(self) -> None:
+    def low(self, cap_gb: float, name: str) -> None:
         dropped = self.drop()
-        svc = Service(self.config(capped=True, standby=False))
+        svc = Service(self.config(cap_gb=cap_gb, standby=False))
         try:
             first = self.job(svc, self.request(profile=self.a.low_profile), keep_events=True)
             first["page_cache_dropped"] = dropped
@@ -325,7 +331,29 @@ class Bench:
                 second = self.job(svc, self.request(profile=self.a.low_profile))
         finally:
             svc.shutdown()
-        self.out["scenarios"]["low"] = {"first": first, "second": second, "cap_gb": self.a.cap_gb}
+        self.out["scenarios"][name] = {"first": first, "second": second, "cap_gb": cap_gb}
+
+    def ram(self) -> None:
+        gb = self.a.ram_gb
+        group = C.memory_cgroup("i2l-bench", int(gb * C.GiB))
+        dropped = self.drop()
+        cfg = self.config(standby=False)
+        if group is None:
+            cfg.ram_limit_gb = gb
+        svc = Service(cfg)
+        rec = {}
+        try:
+            with C.in_cgroup(group):          # the worker the job starts is in the group too
+                rec = self.job(svc, self.request(), keep_events=True)
+            rec["worker_status"] = C.proc_status(svc.worker_pid())
+        finally:
+            svc.shutdown()
+            rec.update({"ram_gb": gb, "limited_by": "control group" if group else "ram_limit_gb setting",
+                        "group_peak": C.cgroup_peak(group), "page_cache_dropped": dropped})
+            C.remove_cgroup(group)
+        self.out["scenarios"]["ram"] = rec
+        print(f"  RAM {gb:g} GB ({rec['limited_by']}): {rec.get('state')}, profile {rec.get('profile')}, worker peak RSS "
+              f"{C.gb(rec.get('worker_status', {}).get('VmHWM'))} GB, group peak {C.gb(rec.get('group_peak'))} GB", flush=True)
 
     def run(self) -> dict:
         self.out["device_used_before"] = C.device_used()
@@ -344,8 +372,12 @@ class Bench:
             fresh = self.cold(fresh=True)
             fresh.shutdown()
         if not self.a.no_low and not self.a.cold_only:
+            for i, cap in enumerate(self.a.caps):
+                time.sleep(1.0)
+                self.low(cap, "low" if i == 0 else f"low_{cap:g}")
+        if self.a.ram_gb and not self.a.cold_only:
             time.sleep(1.0)
-            self.low()
+            self.ram()
         return self.out
 
 
@@ -359,7 +391,8 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default="auto")
     ap.add_argument("--low-profile", default="cpu_offload")
-    ap.add_argument("--cap-gb", type=float, default=8.0)
+    ap.add_argument("--cap-gb", default="8", help="VRAM caps for the low scenario, e.g. 8,12")
+    ap.add_argument("--ram-gb", type=float, default=0.0, help="the RAM-limited scenario's limit (0: none)")
     ap.add_argument("--click-delay", type=float, default=5.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--idle-wait", type=float, default=20.0)
@@ -379,6 +412,7 @@ def main() -> int:
     ap.add_argument("--trace", default=None, help="the worker appends its start-up steps to this file")
     ap.add_argument("--max-rank", type=int, default=None, help="every job's rank cap (default: none)")
     a = ap.parse_args()
+    a.caps = [float(x) for x in str(a.cap_gb).split(",") if x.strip()]
     os.makedirs(a.lora, exist_ok=True)
     res = Bench(a).run()
     if a.out:

@@ -28,7 +28,7 @@ REF_MODES_STYLE=${REF_MODES_STYLE:-disk gpu}     # "none": ours only
 REF_MODES_CF=${REF_MODES_CF:-gpu}               # the published Coarse+Fine example keeps all on the GPU
 REF_MODES_Z=${REF_MODES_Z:-disk gpu}             # Z-Image; "cpu": its own low-VRAM example (RAM offload)
 OURS_ARGS=${OURS_ARGS:-}                        # e.g. "--click-delay 5 --reps 3 --idle-wait 20"
-OURS_ARGS_CF=${OURS_ARGS_CF:---reps 2 --idle-wait 15 --no-restart --low-jobs 1}
+OURS_ARGS_CF=${OURS_ARGS_CF:---reps 2 --idle-wait 15 --no-restart --no-fresh --low-jobs 2 --cap-gb 8,12 --ram-gb 32}
 TINY=${BENCH_TINY:-}                            # 1: tiny random models, no reference, no cache drops
                                                 #    (a quick check of the harness on any machine)
 RES=$BENCH_DIR/results/$(date -u +%Y%m%d-%H%M%S)
