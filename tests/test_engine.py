@@ -857,3 +857,25 @@ def test_a_job_that_runs_out_of_vram_is_tried_once_more_holding_less(monkeypatch
     with pytest.raises(I2LError) as e:
         eng.run(JobSpec(), [], lambda *a: None)
     assert calls == [False, True] and e.value.code == I2LError.OUT_OF_MEMORY and "1.00 GiB" in e.value.details
+
+
+def test_what_a_job_keeps_on_the_gpu_leaves_room_for_its_working_memory(engine, tiny_dir, images, tmp_path, monkeypatch):
+    """The GPU hold gets what free VRAM leaves beside the job's own working memory (its layers in
+    flight and the activations of a pass, which grow with the images of a pass), at most the
+    setting; the retry keeps nothing."""
+    from i2l_ext.worker import encoders, job as steps, vram
+    G = 1024 ** 3
+    spec = JobSpec.from_dict({"variant": "coarse-fine", "bias": True, "files": files_for(tiny_dir, "coarse-fine", True),
+                              "output": {"tmp_path": str(tmp_path / "w.safetensors")}, "device": "cpu",
+                              "gpu_hold_s": 10, "gpu_hold_gb": 10})
+
+    def work(n, tight=False):
+        j = steps.check_inputs(spec, (images * 3)[:n], steps.ReadingNote(lambda *a: None))
+        j.tight = tight
+        steps.plan_models(engine, j)
+        steps.load_models(engine, j)
+        return steps.working_bytes(engine, j)
+    one, five, five_tight = work(1), work(5), work(5, tight=True)
+    assert one < five and five_tight <= five
+    assert five >= 5 * encoders.WORK_PER_IMAGE["dinov3"] + steps.SLACK        # DINOv3 takes every image at once
+    assert one >= encoders.WORK_PER_IMAGE["dinov3"] + steps.SLACK

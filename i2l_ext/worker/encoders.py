@@ -19,6 +19,14 @@ QWENVL_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input i
                    "<|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
 QWENVL_DROP = 64          # the prompt's first tokens, dropped from the residual
 
+# GPU working memory of one pass beyond the weights, per image and fixed (bfloat16; the
+# full-size models measured with 1024x1024 images, the text encoder also with 224x224 ones for
+# Coarse), as the engine sizes what it keeps on the GPU beside a job.
+GiB = 1024 ** 3
+WORK_PER_IMAGE = {"siglip2": 0.05 * GiB, "dinov3": 0.3 * GiB, "text_encoder@1024": 0.28 * GiB,
+                  "text_encoder@224": 0.04 * GiB}
+WORK_FIXED = int(0.1 * GiB)
+
 
 def siglip(sig, images, dtype, dev):
     """SigLIP2-G384's pooled embedding of each image: [N, hidden]."""

@@ -24,7 +24,7 @@ import torch
 from .. import catalog, families, lora_format, output
 from ..contract import I2LError, JobSpec, T, Text
 from ..images import crop_and_resize
-from . import decoders, encoders, lora_file, vram
+from . import decoders, encoders, lora_file, streaming, vram
 from .rank_cap import cap_rank
 from .weights import WeightFile
 
@@ -154,7 +154,6 @@ def load_models(engine, job: Job) -> None:
         engine.log("info", T("m_cpu", dtype=str(job.dtype).replace('torch.', '')))
     engine.log("info", T("m_vram_profile", profile=T(f"profile_{job.profile}")))
     engine.keep_only(job)
-    engine.memory.hold_setup(job.spec, job.profile, dev, keep=not job.tight)
     engine.memory.copied = 0
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -166,6 +165,7 @@ def load_models(engine, job: Job) -> None:
         engine.models.load_processor(plan["processor"]["paths"][0])
     if job.bias:
         engine.models.load_bias(plan[job.family.bias_role], dev)
+    engine.memory.hold_setup(job.spec, job.profile, dev, None if job.tight else working_bytes(engine, job))
     engine.memory.plan_holds([(engine.models.built[r], passes(job, r)) for r in job.model_roles])
     job.progress("load", n + 1, n + 1, T("m_models_ready"))
     job.progress.watch([engine.memory.files[p] for r in job.model_roles for p in plan[r]["paths"]
@@ -179,6 +179,26 @@ def load_models(engine, job: Job) -> None:
         if job.bias and engine.models.bias is not None:
             numel += sum(v.numel() for v in engine.models.bias[1].values())
         engine.memory.grow_out_buf(numel)
+
+
+SLACK = 1024 ** 3          # beyond the estimate: the allocator's rounding, the LoRA, small buffers
+
+
+def working_bytes(engine, job: Job) -> int:
+    """GPU memory the job needs beside what it keeps for the next job: the largest phase's
+    streamed layers in flight (the whole model in the ``gpu`` profile) and its activations for
+    the images of one pass (``encoders.WORK_PER_IMAGE``), and some slack."""
+    n = len(job.images)
+    per_pass = {role: [(role, n)] for role in job.model_roles}
+    per_pass["text_encoder"] = [(f"text_encoder@{RESIDUAL[families.DECODERS[d].residual][0]}", min(n, text_chunk(job, d)))
+                                for d in job.decoders if families.DECODERS[d].residual]
+    worst = 0
+    for role in job.model_roles:
+        b = engine.models.built[role]
+        weights = b.nbytes if b.profile == "gpu" else streaming.ring_bytes(b.model)
+        act = max((encoders.WORK_PER_IMAGE.get(key, 0) * k for key, k in per_pass[role]), default=0)
+        worst = max(worst, weights + int(act) + encoders.WORK_FIXED)
+    return worst + SLACK
 
 
 def passes(job: Job, role: str) -> int:

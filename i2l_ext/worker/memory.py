@@ -179,18 +179,18 @@ class Memory:
             if self.mirror is not None and time.monotonic() >= self.hold_until:
                 self.park()
 
-    def hold_setup(self, spec, profile, dev, keep: bool = True) -> None:
+    def hold_setup(self, spec, profile, dev, work: int | None) -> None:
         """Decide how much of this job's weights may stay on the GPU for the next job:
         ``gpu_hold_s`` seconds after it, at most ``gpu_hold_gb`` and what free VRAM allows
-        beside the job's working memory (nothing when not ``keep``)."""
+        beside the job's working memory ``work`` (bytes; None: keep nothing)."""
         hold_s = float(spec.gpu_hold_s or 0)
         budget = float(spec.gpu_hold_gb or 0) * vram.GiB
-        if dev != "cuda" or profile not in PINNED_PROFILES or hold_s <= 0 or budget <= 0 or not keep:
+        if dev != "cuda" or profile not in PINNED_PROFILES or hold_s <= 0 or budget <= 0 or work is None:
             self.park()
             return
         held = self.held_on_gpu
         fv = vram.free_vram()
-        room = (fv[0] if fv else 0) + held - vram.WORK_MARGIN
+        room = (fv[0] if fv else 0) + held - work
         limit = int(max(0, min(budget, room)))
         if self.mirror is not None and limit < held:
             self.park()                     # less room than before (another program took VRAM)

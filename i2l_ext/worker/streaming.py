@@ -163,6 +163,16 @@ class _Layout:
         return out
 
 
+def ring_bytes(model: torch.nn.Module) -> int:
+    """The GPU bytes of a streamed model's ring of layer buffers (0 when it has no layers)."""
+    layout = _Layout.of(model, True)
+    if not layout.layers:
+        return 0
+    size = max(_aligned(sp[0].numel()) if sp is not None else sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots)
+               for sp, slots in zip(layout.spans(), layout.slots))
+    return size * min(RING, len(layout.layers))
+
+
 def plan_holds(models: list, budget: int) -> set:
     """Which host spans a mirror of ``budget`` bytes keeps for a job that runs ``models``
     (``(model, layered, passes)``: passes, how many times the job runs the model's layers), as
