@@ -863,8 +863,7 @@ def test_what_a_job_keeps_on_the_gpu_leaves_room_for_its_working_memory(engine, 
     """The GPU hold gets what free VRAM leaves beside the job's own working memory (its layers in
     flight and the activations of a pass, which grow with the images of a pass), at most the
     setting; the retry keeps nothing."""
-    from i2l_ext.worker import encoders, job as steps, vram
-    G = 1024 ** 3
+    from i2l_ext.worker import encoders, job as steps
     spec = JobSpec.from_dict({"variant": "coarse-fine", "bias": True, "files": files_for(tiny_dir, "coarse-fine", True),
                               "output": {"tmp_path": str(tmp_path / "w.safetensors")}, "device": "cpu",
                               "gpu_hold_s": 10, "gpu_hold_gb": 10})
