@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import I2LError, T
+from . import vram
 from .streaming import is_on_host, keep_on_host
 
 # The Qwen2.5-VL edit prompt of QwenImageUnit_Image2LoRAEncode.encode_prompt_edit.
@@ -19,10 +20,11 @@ QWENVL_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input i
                    "<|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
 QWENVL_DROP = 64          # the prompt's first tokens, dropped from the residual
 
-# GPU working memory of one pass beyond the weights, per image and fixed (bfloat16; the
-# full-size models measured with 1024x1024 images, the text encoder also with 224x224 ones for
-# Coarse), as the engine sizes what it keeps on the GPU beside a job.
-GiB = 1024 ** 3
+# GPU working memory of one pass beyond the weights, per image and fixed (bfloat16), as the engine
+# sizes what it keeps on the GPU beside a job. The text encoder's: measured on the full-width model
+# (RSS, CPU) with 1024x1024 and 224x224 images; the image encoders': the size of their largest
+# activations (DINOv3: 4101 tokens of 4096, its 8192-wide gated MLP).
+GiB = vram.GiB
 WORK_PER_IMAGE = {"siglip2": 0.05 * GiB, "dinov3": 0.3 * GiB, "text_encoder@1024": 0.28 * GiB,
                   "text_encoder@224": 0.04 * GiB}
 WORK_FIXED = int(0.1 * GiB)
@@ -81,11 +83,7 @@ def qwenvl(te, proc, images, dtype, dev, chunk):
         part = images[s:s + chunk]
         inputs = proc(text=[QWENVL_TEMPLATE.format("")] * len(part), images=part, padding=True,
                       return_tensors="pt")
-        ids = inputs.input_ids
-        if is_on_host(embed):
-            embeds = embed(ids).to(dev, non_blocking=True)
-        else:
-            embeds = None
+        embeds = embed(inputs.input_ids).to(dev, non_blocking=True) if is_on_host(embed) else None
         inputs = inputs.to(dev)
         hidden = vl(input_ids=inputs.input_ids, inputs_embeds=embeds, attention_mask=inputs.attention_mask,
                     pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,

@@ -148,6 +148,13 @@ class _Layout:
         p0, p1 = getattr(m0, n0), getattr(m1, n1)
         return id(p0), p0.data_ptr(), id(p1), p1.data_ptr(), len(slots)
 
+    def slot_bytes(self, spans: list) -> int:
+        """The size of one ring buffer: the largest layer, each tensor aligned where a layer's
+        tensors do not lie together."""
+        return max(_aligned(span[0].numel()) if span is not None else
+                   sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots)
+                   for span, slots in zip(spans, self.slots))
+
     def spans(self) -> list:
         """Each layer's (host bytes, base address), or None where its tensors do not lie together;
         the layers' parameters and host tensors are in ``hosts`` afterwards."""
@@ -166,11 +173,7 @@ class _Layout:
 def ring_bytes(model: torch.nn.Module) -> int:
     """The GPU bytes of a streamed model's ring of layer buffers (0 when it has no layers)."""
     layout = _Layout.of(model, True)
-    if not layout.layers:
-        return 0
-    size = max(_aligned(sp[0].numel()) if sp is not None else sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots)
-               for sp, slots in zip(layout.spans(), layout.slots))
-    return size * min(RING, len(layout.layers))
+    return layout.slot_bytes(layout.spans()) * min(RING, len(layout.layers)) if layout.layers else 0
 
 
 def plan_holds(models: list, budget: int) -> set:
@@ -487,10 +490,7 @@ class Streamer:
             self._spans = self._layout.spans()
             if any(sp is None for sp in self._spans):
                 self.point = True
-            size = max(_aligned(span[0].numel()) if span is not None else
-                       sum(_aligned(_nbytes(getattr(m, n))) for m, n in slots)
-                       for span, slots in zip(self._spans, self._slots))
-            self._ring_size = size
+            self._ring_size = self._layout.slot_bytes(self._spans)
             if self.mirror is None:
                 self._ring_buffers()
             for i, layer in enumerate(self.layers):
